@@ -1,0 +1,130 @@
+"""HTTP routes of the backend (FastAPI): thin handlers that validate, delegate, and map errors."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+
+from backend.errors import (
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    RequestTooLargeError,
+    ServiceError,
+)
+from backend.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    ModelCard,
+    ModelList,
+    now,
+    validation_param,
+)
+from backend.serving import ChatService, ModelClient
+from backend.settings import BackendSettings
+
+# Server-sent events must not be buffered by proxies (nginx honours this header).
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
+    """The FastAPI app: OpenAI routes, health, and the blueprint's `/infer`."""
+    app = FastAPI(title="Mistral chat backend", version="0.1.0")
+    service = ChatService(client)
+    _add_error_handlers(app)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(raw: Request) -> Response:
+        """OpenAI Chat Completions, streamed as SSE when `stream` is true."""
+        body = await _read_body(raw, settings.max_request_bytes)
+        result = await service.create(_parse_chat_request(body))
+        if isinstance(result, ChatCompletionResponse):
+            return JSONResponse(result.model_dump())
+        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        """The served model (503 while it loads)."""
+        info = await client.info()
+        if not info.ready or info.model_id is None:
+            raise OverloadedError("The model is still loading; retry in a few seconds.")
+        card = ModelCard(id=info.model_id, created=now(), max_model_len=info.context_window)
+        return ModelList(data=[card])
+
+    @app.get("/healthz")
+    async def healthz() -> JSONResponse:
+        """200 once the model is loaded, 503 before (or if loading failed)."""
+        info = await client.info()
+        if info.ready:
+            return JSONResponse({"status": "ok", "model": info.model_id})
+        status = "error" if info.error else "loading"
+        return JSONResponse({"status": status, "error": info.error}, status_code=503)
+
+    @app.get("/infer")
+    async def infer(sentence: str = Query("", max_length=settings.max_request_bytes)) -> list[str]:
+        """The original blueprint's endpoint: one user message in, the reply alone out."""
+        if not sentence.strip():
+            raise InvalidRequestError(
+                "The query parameter 'sentence' is required.", param="sentence"
+            )
+        request = ChatCompletionRequest(messages=[ChatMessage(role="user", content=sentence)])
+        return [await service.reply_text(request)]
+
+    return app
+
+
+async def _read_body(raw: Request, limit: int) -> bytes:
+    declared = raw.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    body = bytearray()
+    async for chunk in raw.stream():
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(limit)
+    return bytes(body)
+
+
+def _too_large(limit: int) -> RequestTooLargeError:
+    return RequestTooLargeError(f"The request body is larger than the limit of {limit} bytes.")
+
+
+def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    try:
+        data: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequestError(f"The body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The body must be a JSON object.")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = validation_param(first["loc"])
+        raise InvalidRequestError(f"Invalid '{param}': {first['msg']}.", param=param) from exc
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    async def service_error(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        headers = {"Retry-After": "5"} if isinstance(exc, OverloadedError) else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+    async def query_error(_: Request, exc: Exception) -> JSONResponse:
+        errors = exc.errors() if hasattr(exc, "errors") else []
+        param = validation_param(errors[0]["loc"]) if errors else None
+        message = f"Invalid '{param}': {errors[0]['msg']}." if errors else str(exc)
+        return JSONResponse(InvalidRequestError(message, param=param).to_dict(), status_code=400)
+
+    async def not_found(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(NotFoundError("No such route.").to_dict(), status_code=404)
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(RequestValidationError, query_error)
+    app.add_exception_handler(404, not_found)

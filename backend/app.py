@@ -1,0 +1,103 @@
+"""Ray Serve application: a model deployment that owns the engine, and a FastAPI ingress.
+
+`serve run backend.app:build_app` (or `python -m backend`) starts it; KubeRay's serveConfigV2
+points at the same `build_app`. Arguments given to `build_app` override `LLM_*` settings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from backend.api import build_api
+from backend.engines.base import Engine
+from backend.errors import EngineError, OverloadedError, ServiceError
+from backend.model_server import GenerationEvent, ModelInfo, ModelServer
+from backend.protocol import ChatCompletionRequest
+from backend.settings import BackendSettings
+
+# Ray probes replicas with `check_health`; a broken engine is replaced after a few failures.
+_HEALTH_CHECK_PERIOD_S = 10
+_HEALTH_CHECK_TIMEOUT_S = 30
+# Model loading (and Neuron compilation) can take many minutes on a cold start.
+_GRACEFUL_SHUTDOWN_S = 20
+
+
+@serve.deployment(
+    name="model",
+    health_check_period_s=_HEALTH_CHECK_PERIOD_S,
+    health_check_timeout_s=_HEALTH_CHECK_TIMEOUT_S,
+    graceful_shutdown_timeout_s=_GRACEFUL_SHUTDOWN_S,
+)
+class ModelDeployment(ModelServer):
+    """The model server as a Ray Serve deployment (one engine per replica)."""
+
+    def __del__(self) -> None:
+        self.shutdown()
+
+
+class HandleModelClient:
+    """`ModelClient` over a Ray handle; Ray's own exceptions are translated here."""
+
+    def __init__(self, handle: DeploymentHandle, info_timeout_s: float) -> None:
+        self._handle = handle
+        self._info_timeout_s = info_timeout_s
+
+    async def info(self) -> ModelInfo:
+        """Ask the model replica, without waiting forever for one to exist."""
+        try:
+            return await asyncio.wait_for(self._handle.info.remote(), self._info_timeout_s)
+        except asyncio.TimeoutError:
+            return ModelInfo(model_id=None, context_window=0, ready=False)
+
+    async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+        """Stream events from the model replica; closing this generator cancels the request."""
+        stream = self._handle.options(stream=True).generate.remote(request)
+        try:
+            async for event in stream:
+                yield event
+        except ServiceError:
+            raise
+        except BackPressureError as exc:
+            raise OverloadedError("The server is at capacity; retry shortly.") from exc
+        except Exception as exc:
+            raise EngineError(f"The model deployment failed: {exc}") from exc
+        finally:
+            stream.cancel()
+
+
+@serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})
+@serve.ingress()
+class Ingress:
+    """HTTP entry point: FastAPI routes over a handle to the model deployment."""
+
+    def __init__(self, model: DeploymentHandle, settings: BackendSettings) -> None:
+        self._client = HandleModelClient(model, settings.health_timeout_s)
+        self._settings = settings
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_api(self._client, self._settings)
+
+
+def build_app(
+    args: dict[str, Any] | None = None, engine_cls: type[Engine] | None = None
+) -> serve.Application:
+    """The Serve application; `args` (e.g. from `serve run ... engine=hf`) override settings."""
+    settings = BackendSettings(**(args or {}))
+    resources = {"neuron_cores": settings.num_neuron_cores} if settings.num_neuron_cores else {}
+    model = ModelDeployment.options(
+        num_replicas=settings.num_replicas,
+        max_ongoing_requests=settings.max_ongoing_requests,
+        max_queued_requests=settings.max_queued_requests,
+        ray_actor_options={"num_cpus": settings.num_cpus, "resources": resources},
+    ).bind(settings, engine_cls)
+    ingress = Ingress.options(
+        max_ongoing_requests=settings.max_ongoing_requests * settings.num_replicas,
+    )
+    return ingress.bind(model, settings)

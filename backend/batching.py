@@ -1,0 +1,243 @@
+"""Continuous batching: one loop that shares a model's forward passes across many streams.
+
+New requests join the running batch at the next step (after their own prefill), finished or
+cancelled ones leave at once, and every stream receives its text as soon as its token is sampled.
+The loop runs in one background thread (torch releases the GIL inside kernels); callers consume
+their stream from asyncio. The model itself is behind `BatchRunner`, so the same loop drives the
+CPU engine and the Neuron engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
+from backend.engines.base import Delta, FinishReason, SamplingParams
+from backend.errors import EngineError
+from backend.sampling import make_generator, sample_next_tokens
+
+logger = logging.getLogger(__name__)
+
+# How often an idle loop wakes up to notice a shutdown.
+_IDLE_POLL_S = 0.5
+
+
+class BatchRunner(Protocol):
+    """A model that runs prefill and decode steps on a batch of sequences named by id."""
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        """Add a sequence to the batch; return the logits ([vocab]) for its next token."""
+        ...
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        """Feed one token per sequence; return next-token logits, [len(seq_ids), vocab]."""
+        ...
+
+    def release(self, seq_id: int) -> None:
+        """Remove a finished sequence from the batch."""
+        ...
+
+    def reset(self) -> None:
+        """Forget every sequence (after a failed step)."""
+        ...
+
+
+@dataclass
+class BatcherStats:
+    """Counters of the loop, for benchmarks and metrics."""
+
+    prefills: int = 0
+    decode_steps: int = 0
+    decoded_tokens: int = 0
+
+    @property
+    def mean_batch_size(self) -> float:
+        """Average number of streams sharing one decode step."""
+        return self.decoded_tokens / self.decode_steps if self.decode_steps else 0.0
+
+
+class _Sequence:
+    """One request inside the loop: its sampling state, detokenizer and delivery channel."""
+
+    def __init__(
+        self,
+        seq_id: int,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        tokenizer: Decoder,
+        deliver: Callable[[Delta | BaseException], None],
+    ) -> None:
+        self.id = seq_id
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.generator = make_generator(params)
+        self.next_token = -1
+        self.cancelled = False  # set from the event loop's thread; read by the batching loop
+        self._deliver = deliver
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stops = StopSequenceFilter(params.stop)
+        self._generated = 0
+        self._unreported = 0
+
+    def accept(self, token_id: int, eos_ids: frozenset[int]) -> bool:
+        """Take the sampled token, deliver any finished text; return True when done."""
+        self.next_token = token_id
+        self._generated += 1
+        self._unreported += 1
+        if token_id in eos_ids:
+            self._finish("", "stop")
+            return True
+        text, stopped = self._stops.feed(self._detokenizer.push(token_id))
+        if stopped:
+            self._emit(text, "stop")
+            return True
+        if self._generated >= self.params.max_tokens:
+            self._finish(text, "length")
+            return True
+        if text:
+            self._emit(text, None)
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        """Deliver an error; the stream ends with it."""
+        self._deliver(error)
+
+    def _finish(self, text: str, reason: FinishReason) -> None:
+        tail, stopped = self._stops.feed(self._detokenizer.flush())
+        text += tail if stopped else tail + self._stops.flush()
+        self._emit(text, "stop" if stopped else reason)
+
+    def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
+        self._deliver(Delta(text=text, tokens=self._unreported, finish_reason=finish_reason))
+        self._unreported = 0
+
+
+class ContinuousBatcher:
+    """Runs the batching loop in a thread; `stream()` submits a request and yields its deltas."""
+
+    def __init__(
+        self,
+        runner: BatchRunner,
+        tokenizer: Decoder,
+        eos_ids: frozenset[int],
+        max_batch_size: int,
+    ) -> None:
+        self._runner = runner
+        self._tokenizer = tokenizer
+        self._eos_ids = eos_ids
+        self._max_batch_size = max_batch_size
+        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._active: list[_Sequence] = []
+        self._ids = itertools.count()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
+        self.stats = BatcherStats()
+
+    def start(self) -> None:
+        """Start the loop thread."""
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop; streams still running get an error."""
+        self._stopping.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def is_alive(self) -> bool:
+        """Whether the loop thread is running."""
+        return self._thread.is_alive()
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Submit a request and yield its deltas; leaving early frees its batch slot."""
+        if self._stopping.is_set() or not self.is_alive():
+            raise EngineError("The batching loop is not running.")
+        loop = asyncio.get_running_loop()
+        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+
+        def deliver(item: Delta | BaseException) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(deltas.put_nowait, item)
+
+        seq = _Sequence(next(self._ids), prompt_ids, params, self._tokenizer, deliver)
+        self._inbox.put(seq)
+        try:
+            while True:
+                item = await deltas.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            seq.cancelled = True
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._admit_waiting()
+            self._drop_cancelled()
+            if self._active:
+                self._decode_step()
+        for seq in self._active:
+            seq.fail(EngineError("The engine is shutting down."))
+
+    def _admit_waiting(self) -> None:
+        while len(self._active) < self._max_batch_size:
+            try:
+                seq = self._inbox.get(timeout=_IDLE_POLL_S) if not self._active else None
+                seq = seq or self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if seq is None:  # shutdown sentinel
+                return
+            if not seq.cancelled:
+                self._prefill(seq)
+
+    def _prefill(self, seq: _Sequence) -> None:
+        try:
+            logits = self._runner.prefill(seq.id, seq.prompt_ids)
+            token = sample_next_tokens(logits.unsqueeze(0), [seq.params], [seq.generator])[0]
+        except Exception as exc:
+            logger.exception("prefill failed")
+            self._runner.release(seq.id)
+            seq.fail(EngineError(f"Generation failed during prefill: {exc}"))
+            return
+        self.stats.prefills += 1
+        if seq.accept(token, self._eos_ids):
+            self._runner.release(seq.id)
+        else:
+            self._active.append(seq)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self._active if s.cancelled]:
+            self._runner.release(seq.id)
+            self._active.remove(seq)
+
+    def _decode_step(self) -> None:
+        batch = list(self._active)
+        try:
+            logits = self._runner.decode([s.id for s in batch], [s.next_token for s in batch])
+            tokens = sample_next_tokens(
+                logits, [s.params for s in batch], [s.generator for s in batch]
+            )
+        except Exception as exc:
+            logger.exception("decode step failed")
+            self._runner.reset()
+            self._active.clear()
+            for seq in batch:
+                seq.fail(EngineError(f"Generation failed: {exc}"))
+            return
+        self.stats.decode_steps += 1
+        self.stats.decoded_tokens += len(batch)
+        for seq, token in zip(batch, tokens, strict=True):
+            if seq.accept(token, self._eos_ids):
+                self._runner.release(seq.id)
+                self._active.remove(seq)

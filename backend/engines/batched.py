@@ -1,0 +1,117 @@
+"""The part every tokenizer-based engine shares: chat templates and the continuous-batching loop.
+
+A concrete engine only loads its model (`_load`) and hands back a tokenizer and a `BatchRunner`.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from backend.batching import BatchRunner, ContinuousBatcher
+from backend.engines.base import Delta, Engine, SamplingParams
+from backend.errors import EngineError, InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    """What `_load` returns: everything the shared machinery needs to serve a model."""
+
+    model_id: str
+    tokenizer: Any  # a Hugging Face tokenizer (transformers 4.48 or 5)
+    runner: BatchRunner
+    context_window: int
+    eos_ids: frozenset[int]
+
+
+class BatchedEngine(Engine):
+    """An engine with a Hugging Face tokenizer whose model is driven by `ContinuousBatcher`."""
+
+    _loaded: LoadedModel | None = None
+    _batcher: ContinuousBatcher | None = None
+
+    @abstractmethod
+    def _load(self) -> LoadedModel:
+        """Load the model and tokenizer (blocking)."""
+
+    @property
+    def model_id(self) -> str:
+        """The served model id: `LLM_SERVED_MODEL_NAME`, else the loaded model's own."""
+        return self.settings.served_model_name or self._model().model_id
+
+    @property
+    def context_window(self) -> int:
+        """The configured context length, capped by the model's own."""
+        return self._model().context_window
+
+    @property
+    def batcher(self) -> ContinuousBatcher:
+        """The running batching loop."""
+        if self._batcher is None:
+            raise EngineError("The engine has not been started.")
+        return self._batcher
+
+    def start(self) -> None:
+        """Load the model and start the batching loop."""
+        self._loaded = self._load()
+        self._batcher = ContinuousBatcher(
+            self._loaded.runner,
+            self._loaded.tokenizer,
+            self._loaded.eos_ids,
+            self.settings.max_batch_size,
+        )
+        self._batcher.start()
+        logger.info("engine %s serving %s", self.name, self.model_id)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Apply the model's own chat template; templates without a system role get it merged."""
+        try:
+            return self._apply_template(messages)
+        except InvalidRequestError:
+            if not messages or messages[0]["role"] not in ("system", "developer"):
+                raise
+            return self._apply_template(_merge_system_into_first_user(messages))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Stream the reply from the batching loop."""
+        return self.batcher.stream(prompt_ids, params)
+
+    def check_health(self) -> None:
+        """Fail when the batching loop has died."""
+        if not self.batcher.is_alive():
+            raise EngineError("The batching loop has stopped.")
+
+    def shutdown(self) -> None:
+        """Stop the batching loop."""
+        if self._batcher is not None:
+            self._batcher.shutdown()
+
+    def _model(self) -> LoadedModel:
+        if self._loaded is None:
+            raise EngineError("The engine has not been started.")
+        return self._loaded
+
+    def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:
+        tokenizer = self._model().tokenizer
+        try:
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except Exception as exc:  # jinja2 raises TemplateError for e.g. non-alternating roles
+            raise InvalidRequestError(
+                f"The conversation does not fit the model's chat template: {exc}", param="messages"
+            ) from exc
+        return list(ids)
+
+
+def _merge_system_into_first_user(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    system, rest = messages[0]["content"], messages[1:]
+    if not rest or rest[0]["role"] != "user":
+        return rest
+    first = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
+    return [first, *rest[1:]]

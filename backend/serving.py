@@ -1,0 +1,155 @@
+"""OpenAI chat completions on top of a model client: whole responses and SSE streams.
+
+This is the only place that frames server-sent events. The model client is the model deployment
+behind a Ray handle in production and a plain `ModelServer` (or a fake) in tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from backend.engines.base import Delta
+from backend.errors import EngineError, ServiceError
+from backend.model_server import GenerationEvent, ModelInfo, PromptAccepted
+from backend.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    Choice,
+    ChunkChoice,
+    DeltaMessage,
+    ResponseMessage,
+    Usage,
+    completion_id,
+    now,
+)
+
+logger = logging.getLogger(__name__)
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+class ModelClient(Protocol):
+    """What the serving layer needs from the model deployment."""
+
+    async def info(self) -> ModelInfo:
+        """The model's id, window and readiness."""
+        ...
+
+    def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+        """`PromptAccepted`, then deltas; errors before the first event are the request's fault."""
+        ...
+
+
+def sse_event(payload: str) -> str:
+    """One server-sent event carrying a JSON payload."""
+    return f"data: {payload}\n\n"
+
+
+class ChatService:
+    """Turns a validated request into a `ChatCompletionResponse` or a stream of SSE events."""
+
+    def __init__(self, client: ModelClient) -> None:
+        self._client = client
+
+    async def create(
+        self, request: ChatCompletionRequest
+    ) -> ChatCompletionResponse | AsyncIterator[str]:
+        """Start generating; errors raised here happen before any byte is sent."""
+        events = self._client.generate(request)
+        first = await anext(events)
+        if not isinstance(first, PromptAccepted):
+            raise EngineError("The model deployment did not acknowledge the prompt.")
+        model_id = (await self._client.info()).model_id or ""
+        if request.stream:
+            return self._stream(request, model_id, first.prompt_tokens, events)
+        return await self._collect(model_id, first.prompt_tokens, events)
+
+    async def reply_text(self, request: ChatCompletionRequest) -> str:
+        """Only the reply's text (for the blueprint's `/infer`)."""
+        response = await self.create(request.model_copy(update={"stream": False}))
+        assert isinstance(response, ChatCompletionResponse)
+        return response.choices[0].message.content
+
+    async def _collect(
+        self, model_id: str, prompt_tokens: int, events: AsyncIterator[GenerationEvent]
+    ) -> ChatCompletionResponse:
+        parts: list[str] = []
+        tokens = 0
+        finish_reason = None
+        async for delta in _deltas(events):
+            parts.append(delta.text)
+            tokens += delta.tokens
+            finish_reason = delta.finish_reason or finish_reason
+        return ChatCompletionResponse(
+            id=completion_id(),
+            created=now(),
+            model=model_id,
+            choices=[
+                Choice(message=ResponseMessage(content="".join(parts)), finish_reason=finish_reason)
+            ],
+            usage=_usage(prompt_tokens, tokens),
+        )
+
+    async def _stream(
+        self,
+        request: ChatCompletionRequest,
+        model_id: str,
+        prompt_tokens: int,
+        events: AsyncIterator[GenerationEvent],
+    ) -> AsyncIterator[str]:
+        chunk = _ChunkWriter(completion_id(), now(), model_id)
+        tokens = 0
+        try:
+            yield chunk.delta(DeltaMessage(role="assistant", content=""))
+            async for delta in _deltas(events):
+                tokens += delta.tokens
+                if delta.text:
+                    yield chunk.delta(DeltaMessage(content=delta.text))
+                if delta.finish_reason:
+                    yield chunk.delta(DeltaMessage(), delta.finish_reason)
+            if request.wants_usage_chunk():
+                yield chunk.usage(_usage(prompt_tokens, tokens))
+        except ServiceError as exc:
+            yield sse_event(json.dumps(exc.to_dict()))
+        except Exception as exc:  # the stream has started: report the failure in-band
+            logger.exception("stream failed")
+            yield sse_event(json.dumps(EngineError(f"Generation failed: {exc}").to_dict()))
+        finally:
+            await events.aclose()
+        yield SSE_DONE
+
+
+async def _deltas(events: AsyncIterator[GenerationEvent]) -> AsyncIterator[Delta]:
+    async for event in events:
+        if isinstance(event, Delta):
+            yield event
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+class _ChunkWriter:
+    """Serialises the chunks of one stream, which share an id, a timestamp and a model."""
+
+    def __init__(self, chunk_id: str, created: int, model: str) -> None:
+        self._base = {"id": chunk_id, "created": created, "model": model}
+
+    def delta(self, delta: DeltaMessage, finish_reason: str | None = None) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+        data = ChatCompletionChunk(**self._base, choices=[choice]).model_dump(exclude={"usage"})
+        data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # `{}` on the last chunk
+        return sse_event(json.dumps(data, ensure_ascii=False))
+
+    def usage(self, usage: Usage) -> str:
+        return sse_event(
+            ChatCompletionChunk(**self._base, choices=[], usage=usage).model_dump_json()
+        )

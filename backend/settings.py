@@ -1,0 +1,83 @@
+"""Backend configuration: every knob is an `LLM_*` environment variable, validated once at start."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class BackendSettings(BaseSettings):
+    """Settings of the serving backend (env prefix `LLM_`)."""
+
+    model_config = SettingsConfigDict(env_prefix="LLM_", extra="ignore")
+
+    host: str = Field("127.0.0.1", description="`python -m backend`: HTTP bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="`python -m backend`: HTTP port.")
+    engine: str = Field("hf", description="Engine: `hf` (transformers, CPU) or `neuron` (Inf2).")
+    model: str = Field(
+        "",
+        description="Local model directory or Hugging Face hub id; empty = embedded SmolLM2-135M.",
+    )
+    served_model_name: str = Field(
+        "", description="Model id reported by the API; empty = derived from `LLM_MODEL`."
+    )
+    dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
+        "auto", description="Weights dtype; `auto` = bf16 where the CPU has native bf16, else fp32."
+    )
+    max_batch_size: int = Field(
+        8, ge=1, le=256, description="Streams decoded together in one forward pass."
+    )
+    max_context_len: int = Field(
+        0,
+        ge=0,
+        description="Context window in tokens (prompt + reply); 0 = the model's own limit.",
+    )
+    max_tokens_cap: int = Field(
+        2048, ge=1, description="Largest `max_tokens` a request may ask for."
+    )
+    default_max_tokens: int = Field(
+        512, ge=1, description="`max_tokens` when the request does not set it."
+    )
+    max_request_bytes: int = Field(
+        1_000_000, ge=1024, description="Largest accepted request body (HTTP 413 above)."
+    )
+    cache_dir: Path = Field(
+        Path.home() / ".cache" / "mistral-inf2-chat",
+        description="Converted model weights (GGUF -> safetensors) for fast restarts.",
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU engine: torch threads; 0 = torch's default (the cores Ray grants).",
+    )
+    tp_degree: int = Field(2, ge=1, description="Neuron: tensor-parallel degree (NeuronCores).")
+    neuron_artifacts_dir: Path | None = Field(
+        None,
+        description="Neuron: compiled-model directory; loaded when present, written after compile.",
+    )
+    num_cpus: float = Field(
+        1, ge=0, description="Ray CPUs reserved by the model deployment (its torch threads)."
+    )
+    num_neuron_cores: int = Field(
+        0, ge=0, description="Ray `neuron_cores` resource of the model deployment (2 on Inf2)."
+    )
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Concurrent requests a model replica accepts (queue beyond batch)."
+    )
+    max_queued_requests: int = Field(
+        256, ge=-1, description="Requests waiting for a replica before HTTP 503 (-1 = no limit)."
+    )
+    num_replicas: int = Field(1, ge=1, description="Model deployment replicas.")
+    health_timeout_s: float = Field(
+        5.0, gt=0, description="Seconds `/healthz` waits for the model replica to answer."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> BackendSettings:
+    """The process-wide settings, read from the environment once."""
+    return BackendSettings()
