@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 
 from backend.engines.base import Delta, Engine, engine_class
@@ -48,7 +49,7 @@ class ModelServer:
         self._load_error: str | None = None
         threading.Thread(target=self._load, name="model-loader", daemon=True).start()
 
-    def info(self) -> ModelInfo:
+    async def info(self) -> ModelInfo:
         """The model's id and window once loaded; `ready=False` while loading or after a failure."""
         if not self._ready.is_set():
             return ModelInfo(model_id=None, context_window=0, ready=False, error=self._load_error)
@@ -67,10 +68,11 @@ class ModelServer:
         prompt_ids = self._engine.encode_chat(request.chat())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
         yield PromptAccepted(prompt_tokens=len(prompt_ids))
-        async for delta in self._engine.generate(
-            prompt_ids, request.to_sampling_params(max_tokens)
-        ):
-            yield delta
+        params = request.to_sampling_params(max_tokens)
+        # aclosing: a client that leaves closes this generator, and that must reach the engine now.
+        async with aclosing(self._engine.generate(prompt_ids, params)) as deltas:
+            async for delta in deltas:
+                yield delta
 
     def check_health(self) -> None:
         """Raise if loading failed or the engine broke; a model still loading counts as healthy."""

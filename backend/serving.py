@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Protocol
 
 from backend.engines.base import Delta
@@ -80,10 +81,11 @@ class ChatService:
         parts: list[str] = []
         tokens = 0
         finish_reason = None
-        async for delta in _deltas(events):
-            parts.append(delta.text)
-            tokens += delta.tokens
-            finish_reason = delta.finish_reason or finish_reason
+        async with aclosing(events):
+            async for delta in _deltas(events):
+                parts.append(delta.text)
+                tokens += delta.tokens
+                finish_reason = delta.finish_reason or finish_reason
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),

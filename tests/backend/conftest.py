@@ -1,0 +1,47 @@
+"""Fixtures for serving tests: the real model server and routes over a scripted engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+
+from backend.api import build_api
+from backend.model_server import ModelServer
+from backend.settings import BackendSettings
+from tests.fakes import Script, scripted_engine
+
+
+@pytest.fixture
+def script() -> Script:
+    """The fake engine's script for one test."""
+    return Script()
+
+
+@pytest.fixture
+def settings() -> BackendSettings:
+    """Small limits so that limit checks are cheap to reach."""
+    return BackendSettings(max_tokens_cap=32, default_max_tokens=16, max_request_bytes=4096)
+
+
+@pytest.fixture
+async def server(script: Script, settings: BackendSettings) -> ModelServer:
+    """A loaded model server over the scripted engine."""
+    model_server = ModelServer(settings, scripted_engine(script))
+    for _ in range(100):
+        if (await model_server.info()).ready:
+            return model_server
+        await asyncio.sleep(0.01)
+    raise AssertionError("the scripted engine did not load")
+
+
+@pytest.fixture
+async def client(
+    server: ModelServer, settings: BackendSettings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the FastAPI routes in-process."""
+    transport = httpx.ASGITransport(app=build_api(server, settings))
+    async with httpx.AsyncClient(transport=transport, base_url="http://backend") as http:
+        yield http

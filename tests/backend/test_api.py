@@ -1,0 +1,195 @@
+"""The HTTP routes, over the real model server with a scripted engine."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from backend.errors import EngineError
+from tests.fakes import Script
+from tests.sse import sse_payloads
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+async def test_non_streaming_reply_has_text_finish_reason_and_usage(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["Hel", "lo", "!"])
+    response = await client.post(CHAT, json={"messages": HELLO})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "scripted-model"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
+async def test_stream_order_role_deltas_finish_usage_done(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a", "b"])
+    request = {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    response = await client.post(CHAT, json=request)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_payloads(response.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["a", "b"]
+    assert events[3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    assert events[4]["choices"] == [] and events[4]["usage"]["completion_tokens"] == 2
+    assert events[5] == "[DONE]"
+    assert len({e["id"] for e in events[:5]}) == 1
+
+
+async def test_stream_without_usage_option_sends_no_usage_chunk(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["x"])
+    response = await client.post(CHAT, json={"messages": HELLO, "stream": True})
+    events = sse_payloads(response.text)
+    assert all("usage" not in e for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_error_mid_stream_is_an_error_event_then_done(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["partial", EngineError("kernel exploded")])
+    response = await client.post(CHAT, json={"messages": HELLO, "stream": True})
+    assert response.status_code == 200  # the stream had started
+    events = sse_payloads(response.text)
+    assert events[1]["choices"][0]["delta"]["content"] == "partial"
+    assert events[-2]["error"]["message"] == "kernel exploded"
+    assert events[-2]["error"]["type"] == "internal_error"
+    assert events[-1] == "[DONE]"
+
+
+async def test_sampling_parameters_reach_the_engine(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    request = {
+        "messages": HELLO,
+        "max_tokens": 7,
+        "temperature": 0.2,
+        "top_p": 0.5,
+        "stop": ["END"],
+        "seed": 42,
+    }
+    await client.post(CHAT, json=request)
+    params = script.history[-1][1]
+    assert (params.max_tokens, params.temperature, params.top_p) == (7, 0.2, 0.5)
+    assert (params.stop, params.seed) == (("END",), 42)
+
+
+async def test_max_tokens_defaults_to_setting_and_length_finish(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["w"] * 40)
+    body = (await client.post(CHAT, json={"messages": HELLO})).json()
+    assert body["usage"]["completion_tokens"] == 16
+    assert body["choices"][0]["finish_reason"] == "length"
+
+
+async def test_whole_conversation_reaches_the_engine(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": "Hi Ada."},
+        {"role": "user", "content": [{"type": "text", "text": "What is my name?"}]},
+    ]
+    await client.post(CHAT, json={"messages": messages})
+    seen = script.history[-1][0]
+    assert [m["role"] for m in seen] == ["system", "user", "assistant", "user"]
+    assert seen[1]["content"] == "My name is Ada." and seen[3]["content"] == "What is my name?"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+        ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages.0.content"),
+        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": -3}, "max_tokens"),
+        ({"messages": HELLO, "max_tokens": 33}, "max_tokens"),
+        ({"messages": HELLO, "temperature": 2.5}, "temperature"),
+        ({"messages": HELLO, "temperature": -0.1}, "temperature"),
+        ({"messages": HELLO, "top_p": 0}, "top_p"),
+        ({"messages": HELLO, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"messages": [{"role": "user", "content": "word " * 70}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "word " * 60}], "max_tokens": 10}, "messages"),
+    ],
+)
+async def test_bad_request_is_400_naming_the_field_then_service_still_answers(
+    client: httpx.AsyncClient, body: dict, param: str
+) -> None:
+    response = await client.post(CHAT, json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["message"]
+    assert (await client.post(CHAT, json={"messages": HELLO})).status_code == 200
+
+
+async def test_too_long_prompt_says_context_length(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"messages": [{"role": "user", "content": "w " * 70}]})
+    error = response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert "maximum context length is 64 tokens" in error["message"]
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2]", b"\xff\xfe", b""])
+async def test_malformed_json_is_400(client: httpx.AsyncClient, raw: bytes) -> None:
+    response = await client.post(CHAT, content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_body_over_limit_is_413_then_service_still_answers(client: httpx.AsyncClient) -> None:
+    big = {"messages": [{"role": "user", "content": "x" * 5000}]}
+    response = await client.post(CHAT, json=big)
+    assert response.status_code == 413
+    assert "4096 bytes" in response.json()["error"]["message"]
+    assert (await client.post(CHAT, json={"messages": HELLO})).status_code == 200
+
+
+async def test_unknown_model_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post(CHAT, json={"messages": HELLO, "model": "gpt-9"})
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_models_and_health(client: httpx.AsyncClient) -> None:
+    models = (await client.get("/v1/models")).json()
+    assert models["data"][0]["id"] == "scripted-model"
+    assert models["data"][0]["max_model_len"] == 64
+    health = await client.get("/healthz")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+async def test_infer_returns_reply_only(client: httpx.AsyncClient, script: Script) -> None:
+    script.enqueue(["Paris", "."])
+    response = await client.get("/infer", params={"sentence": "Capital of France?"})
+    assert response.json() == ["Paris."]
+    assert script.history[-1][0] == [{"role": "user", "content": "Capital of France?"}]
+
+
+async def test_infer_without_sentence_is_400(client: httpx.AsyncClient) -> None:
+    response = await client.get("/infer")
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "sentence"
+
+
+async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/nothing")
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"

@@ -1,0 +1,153 @@
+"""The continuous-batching loop, over a fake runner that records every step."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from backend.batching import ContinuousBatcher
+from backend.engines.base import SamplingParams
+from backend.errors import EngineError
+
+VOCAB = 50
+EOS = 0
+
+
+class ByteTokenizer:
+    """Token id n decodes to chr(n + 64): 1 -> 'A'."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(t + 64) for t in token_ids if t != EOS)
+
+
+class CountingRunner:
+    """Each sequence emits prompt[-1]+1, +2, ... then EOS after `length` tokens; records steps."""
+
+    def __init__(self, length: int = 5, fail_on_step: int | None = None) -> None:
+        self.length = length
+        self.fail_on_step = fail_on_step
+        self.batch_sizes: list[int] = []
+        self.released: list[int] = []
+        self.state: dict[int, tuple[int, int]] = {}  # seq id -> (last token, tokens emitted)
+        self.lock = threading.Lock()
+        self.step_delay_s = 0.0
+
+    def _logits(self, token: int) -> torch.Tensor:
+        logits = torch.full((VOCAB,), -1e9)
+        logits[token] = 0.0
+        return logits
+
+    def _next(self, seq_id: int) -> torch.Tensor:
+        last, emitted = self.state[seq_id]
+        token = EOS if emitted >= self.length else last + 1
+        self.state[seq_id] = (token, emitted + 1)
+        return self._logits(token)
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        self.state[seq_id] = (prompt_ids[-1], 0)
+        return self._next(seq_id)
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        if self.fail_on_step is not None and len(self.batch_sizes) == self.fail_on_step:
+            raise RuntimeError("device lost")
+        self.batch_sizes.append(len(seq_ids))
+        threading.Event().wait(self.step_delay_s)
+        return torch.stack([self._next(s) for s in seq_ids])
+
+    def release(self, seq_id: int) -> None:
+        self.released.append(seq_id)
+        self.state.pop(seq_id, None)
+
+    def reset(self) -> None:
+        self.state.clear()
+
+
+def make_batcher(runner: CountingRunner, max_batch_size: int = 8) -> ContinuousBatcher:
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), max_batch_size)
+    batcher.start()
+    return batcher
+
+
+GREEDY = SamplingParams(max_tokens=100, temperature=0.0)
+
+
+async def collect(batcher: ContinuousBatcher, prompt: list[int], params: SamplingParams = GREEDY):
+    return [d async for d in batcher.stream(prompt, params)]
+
+
+async def test_one_stream_gets_its_tokens_and_stop_on_eos() -> None:
+    batcher = make_batcher(CountingRunner(length=3))
+    deltas = await collect(batcher, [1])
+    assert "".join(d.text for d in deltas) == "BCD"
+    assert deltas[-1].finish_reason == "stop"
+    assert sum(d.tokens for d in deltas) == 4  # three letters and the end-of-sequence token
+    batcher.shutdown()
+
+
+async def test_concurrent_streams_share_decode_steps() -> None:
+    runner = CountingRunner(length=20)
+    runner.step_delay_s = 0.005
+    batcher = make_batcher(runner)
+    results = await asyncio.gather(*(collect(batcher, [i]) for i in range(1, 7)))
+    for i, deltas in enumerate(results, start=1):
+        assert "".join(d.text for d in deltas) == "".join(chr(64 + i + k) for k in range(1, 21))
+    assert max(runner.batch_sizes) == 6
+    assert batcher.stats.mean_batch_size > 3
+    batcher.shutdown()
+
+
+async def test_batch_never_exceeds_max_and_waiting_requests_join_later() -> None:
+    runner = CountingRunner(length=4)
+    batcher = make_batcher(runner, max_batch_size=2)
+    results = await asyncio.gather(*(collect(batcher, [1]) for _ in range(5)))
+    assert all("".join(d.text for d in r) == "BCDE" for r in results)
+    assert max(runner.batch_sizes) == 2
+    batcher.shutdown()
+
+
+async def test_max_tokens_finishes_with_length() -> None:
+    batcher = make_batcher(CountingRunner(length=30))
+    deltas = await collect(batcher, [1], SamplingParams(max_tokens=4, temperature=0.0))
+    assert "".join(d.text for d in deltas) == "BCDE"
+    assert deltas[-1].finish_reason == "length"
+    batcher.shutdown()
+
+
+async def test_stop_sequence_ends_the_stream_without_the_stop_text() -> None:
+    batcher = make_batcher(CountingRunner(length=30))
+    params = SamplingParams(max_tokens=50, temperature=0.0, stop=("EF",))
+    deltas = await collect(batcher, [1], params)
+    assert "".join(d.text for d in deltas) == "BCD"
+    assert deltas[-1].finish_reason == "stop"
+    batcher.shutdown()
+
+
+async def test_leaving_a_stream_frees_its_slot_at_the_next_step() -> None:
+    runner = CountingRunner(length=1000)
+    runner.step_delay_s = 0.002
+    batcher = make_batcher(runner)
+    stream = batcher.stream([1], GREEDY)
+    await anext(stream)
+    await stream.aclose()
+    for _ in range(200):
+        if runner.released:
+            break
+        await asyncio.sleep(0.01)
+    assert runner.released == [0]
+    assert runner.state == {}
+    batcher.shutdown()
+
+
+async def test_failed_step_errors_the_streams_and_the_loop_keeps_serving() -> None:
+    runner = CountingRunner(length=10, fail_on_step=2)
+    batcher = make_batcher(runner)
+    with pytest.raises(EngineError, match="device lost"):
+        await collect(batcher, [1])
+    runner.fail_on_step = None
+    assert "".join(d.text for d in await collect(batcher, [1])) == "BCDEFGHIJK"
+    assert batcher.is_alive()
+    batcher.shutdown()
+    assert not batcher.is_alive()

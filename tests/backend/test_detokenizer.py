@@ -1,0 +1,67 @@
+"""Streaming detokenization and stop sequences."""
+
+from __future__ import annotations
+
+import pytest
+
+from backend.detokenizer import IncrementalDetokenizer, StopSequenceFilter
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte: the hardest case for streaming multi-byte characters."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "text", ["hello world", " 안녕하세요, 세계!", "emoji 🎉👍🏽 ok", "é\u0301"]
+)
+def test_deltas_concatenate_to_the_full_decode_and_never_split_a_character(text: str) -> None:
+    tokenizer = ByteTokenizer()
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.push(t) for t in tokenizer.encode(text)] + [detokenizer.flush()]
+    assert "".join(deltas) == text
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_incomplete_character_at_the_end_is_flushed_as_replacement() -> None:
+    detokenizer = IncrementalDetokenizer(ByteTokenizer())
+    assert detokenizer.push(0xF0) == ""  # first byte of a 4-byte emoji
+    assert detokenizer.flush() == "\ufffd"
+
+
+@pytest.mark.parametrize(
+    ("pieces", "stops", "expected", "stopped"),
+    [
+        (["Hello", " wor", "ld"], ("STOP",), "Hello world", False),
+        (["Hello ST", "OP there"], ("STOP",), "Hello ", True),
+        (["a", "b", "</", "s", ">", "c"], ("</s>",), "ab", True),
+        (["x<", "y"], ("<z>",), "x<y", False),
+        (["one\n\nUser:"], ("\n\nUser:", "###"), "one", True),
+        (["pre###", "post"], ("\n\nUser:", "###"), "pre", True),
+    ],
+)
+def test_stop_filter_cuts_at_the_first_stop_and_never_leaks_part_of_it(
+    pieces: list[str], stops: tuple[str, ...], expected: str, stopped: bool
+) -> None:
+    stop_filter = StopSequenceFilter(stops)
+    emitted = ""
+    hit = False
+    for piece in pieces:
+        text, hit = stop_filter.feed(piece)
+        emitted += text
+        if hit:
+            break
+    if not hit:
+        emitted += stop_filter.flush()
+    assert (emitted, hit) == (expected, stopped)
+
+
+def test_stop_filter_holds_back_a_possible_stop_prefix() -> None:
+    stop_filter = StopSequenceFilter(("STOP",))
+    assert stop_filter.feed("go ST") == ("go ", False)
+    assert stop_filter.feed("AR") == ("STAR", False)

@@ -1,0 +1,31 @@
+"""Backend settings from the environment."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from backend.settings import BackendSettings
+
+
+def test_defaults_serve_the_embedded_model_on_cpu() -> None:
+    settings = BackendSettings()
+    assert (settings.engine, settings.model, settings.port) == ("hf", "", 8000)
+    assert settings.max_ongoing_requests > settings.max_batch_size  # room to queue beyond a batch
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLM_ENGINE", "neuron")
+    monkeypatch.setenv("LLM_MAX_BATCH_SIZE", "16")
+    monkeypatch.setenv("LLM_DTYPE", "bfloat16")
+    settings = BackendSettings()
+    assert (settings.engine, settings.max_batch_size, settings.dtype) == ("neuron", 16, "bfloat16")
+
+
+@pytest.mark.parametrize(("name", "value"), [("LLM_MAX_BATCH_SIZE", "0"), ("LLM_DTYPE", "int3")])
+def test_invalid_values_are_rejected_naming_the_field(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name.removeprefix("LLM_").lower()):
+        BackendSettings()

@@ -1,0 +1,78 @@
+"""A scripted fake engine: tests enqueue replies and read back what the engine was asked."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from backend.engines.base import Delta, Engine, SamplingParams
+
+
+@dataclass
+class Script:
+    """Replies to play back (text pieces, one token each, or an exception) and the calls seen."""
+
+    replies: deque[list[str | BaseException]] = field(default_factory=deque)
+    history: list[tuple[list[dict[str, str]], SamplingParams]] = field(default_factory=list)
+    context_window: int = 64
+    piece_delay_s: float = 0.0
+    cancelled: int = 0
+
+    def enqueue(self, pieces: list[str | BaseException]) -> None:
+        """Queue the next reply."""
+        self.replies.append(pieces)
+
+
+def scripted_engine(script: Script) -> type[Engine]:
+    """An engine class bound to `script` (engines are built from a class by the model server)."""
+
+    class ScriptedEngine(Engine):
+        name = "scripted"
+
+        @property
+        def model_id(self) -> str:
+            return "scripted-model"
+
+        @property
+        def context_window(self) -> int:
+            return script.context_window
+
+        def start(self) -> None:
+            pass
+
+        def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+            self._messages = messages
+            return [len(word) for m in messages for word in m["content"].split()] or [0]
+
+        async def generate(
+            self, prompt_ids: list[int], params: SamplingParams
+        ) -> AsyncIterator[Delta]:
+            script.history.append((self._messages, params))
+            pieces = script.replies.popleft() if script.replies else ["ok"]
+            try:
+                for i, piece in enumerate(pieces[: params.max_tokens]):
+                    if isinstance(piece, BaseException):
+                        raise piece
+                    await asyncio.sleep(script.piece_delay_s)
+                    last = i + 1 == min(len(pieces), params.max_tokens)
+                    reason = (
+                        None
+                        if not last
+                        else "stop"
+                        if len(pieces) <= params.max_tokens
+                        else "length"
+                    )
+                    yield Delta(text=piece, tokens=1, finish_reason=reason)
+            except GeneratorExit:
+                script.cancelled += 1
+                raise
+
+        def check_health(self) -> None:
+            pass
+
+        def shutdown(self) -> None:
+            pass
+
+    return ScriptedEngine
