@@ -1,0 +1,18 @@
+"""One real backend for the whole session (Ray Serve + the embedded model on the CPU)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.services import ServiceProcess, backend_service, free_port
+
+
+@pytest.fixture(scope="session")
+def backend() -> Iterator[ServiceProcess]:
+    """The backend, started once; tests that stop it must start it again."""
+    service = backend_service(free_port())
+    service.start()
+    yield service
+    service.stop()

@@ -1,0 +1,87 @@
+"""Real services for end-to-end tests, started as processes the way users start them."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO / "artifacts"
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServiceProcess:
+    """A service started as a subprocess, logged to `artifacts/`, stopped with SIGINT."""
+
+    def __init__(self, name: str, module: str, env: dict[str, str], ready_path: str, port: int):
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self._module = module
+        self._env = {**os.environ, **env}
+        self._ready_path = ready_path
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 240) -> None:
+        """Start the process and wait until `ready_path` answers 200."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        log = (ARTIFACTS / f"{self.name}.log").open("ab")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", self._module],
+            cwd=REPO,
+            env=self._env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early; see artifacts/{self.name}.log")
+            try:
+                if httpx.get(self.url + self._ready_path, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"{self.name} was not ready after {timeout_s} s")
+
+    def stop(self) -> None:
+        """Interrupt like Ctrl-C, then make sure the whole process group is gone."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        group = os.getpgid(self._process.pid)
+        self._process.send_signal(signal.SIGINT)
+        try:
+            self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(group, signal.SIGKILL)
+            self._process.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)  # stragglers (Ray workers) of this service only
+
+
+def backend_service(port: int) -> ServiceProcess:
+    """The real backend on the embedded model, like `make serve`."""
+    env = {
+        "LLM_PORT": str(port),
+        "LLM_MAX_BATCH_SIZE": "8",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "disabled",
+        "HF_HUB_OFFLINE": "1",
+    }
+    return ServiceProcess("backend", "backend", env, "/healthz", port)

@@ -1,0 +1,149 @@
+"""The real Ray Serve app with the embedded model, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from backend.engines.embedded import converted_model_dir
+from backend.settings import BackendSettings
+from tests.e2e.services import ServiceProcess
+from tests.sse import sse_payloads
+
+CHAT = "/v1/chat/completions"
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def post(backend: ServiceProcess, body: dict) -> httpx.Response:
+    return httpx.post(backend.url + CHAT, json=body, timeout=120)
+
+
+def test_health_and_models(backend: ServiceProcess) -> None:
+    assert httpx.get(backend.url + "/healthz").json() == {
+        "status": "ok",
+        "model": "SmolLM2-135M-Instruct",
+    }
+    card = httpx.get(backend.url + "/v1/models").json()["data"][0]
+    assert card["id"] == "SmolLM2-135M-Instruct" and card["max_model_len"] == 8192
+
+
+def test_non_streaming_answer_is_real_text(backend: ServiceProcess) -> None:
+    body = post(backend, {"messages": QUESTION, "max_tokens": 30, "temperature": 0}).json()
+    assert "Paris" in body["choices"][0]["message"]["content"]
+    assert "<|im_" not in body["choices"][0]["message"]["content"]  # no special tokens
+    assert body["usage"]["completion_tokens"] <= 30
+
+
+def test_stream_delivers_tokens_as_they_are_produced(backend: ServiceProcess) -> None:
+    request = {
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 60,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    arrivals: list[float] = []
+    lines: list[str] = []
+    start = time.monotonic()
+    with httpx.stream("POST", backend.url + CHAT, json=request, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                arrivals.append(time.monotonic() - start)
+                lines.append(line)
+    events = sse_payloads("\n".join(lines))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == 60
+    content = [e for e in events[1:-2] if e["choices"] and e["choices"][0]["delta"].get("content")]
+    assert len(content) > 20
+    # Flushed one by one: the first content arrives long before the last.
+    assert arrivals[1] < arrivals[-3] / 3
+
+
+def test_second_turn_sees_the_first(backend: ServiceProcess) -> None:
+    first_turn = [{"role": "user", "content": "My name is Ada. Remember it."}]
+    first = post(backend, {"messages": first_turn, "max_tokens": 20, "temperature": 0}).json()
+    answer = first["choices"][0]["message"]["content"]
+    conversation = [
+        *first_turn,
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    second = post(backend, {"messages": conversation, "max_tokens": 20, "temperature": 0}).json()
+    # The whole conversation went through the model's chat template into the prompt.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_model_dir(BackendSettings().cache_dir))
+    expected = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    assert second["usage"]["prompt_tokens"] == len(expected)
+    assert "Ada" in second["choices"][0]["message"]["content"]
+
+
+def test_infer_returns_only_the_reply(backend: ServiceProcess) -> None:
+    response = httpx.get(
+        backend.url + "/infer", params={"sentence": "What is the capital of France?"}, timeout=120
+    )
+    reply = response.json()
+    assert isinstance(reply, list) and len(reply) == 1 and reply[0].strip()
+    assert "capital of France?" not in reply[0] and "<|im_" not in reply[0]
+
+
+BAD_REQUESTS = [
+    ({"messages": []}, 400),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400),
+    ({"messages": [{"role": "user", "content": 42}]}, 400),
+    ({"messages": QUESTION, "n": 3}, 400),
+    ({"messages": QUESTION, "max_tokens": 0}, 400),
+    ({"messages": QUESTION, "max_tokens": 10**6}, 400),
+    ({"messages": QUESTION, "temperature": 3}, 400),
+    ({"messages": [{"role": "user", "content": "hello " * 9000}]}, 400),
+    ({"messages": [{"role": "user", "content": "x" * 1_200_000}]}, 413),
+]
+
+
+@pytest.mark.parametrize(("body", "status"), BAD_REQUESTS)
+def test_bad_input_gets_a_clear_error_and_service_keeps_answering(
+    backend: ServiceProcess, body: dict, status: int
+) -> None:
+    response = post(backend, body)
+    assert response.status_code == status
+    assert response.json()["error"]["message"]
+    good = post(backend, {"messages": QUESTION, "max_tokens": 5})
+    assert good.status_code == 200
+
+
+def test_malformed_json_is_400(backend: ServiceProcess) -> None:
+    response = httpx.post(backend.url + CHAT, content=b"{oops", timeout=30)
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
+async def test_concurrent_streams_all_complete(backend: ServiceProcess) -> None:
+    async def one(http: httpx.AsyncClient, i: int) -> dict:
+        prompt = [{"role": "user", "content": f"Tell me fact number {i} about space."}]
+        request = {"messages": prompt, "max_tokens": 24, "seed": i}
+        return (await http.post(backend.url + CHAT, json=request, timeout=120)).json()
+
+    async with httpx.AsyncClient() as http:
+        replies = await asyncio.gather(*(one(http, i) for i in range(8)))
+    assert all(r["usage"]["completion_tokens"] >= 1 for r in replies)
+    assert all(r["choices"][0]["message"]["content"] for r in replies)
+
+
+def test_client_that_leaves_mid_stream_does_not_break_the_service(backend: ServiceProcess) -> None:
+    request = {
+        "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+        "max_tokens": 1500,
+        "stream": True,
+    }
+    with httpx.stream("POST", backend.url + CHAT, json=request, timeout=60) as response:
+        for i, _ in enumerate(response.iter_lines()):
+            if i > 5:
+                break
+    start = time.monotonic()
+    assert post(backend, {"messages": QUESTION, "max_tokens": 8}).status_code == 200
+    assert time.monotonic() - start < 30
