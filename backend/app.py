@@ -95,7 +95,7 @@ def build_app(
         num_replicas=settings.num_replicas,
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
-        ray_actor_options={"num_cpus": settings.num_cpus, "resources": resources},
+        ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
     ).bind(settings, engine_cls)
     ingress = Ingress.options(
         max_ongoing_requests=settings.max_ongoing_requests * settings.num_replicas,

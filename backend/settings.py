@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -59,8 +60,10 @@ class BackendSettings(BaseSettings):
         None,
         description="Neuron: compiled-model directory; loaded when present, written after compile.",
     )
-    num_cpus: float = Field(
-        1, ge=0, description="Ray CPUs reserved by the model deployment (its torch threads)."
+    num_cpus: float | None = Field(
+        None,
+        ge=0,
+        description="Ray CPUs of the model deployment (its torch threads); unset = all cores.",
     )
     num_neuron_cores: int = Field(
         0, ge=0, description="Ray `neuron_cores` resource of the model deployment (2 on Inf2)."
@@ -75,6 +78,10 @@ class BackendSettings(BaseSettings):
     health_timeout_s: float = Field(
         5.0, gt=0, description="Seconds `/healthz` waits for the model replica to answer."
     )
+
+    def model_cpus(self) -> float:
+        """CPUs the model replica reserves: the setting, or every core of this machine."""
+        return self.num_cpus if self.num_cpus is not None else float(os.cpu_count() or 1)
 
 
 @lru_cache(maxsize=1)

@@ -35,6 +35,12 @@ class ServiceProcess:
         self._ready_path = ready_path
         self._process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def pid(self) -> int:
+        """The service's process id (it must be running)."""
+        assert self._process is not None
+        return self._process.pid
+
     def start(self, timeout_s: float = 240) -> None:
         """Start the process and wait until `ready_path` answers 200."""
         ARTIFACTS.mkdir(exist_ok=True)
