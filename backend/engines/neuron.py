@@ -1,0 +1,162 @@
+"""The `neuron` engine: Mistral-7B-Instruct on Inferentia2 through transformers-neuronx.
+
+The model is compiled in transformers-neuronx's continuous-batching mode: `max_batch_size` KV-cache
+slots, each sequence owning one slot from its prefill until it leaves. The same batching loop as on
+the CPU drives it through `NeuronSlotRunner`. Compiled kernels are saved to
+`LLM_NEURON_ARTIFACTS_DIR` after the first compile and loaded from there on later starts, so
+replicas do not recompile (the blueprint's ~10 minute cold start).
+
+The Neuron SDK is imported only in `_load`, so this module imports on any machine. Runs on the
+Neuron image's Python 3.10 and transformers 4.x.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.engines.base import register_engine
+from backend.engines.batched import BatchedEngine, LoadedModel
+from backend.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
+DEFAULT_CONTEXT = 4096
+# Smallest compiled bucket; transformers-neuronx pads prompts up to the next bucket.
+_MIN_BUCKET = 128
+_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+
+
+def length_buckets(context: int) -> list[int]:
+    """Powers of two from 128 up to (and including) the context window."""
+    buckets = [_MIN_BUCKET]
+    while buckets[-1] < context:
+        buckets.append(min(buckets[-1] * 2, context))
+    return buckets
+
+
+class NeuronSlotRunner:
+    """`BatchRunner` over transformers-neuronx continuous batching: one cache slot per sequence.
+
+    Every live slot must be in every decode call (the kernel rewrites all rows of the batch), which
+    is how `ContinuousBatcher` calls it.
+    """
+
+    def __init__(self, model: Any, slots: int) -> None:
+        self._model = model
+        self._slots = slots
+        self.reset()
+
+    def reset(self) -> None:
+        """Free every slot."""
+        self._free = list(range(self._slots))
+        self._slot: dict[int, int] = {}
+        self._position: dict[int, int] = {}
+
+    @torch.inference_mode()
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        """Encode the prompt into a free slot; returns the logits of its last token."""
+        if len(prompt_ids) < 2:  # one token would take the decode path and touch other slots
+            raise EngineError("A prompt needs at least two tokens.")
+        if not self._free:
+            raise EngineError("No free cache slot: the batch is full.")
+        slot = self._free.pop(0)
+        self._slot[seq_id] = slot
+        self._position[seq_id] = len(prompt_ids)
+        logits = self._model(
+            torch.tensor([prompt_ids]),
+            cache_ids=torch.arange(len(prompt_ids), dtype=torch.int32).unsqueeze(0),
+            start_ids=torch.tensor([slot], dtype=torch.int32),
+        )
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        """One token for every live slot; logits come back in `seq_ids` order."""
+        positions = [self._position[s] for s in seq_ids]
+        logits = self._model(
+            torch.tensor(token_ids).unsqueeze(1),
+            cache_ids=torch.tensor(positions, dtype=torch.int32).unsqueeze(1),
+            start_ids=torch.tensor([self._slot[s] for s in seq_ids], dtype=torch.int32),
+        )
+        for seq_id in seq_ids:
+            self._position[seq_id] += 1
+        return logits
+
+    def release(self, seq_id: int) -> None:
+        """Free the slot; stale cache is masked by position and overwritten by its next user."""
+        slot = self._slot.pop(seq_id, None)
+        self._position.pop(seq_id, None)
+        if slot is not None:
+            self._free.append(slot)
+
+
+@register_engine
+class NeuronEngine(BatchedEngine):
+    """transformers-neuronx `MistralForSampling` on NeuronCores (`LLM_TP_DEGREE`, default 2)."""
+
+    name = "neuron"
+
+    def _load(self) -> LoadedModel:
+        from transformers import AutoTokenizer
+
+        model_id = self.settings.model or DEFAULT_MODEL
+        path = self._local_checkpoint(model_id)
+        context = self.settings.max_context_len or DEFAULT_CONTEXT
+        model = self._compiled_model(path, context)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(
+            model_id=model_id,
+            tokenizer=tokenizer,
+            runner=NeuronSlotRunner(model, self.settings.max_batch_size),
+            context_window=context,
+            eos_ids=frozenset({tokenizer.eos_token_id}),
+        )
+
+    def _local_checkpoint(self, model_id: str) -> Path:
+        if Path(model_id).is_dir():
+            return Path(model_id)
+        from huggingface_hub import snapshot_download
+
+        # The hub token comes from HF_TOKEN (the `hf-token` Secret in Kubernetes).
+        target = self.settings.cache_dir / model_id.replace("/", "--")
+        return Path(snapshot_download(model_id, local_dir=target, allow_patterns=_HUB_FILES))
+
+    def _compiled_model(self, path: Path, context: int) -> Any:
+        artifacts = self.settings.neuron_artifacts_dir
+        if artifacts is not None and any(artifacts.glob("*.neff")):
+            try:
+                return self._build(path, context, load_from=artifacts)
+            except FileNotFoundError:  # artifacts of another model or configuration
+                logger.warning("compiled artifacts in %s do not match; recompiling", artifacts)
+        model = self._build(path, context, load_from=None)
+        if artifacts is not None:
+            artifacts.mkdir(parents=True, exist_ok=True)
+            model.save(str(artifacts))
+            logger.info("saved compiled artifacts to %s", artifacts)
+        return model
+
+    def _build(self, path: Path, context: int, load_from: Path | None) -> Any:
+        from transformers_neuronx import ContinuousBatchingConfig, MistralForSampling, NeuronConfig
+
+        batch = self.settings.max_batch_size
+        buckets = length_buckets(context)
+        model = MistralForSampling.from_pretrained(
+            str(path),
+            batch_size=batch,
+            n_positions=buckets,
+            context_length_estimate=buckets,
+            tp_degree=self.settings.tp_degree,
+            amp="bf16",
+            neuron_config=NeuronConfig(
+                continuous_batching=ContinuousBatchingConfig(batch_size_for_shared_caches=batch)
+            ),
+        )
+        if load_from is not None:
+            model.load(str(load_from))
+        model.to_neuron()  # loads the artifacts set by `load`, else compiles (many minutes)
+        return model
