@@ -191,9 +191,12 @@ class ContinuousBatcher:
 
     def _admit_waiting(self) -> None:
         while len(self._active) < self._max_batch_size:
-            try:
-                seq = self._inbox.get(timeout=_IDLE_POLL_S) if not self._active else None
-                seq = seq or self._inbox.get_nowait()
+            try:  # block only when there is nothing to decode
+                seq = (
+                    self._inbox.get_nowait()
+                    if self._active
+                    else self._inbox.get(timeout=_IDLE_POLL_S)
+                )
             except queue.Empty:
                 return
             if seq is None:  # shutdown sentinel
