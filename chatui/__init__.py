@@ -1,0 +1,1 @@
+"""Gradio chat UI for the OpenAI-compatible backend (`python -m chatui`)."""

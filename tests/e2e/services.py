@@ -91,3 +91,14 @@ def backend_service(port: int) -> ServiceProcess:
         "HF_HUB_OFFLINE": "1",
     }
     return ServiceProcess("backend", "backend", env, "/healthz", port)
+
+
+def ui_service(port: int, backend_url: str, **settings: str) -> ServiceProcess:
+    """The real chat UI (`python -m chatui`) talking to `backend_url`; extra `CHATUI_*` settings."""
+    env = {
+        "CHATUI_PORT": str(port),
+        "CHATUI_BACKEND_URL": backend_url,
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        **{f"CHATUI_{key.upper()}": value for key, value in settings.items()},
+    }
+    return ServiceProcess("ui", "chatui", env, "/", port)

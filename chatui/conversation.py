@@ -1,0 +1,280 @@
+"""Conversations as data: Gradio chat history ↔ OpenAI messages, context trimming, export and
+import, saved-conversation lists, and per-answer stats. Pure functions, no I/O.
+
+A Gradio history is a list of message dicts (`role`, `content`, optional `metadata`); `content`
+is a string, one part or a list of parts like `{"type": "text", "text": …}`. Messages whose
+metadata has a `title` are notices (errors shown in the chat): the user sees them, the model never.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+History = list[dict[str, Any]]
+OpenAIMessage = dict[str, str]
+
+# Chat templates wrap every message in a few tokens of markup (role tags, separators).
+MESSAGE_OVERHEAD_TOKENS = 8
+CHARS_PER_TOKEN = 3
+TITLE_CHARS = 48
+
+
+class ConversationImportError(ValueError):
+    """Raised by `import_json` when a file is not a conversation exported by this UI."""
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content: a string, one part, or a list of parts (files skipped)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text", "") if content.get("type", "text") == "text" else ""
+    if isinstance(content, Sequence):
+        return "".join(text_of(part) for part in content)
+    return ""
+
+
+def _message(role: str, text: str, title: str | None = None) -> dict[str, Any]:
+    # Content as a text part: Gradio passes bare strings through `inspect.cleandoc`, which would
+    # strip the indentation of code in a reply.
+    message: dict[str, Any] = {"role": role, "content": [{"type": "text", "text": text}]}
+    if title:
+        message["metadata"] = {"title": title}
+    return message
+
+
+def user_message(text: str) -> dict[str, Any]:
+    """A user message for the chat history."""
+    return _message("user", text)
+
+
+def assistant_message(text: str) -> dict[str, Any]:
+    """An assistant message for the chat history."""
+    return _message("assistant", text)
+
+
+def notice_message(title: str, text: str) -> dict[str, Any]:
+    """A notice: shown in the chat under `title`, never sent to the model."""
+    return _message("assistant", text, title)
+
+
+def is_notice(message: dict[str, Any]) -> bool:
+    """Whether `message` is a notice rather than part of the conversation."""
+    return bool((message.get("metadata") or {}).get("title"))
+
+
+def to_openai(history: History, system_prompt: str) -> list[OpenAIMessage]:
+    """The messages to send: system prompt first, then user/assistant turns that alternate.
+
+    Notices and empty messages are left out; consecutive messages of one role (a question that
+    got no answer, then another) are joined, because chat templates such as Mistral's require
+    strict alternation; assistant messages before the first user message are dropped.
+    """
+    messages: list[OpenAIMessage] = []
+    if system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    for message in history:
+        role, text = message.get("role"), text_of(message.get("content")).strip()
+        if role not in ("user", "assistant") or is_notice(message) or not text:
+            continue
+        previous = messages[-1]["role"] if messages else "system"
+        if role == previous:
+            messages[-1]["content"] += "\n\n" + text
+        elif role == "user" or previous != "system":
+            messages.append({"role": role, "content": text})
+    return messages
+
+
+def estimate_tokens(message: OpenAIMessage) -> int:
+    """A deliberately high token estimate for one message (about 3 characters per token)."""
+    return math.ceil(len(message["content"]) / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """Messages that fit the context window, and how many older ones were left out."""
+
+    messages: list[OpenAIMessage]
+    dropped: int
+
+
+def fit_context(messages: list[OpenAIMessage], context_window: int, max_tokens: int) -> Fitted:
+    """Drop the oldest turns until the prompt plus `max_tokens` fits `context_window`.
+
+    The system prompt and the latest turn (the new question) are always kept: if even they do not
+    fit, they are sent anyway and the backend's own error explains the problem.
+    """
+    head = messages[:1] if messages and messages[0]["role"] == "system" else []
+    rest = messages[len(head) :]
+    starts = [i for i, m in enumerate(rest) if m["role"] == "user"] or [0]
+    budget = context_window - max_tokens - sum(estimate_tokens(m) for m in head)
+    total = sum(estimate_tokens(m) for m in rest)
+    cut = 0
+    for start in starts[1:]:  # turn boundaries; the last turn is never dropped
+        if total <= budget:
+            break
+        total -= sum(estimate_tokens(m) for m in rest[cut:start])
+        cut = start
+    return Fitted(head + rest[cut:], cut)
+
+
+class RecordMessage(BaseModel):
+    """One message of an exported conversation; `notice` holds a notice's title."""
+
+    role: Literal["user", "assistant"]
+    content: str
+    notice: str | None = None
+
+
+class ConversationRecord(BaseModel):
+    """A conversation as exported to JSON and kept in the browser."""
+
+    format: Literal["chatui-conversation"] = "chatui-conversation"
+    version: Literal[1] = 1
+    title: str = Field(min_length=1, max_length=200)
+    system_prompt: str = ""
+    messages: list[RecordMessage]
+
+
+class SavedConversation(ConversationRecord):
+    """A conversation saved in the browser, under a stable id."""
+
+    id: str = Field(min_length=1)
+
+
+def title_for(history: History) -> str:
+    """A title from the first user message, shortened to one line."""
+    first = next((text_of(m["content"]) for m in history if m.get("role") == "user"), "")
+    words = " ".join(first.split()) or "New chat"
+    return words if len(words) <= TITLE_CHARS else words[: TITLE_CHARS - 1].rstrip() + "…"
+
+
+def to_record(history: History, title: str, system_prompt: str) -> ConversationRecord:
+    """The exportable form of a chat history."""
+    messages = [
+        RecordMessage(
+            role=m["role"],
+            content=text_of(m["content"]),
+            notice=(m.get("metadata") or {}).get("title") or None,
+        )
+        for m in history
+        if m.get("role") in ("user", "assistant")
+    ]
+    return ConversationRecord(title=title, system_prompt=system_prompt, messages=messages)
+
+
+def to_history(record: ConversationRecord) -> History:
+    """The chat history of a record."""
+    return [_message(m.role, m.content, m.notice) for m in record.messages]
+
+
+def export_json(record: ConversationRecord) -> str:
+    """The record as pretty-printed JSON (what `import_json` reads back); no browser-side id."""
+    return record.model_dump_json(indent=2, include=set(ConversationRecord.model_fields))
+
+
+def import_json(data: str | bytes) -> ConversationRecord:
+    """Read an export back; `ConversationImportError` says what is wrong with a bad file."""
+    try:
+        return ConversationRecord.model_validate_json(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        raise ConversationImportError(
+            f"Not a conversation exported by this chat ({where}: {first['msg']})."
+        ) from exc
+
+
+def export_markdown(record: ConversationRecord) -> str:
+    """The record as a Markdown document."""
+    parts = [f"# {record.title}"]
+    if record.system_prompt:
+        parts.append(f"*System prompt:* {record.system_prompt}")
+    for message in record.messages:
+        if message.notice:
+            quoted = "\n> ".join(message.content.splitlines())
+            parts.append(f"> **{message.notice}**\n>\n> {quoted}")
+        else:
+            speaker = "You" if message.role == "user" else "Assistant"
+            parts.append(f"### {speaker}\n\n{message.content}")
+    return "\n\n".join(parts) + "\n"
+
+
+def load_saved(raw: Any) -> list[SavedConversation]:
+    """The saved conversations from browser storage; entries that do not validate are skipped."""
+    saved: list[SavedConversation] = []
+    for entry in raw if isinstance(raw, list) else []:
+        try:
+            saved.append(SavedConversation.model_validate(entry))
+        except ValidationError:
+            continue  # written by an older version, or tampered with: not worth an error page
+    return saved
+
+
+def dump_saved(saved: list[SavedConversation]) -> list[dict[str, Any]]:
+    """The saved conversations as JSON-ready values for browser storage."""
+    return [conversation.model_dump() for conversation in saved]
+
+
+def save(
+    saved: list[SavedConversation], record: ConversationRecord, conversation_id: str | None
+) -> tuple[list[SavedConversation], str]:
+    """Insert or replace a conversation, newest first; returns the list and its id."""
+    conversation_id = conversation_id or uuid.uuid4().hex[:12]
+    entry = SavedConversation(id=conversation_id, **record.model_dump())
+    return [entry, *(c for c in saved if c.id != conversation_id)], conversation_id
+
+
+def find(saved: list[SavedConversation], conversation_id: str | None) -> SavedConversation | None:
+    """The saved conversation with this id, if any."""
+    return next((c for c in saved if c.id == conversation_id), None)
+
+
+def choices(saved: list[SavedConversation]) -> list[tuple[str, str]]:
+    """`(title, id)` pairs for the conversation list."""
+    return [(c.title, c.id) for c in saved]
+
+
+@dataclass(frozen=True)
+class AnswerStats:
+    """Timing and size of one answer, measured by the UI and counted by the backend."""
+
+    ttft_s: float | None
+    total_s: float
+    completion_tokens: int | None
+    finish_reason: str | None = None
+
+    def tokens_per_s(self) -> float | None:
+        """Decoding speed: tokens after the first one over the time after the first one."""
+        if self.ttft_s is None or not self.completion_tokens or self.completion_tokens < 2:
+            return None
+        decoding_s = self.total_s - self.ttft_s
+        return (self.completion_tokens - 1) / decoding_s if decoding_s > 0 else None
+
+    def to_markdown(self) -> str:
+        """One line such as `⏱ 0.42 s to first token · 23.1 tok/s · 87 tokens`."""
+        parts = []
+        if self.ttft_s is not None:
+            parts.append(f"⏱ {self.ttft_s:.2f} s to first token")
+        if (rate := self.tokens_per_s()) is not None:
+            parts.append(f"{rate:.1f} tok/s")
+        if self.completion_tokens is not None:
+            parts.append(f"{self.completion_tokens} tokens")
+        parts.append(f"{self.total_s:.2f} s in all")
+        if self.finish_reason == "length":
+            parts.append("stopped at the max tokens limit")
+        return " · ".join(parts)
+
+
+def trim_note(dropped: int) -> str:
+    """The line telling the user that older messages were not sent, or "" when none were."""
+    if not dropped:
+        return ""
+    noun = "message was" if dropped == 1 else "messages were"
+    return f"✂️ {dropped} older {noun} left out to fit the model's context window."

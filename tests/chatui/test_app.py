@@ -1,0 +1,134 @@
+"""The Blocks app: stable element ids, event wiring, and the `/chat` API through a real server."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import gradio as gr
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AuthenticationError
+
+from chatui.app import CSS, THEME, build_app, launch_options
+from chatui.clients import BackendHTTPError
+from chatui.settings import ChatUISettings
+from tests.chatui.fakes import ScriptedClient
+
+ELEM_IDS = ["chatbot", "msg", "send", "stop", "regenerate", "undo", "new-chat", "status", "stats"]
+
+
+@pytest.fixture
+def settings() -> ChatUISettings:
+    """Settings with a recognisable concurrency limit."""
+    return ChatUISettings(concurrency_limit=7, system_prompt="Be brief.")
+
+
+@pytest.fixture
+def client() -> ScriptedClient:
+    """The scripted backend."""
+    return ScriptedClient()
+
+
+@pytest.fixture
+def config(settings: ChatUISettings, client: ScriptedClient) -> dict[str, Any]:
+    """The app's frontend configuration."""
+    return build_app(settings, client).get_config_file()
+
+
+def components(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["props"]["elem_id"]: c for c in config["components"] if c["props"].get("elem_id")}
+
+
+def test_important_elements_have_stable_ids(config: dict[str, Any]) -> None:
+    assert set(ELEM_IDS) <= set(components(config))
+
+
+def test_chatbot_edits_user_messages_and_offers_copy_buttons(config: dict[str, Any]) -> None:
+    chatbot = components(config)["chatbot"]["props"]
+    assert chatbot["editable"] == "user"
+    assert "copy" in chatbot["buttons"] and chatbot["examples"]
+
+
+def test_only_the_chat_endpoint_is_public(settings: ChatUISettings, client: ScriptedClient) -> None:
+    api = build_app(settings, client).get_api_info()
+    assert list(api["named_endpoints"]) == ["/chat"]
+    params = [p["parameter_name"] for p in api["named_endpoints"]["/chat"]["parameters"]]
+    assert params == ["message", "history", "system_prompt", "temperature", "top_p", "max_tokens"]
+
+
+def test_replies_share_the_configured_concurrency_limit(
+    settings: ChatUISettings, client: ScriptedClient
+) -> None:
+    demo = build_app(settings, client)
+    replies = [fn for fn in demo.fns.values() if (fn.name or "").startswith(("respond", "chat"))]
+    assert len(replies) == 5  # send, regenerate, edit, example, and the API
+    assert {(fn.concurrency_limit, fn.concurrency_id) for fn in replies} == {(7, "chat")}
+
+
+def test_stop_cancels_every_reply(config: dict[str, Any]) -> None:
+    stop = (components(config)["stop"]["id"], "click")
+    deps = config["dependencies"]
+    cancelled = {i for d in deps if stop in map(tuple, d["targets"]) for i in d["cancels"]}
+    replies = {d["id"] for d in deps if str(d["api_name"]).startswith("respond")}
+    assert len(replies) == 4 and cancelled == replies
+
+
+def test_launch_options_carry_theme_css_errors_and_auth() -> None:
+    options = launch_options(ChatUISettings(auth="ada:lovelace", port=7999, host="0.0.0.0"))
+    assert (options["server_name"], options["server_port"]) == ("0.0.0.0", 7999)
+    assert options["auth"] == ("ada", "lovelace")
+    assert options["show_error"] is True
+    assert options["theme"] is THEME and options["css"] == CSS
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def serve(settings: ChatUISettings, client: ScriptedClient) -> Iterator[str]:
+    """The app served over HTTP on a free port, as `python -m chatui` would; yields its URL."""
+    demo = build_app(settings, client)
+    options = {**launch_options(settings), "server_port": free_port(), "quiet": True}
+    _, url, _ = demo.launch(prevent_thread_lock=True, **options)
+    try:
+        yield url
+    finally:
+        demo.close()
+
+
+@pytest.fixture
+def served(settings: ChatUISettings, client: ScriptedClient) -> Iterator[str]:
+    """The URL of the app served with `settings`."""
+    with serve(settings, client) as url:
+        yield url
+
+
+def test_gradio_client_two_turn_chat(served: str, client: ScriptedClient) -> None:
+    api = Client(served, verbose=False)
+    client.enqueue_text("Hi Ada!")
+    first = api.predict("My name is Ada.", [], api_name="/chat")
+    client.enqueue_text("You are Ada.")
+    second = api.predict("Who am I?", first["history"], api_name="/chat")
+    assert (first["reply"], second["reply"]) == ("Hi Ada!", "You are Ada.")
+    sent = [m["content"] for m in client.calls[1][0]]
+    assert sent == ["Be brief.", "My name is Ada.", "Hi Ada!", "Who am I?"]
+
+
+def test_gradio_client_sees_backend_errors(served: str, client: ScriptedClient) -> None:
+    client.enqueue(BackendHTTPError("The prompt is too long.", status_code=400))
+    with pytest.raises(gr.exceptions.AppError, match="The prompt is too long"):
+        Client(served, verbose=False).predict("hi", api_name="/chat")
+
+
+def test_login_is_required_when_auth_is_set(client: ScriptedClient) -> None:
+    with serve(ChatUISettings(auth="ada:lovelace"), client) as url:
+        with pytest.raises(AuthenticationError):
+            Client(url, verbose=False)
+        api = Client(url, auth=("ada", "lovelace"), verbose=False)
+        assert api.predict("hi", api_name="/chat")["reply"] == "ok"

@@ -1,0 +1,233 @@
+"""Conversation data: history conversion, context trimming, export/import, saved lists, stats."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chatui.conversation import (
+    AnswerStats,
+    ConversationImportError,
+    assistant_message,
+    choices,
+    dump_saved,
+    estimate_tokens,
+    export_json,
+    export_markdown,
+    find,
+    fit_context,
+    import_json,
+    load_saved,
+    notice_message,
+    save,
+    text_of,
+    title_for,
+    to_history,
+    to_openai,
+    to_record,
+    trim_note,
+    user_message,
+)
+
+
+def parts(*texts: str) -> list[dict[str, str]]:
+    """Content as Gradio 6 hands it to callbacks: a list of text parts."""
+    return [{"type": "text", "text": t} for t in texts]
+
+
+def test_text_of_accepts_strings_parts_and_skips_files() -> None:
+    file_part = {"type": "file", "file": {"path": "/tmp/x.png"}}
+    assert text_of("plain") == "plain"
+    assert text_of(parts("a", "b")) == "ab"
+    assert text_of([*parts("see "), file_part, *parts("this")]) == "see this"
+    assert text_of({"type": "text", "text": "one"}) == "one"
+    assert text_of(None) == ""
+
+
+def test_to_openai_puts_the_system_prompt_first_and_reads_list_of_parts() -> None:
+    history = [
+        {"role": "user", "content": parts("Hi, I am ", "Ada."), "metadata": None},
+        {"role": "assistant", "content": parts("Hello Ada!"), "metadata": None},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert to_openai(history, "  Be brief. ") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi, I am Ada."},
+        {"role": "assistant", "content": "Hello Ada!"},
+        {"role": "user", "content": "What is my name?"},
+    ]
+
+
+def test_to_openai_without_system_prompt_starts_with_the_user() -> None:
+    history = [assistant_message("Welcome!"), user_message("hi")]
+    assert to_openai(history, "   ") == [{"role": "user", "content": "hi"}]
+
+
+def test_notices_and_empty_messages_never_reach_the_model_and_roles_alternate() -> None:
+    history = [
+        user_message("first question"),
+        notice_message("⚠️ Backend unreachable", "Could not connect"),
+        user_message("second question"),
+        assistant_message("partial ans"),
+        notice_message("⚠️ Answer cut off", "stream cut"),
+        assistant_message("   "),
+        user_message("third"),
+    ]
+    assert to_openai(history, "") == [
+        {"role": "user", "content": "first question\n\nsecond question"},
+        {"role": "assistant", "content": "partial ans"},
+        {"role": "user", "content": "third"},
+    ]
+
+
+def test_notice_metadata_from_the_browser_is_recognised() -> None:
+    # The frontend sends metadata back with every key, unset ones as None.
+    notice = {"role": "assistant", "content": parts("x"), "metadata": {"title": "⚠️", "log": None}}
+    plain = {"role": "assistant", "content": parts("y"), "metadata": {"title": None}}
+    assert to_openai([user_message("q"), notice, plain], "") == [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "y"},
+    ]
+
+
+def conversation(turns: int, chars: int = 300) -> list[dict[str, str]]:
+    """System prompt, `turns` question/answer pairs, and a final question."""
+    messages = [{"role": "system", "content": "S" * 30}]
+    for i in range(turns):
+        messages.append({"role": "user", "content": f"q{i} " + "u" * chars})
+        messages.append({"role": "assistant", "content": f"a{i} " + "a" * chars})
+    messages.append({"role": "user", "content": "latest question"})
+    return messages
+
+
+def test_everything_is_kept_when_it_fits() -> None:
+    messages = conversation(3)
+    fitted = fit_context(messages, context_window=8192, max_tokens=512)
+    assert (fitted.messages, fitted.dropped) == (messages, 0)
+
+
+def test_trimming_drops_oldest_whole_turns_keeps_system_and_latest() -> None:
+    messages = conversation(6)
+    cost = [estimate_tokens(m) for m in messages]
+    # Room for the system prompt, the last two turns and the question, but not three turns.
+    window = 100 + cost[0] + sum(cost[-5:]) + 1
+    fitted = fit_context(messages, context_window=window, max_tokens=100)
+    assert fitted.dropped == 8
+    assert fitted.messages == [messages[0], *messages[-5:]]
+    assert sum(estimate_tokens(m) for m in fitted.messages) + 100 <= window
+
+
+def test_a_question_too_long_for_the_window_is_still_sent_alone() -> None:
+    messages = conversation(2)
+    messages[-1]["content"] = "x" * 50_000
+    fitted = fit_context(messages, context_window=1024, max_tokens=256)
+    assert fitted.messages == [messages[0], messages[-1]]
+    assert fitted.dropped == 4
+
+
+def test_trimming_without_system_prompt() -> None:
+    messages = conversation(4)[1:]
+    fitted = fit_context(messages, context_window=300, max_tokens=64)
+    assert fitted.messages[0]["role"] == "user"
+    assert fitted.messages[-1] == messages[-1]
+    assert fitted.dropped == len(messages) - len(fitted.messages) > 0
+
+
+def test_estimate_is_at_least_one_token_per_three_characters() -> None:
+    assert estimate_tokens({"role": "user", "content": "x" * 300}) >= 100
+    assert estimate_tokens({"role": "user", "content": ""}) > 0
+
+
+def test_trim_note_counts_messages() -> None:
+    assert trim_note(0) == ""
+    assert "1 older message was left out" in trim_note(1)
+    assert "4 older messages were left out" in trim_note(4)
+
+
+def sample_history() -> list[dict]:
+    return [
+        {"role": "user", "content": parts("Write code")},
+        {"role": "assistant", "content": parts("```python\ndef f():\n    return 1\n```")},
+        user_message("And again?"),
+        notice_message("⚠️ Backend unreachable", "Could not connect.\nRetry later."),
+    ]
+
+
+def test_json_export_import_round_trip() -> None:
+    record = to_record(sample_history(), "Code", "Be brief.")
+    restored = import_json(export_json(record))
+    assert restored == record
+    assert to_openai(to_history(restored), restored.system_prompt) == to_openai(
+        sample_history(), "Be brief."
+    )
+    assert to_history(restored)[3]["metadata"] == {"title": "⚠️ Backend unreachable"}
+    assert json.loads(export_json(record))["format"] == "chatui-conversation"
+
+
+def test_markdown_export_shows_speakers_code_and_notices() -> None:
+    markdown = export_markdown(to_record(sample_history(), "Code", "Be brief."))
+    assert markdown.startswith("# Code\n")
+    assert "*System prompt:* Be brief." in markdown
+    assert "### You\n\nWrite code" in markdown
+    assert "### Assistant\n\n```python\ndef f():\n    return 1\n```" in markdown
+    assert "> **⚠️ Backend unreachable**\n>\n> Could not connect.\n> Retry later." in markdown
+
+
+@pytest.mark.parametrize(
+    ("data", "where"),
+    [
+        ("not json at all", "the file"),
+        ('{"title": "t", "messages": [{"role": "robot", "content": "x"}]}', "messages.0.role"),
+        ('{"title": "t"}', "messages"),
+        ('{"format": "other", "title": "t", "messages": []}', "format"),
+        ("[1, 2]", "the file"),
+    ],
+)
+def test_bad_imports_say_what_is_wrong(data: str, where: str) -> None:
+    with pytest.raises(ConversationImportError, match="Not a conversation") as info:
+        import_json(data)
+    assert where in str(info.value)
+
+
+def test_titles_are_one_shortened_line() -> None:
+    assert title_for([user_message("  Hello\n  there  ")]) == "Hello there"
+    long_title = title_for([user_message("word " * 40)])
+    assert len(long_title) <= 48 and long_title.endswith("…")
+    assert title_for([]) == "New chat"
+
+
+def test_saving_inserts_newest_first_and_replaces_by_id() -> None:
+    first = to_record([user_message("one")], "One", "")
+    second = to_record([user_message("two")], "Two", "")
+    saved, first_id = save([], first, None)
+    saved, second_id = save(saved, second, None)
+    assert choices(saved) == [("Two", second_id), ("One", first_id)]
+    updated = to_record([user_message("one"), assistant_message("1")], "One", "")
+    saved, same_id = save(saved, updated, first_id)
+    assert same_id == first_id
+    assert choices(saved) == [("One", first_id), ("Two", second_id)]
+    assert len(find(saved, first_id).messages) == 2
+    assert find(saved, "missing") is None
+
+
+def test_browser_storage_round_trip_skips_unreadable_entries() -> None:
+    saved, _ = save([], to_record([user_message("hi")], "Hi", "sys"), None)
+    raw = [*dump_saved(saved), {"id": "x", "title": ""}, "garbage"]
+    assert load_saved(json.loads(json.dumps(raw))) == saved
+    assert load_saved(None) == [] and load_saved({"not": "a list"}) == []
+
+
+def test_stats_line_reports_ttft_rate_and_tokens() -> None:
+    stats = AnswerStats(ttft_s=0.5, total_s=2.5, completion_tokens=41, finish_reason="stop")
+    assert stats.tokens_per_s() == pytest.approx(20.0)
+    assert stats.to_markdown() == (
+        "⏱ 0.50 s to first token · 20.0 tok/s · 41 tokens · 2.50 s in all"
+    )
+
+
+def test_stats_line_without_usage_or_tokens_and_at_the_length_limit() -> None:
+    assert AnswerStats(1.0, 1.0, None).to_markdown() == "⏱ 1.00 s to first token · 1.00 s in all"
+    assert AnswerStats(None, 0.3, 0).to_markdown() == "0 tokens · 0.30 s in all"
+    capped = AnswerStats(0.1, 1.1, 11, finish_reason="length").to_markdown()
+    assert capped.endswith("stopped at the max tokens limit")

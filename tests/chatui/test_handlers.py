@@ -1,0 +1,379 @@
+"""The UI callbacks, called directly with a scripted backend client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import pytest
+
+from chatui.clients import (
+    BackendHTTPError,
+    BackendStatus,
+    BackendUnavailable,
+    StreamInterrupted,
+    TextDelta,
+)
+from chatui.conversation import (
+    assistant_message,
+    export_json,
+    is_notice,
+    notice_message,
+    text_of,
+    to_record,
+    user_message,
+)
+from chatui.handlers import SKIP, ChatHandlers, ExportFolder, status_markdown
+from chatui.settings import ChatUISettings
+from tests.chatui.fakes import ScriptedClient
+
+SYSTEM = "Be brief."
+
+
+@pytest.fixture
+def client() -> ScriptedClient:
+    """The scripted backend."""
+    return ScriptedClient()
+
+
+@pytest.fixture
+def handlers(client: ScriptedClient, tmp_path: Path) -> ChatHandlers:
+    """Callbacks over the scripted backend, exporting into a temporary folder."""
+    settings = ChatUISettings(default_context_window=2048, system_prompt="Default prompt.")
+    return ChatHandlers(settings, client, ExportFolder(tmp_path))
+
+
+async def run(
+    handlers: ChatHandlers, history: list[dict[str, Any]], max_tokens: float = 128
+) -> list[tuple[Any, Any]]:
+    """Every (history, stats) update of one reply."""
+    return [u async for u in handlers.respond(history, SYSTEM, 0.2, 0.9, max_tokens)]
+
+
+def texts(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(m["role"], text_of(m["content"])) for m in history]
+
+
+async def test_reply_streams_into_the_history_and_ends_with_stats(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue_text("Hel", "lo", "!")
+    history = [user_message("Hi")]
+    updates = await run(handlers, history)
+    shown = [texts(h)[-1] for h, _ in updates]
+    assert shown == [
+        ("user", "Hi"),
+        ("assistant", "Hel"),
+        ("assistant", "Hello"),
+        ("assistant", "Hello!"),
+        ("assistant", "Hello!"),
+    ]
+    final_history, stats = updates[-1]
+    assert texts(final_history) == [("user", "Hi"), ("assistant", "Hello!")]
+    assert "s to first token" in stats and "3 tokens" in stats
+    messages, options = client.calls[0]
+    assert messages == [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Hi"}]
+    assert (options.temperature, options.top_p, options.max_tokens) == (0.2, 0.9, 128)
+    assert history == [user_message("Hi")]  # the input list is not mutated
+
+
+async def test_the_whole_conversation_goes_to_the_backend_each_turn(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    history = [user_message("My name is Ada."), assistant_message("Hi Ada!")]
+    await run(handlers, [*history, user_message("What is my name?")])
+    assert [m["content"] for m in client.calls[0][0]] == [
+        SYSTEM,
+        "My name is Ada.",
+        "Hi Ada!",
+        "What is my name?",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("error", "title"),
+    [
+        (BackendUnavailable("Could not connect to the backend at http://b."), "unreachable"),
+        (BackendHTTPError("The prompt is too long.", status_code=400), "HTTP 400"),
+        (BackendHTTPError("The model is still loading.", status_code=503), "HTTP 503"),
+    ],
+)
+async def test_backend_errors_become_a_notice_and_keep_the_history(
+    handlers: ChatHandlers, client: ScriptedClient, error: Exception, title: str
+) -> None:
+    client.enqueue(error)
+    history = [user_message("one"), assistant_message("1"), user_message("two")]
+    final, _ = (await run(handlers, history))[-1]
+    assert final[:3] == history
+    assert len(final) == 4 and is_notice(final[3])
+    assert title in final[3]["metadata"]["title"]
+    assert str(error) in text_of(final[3]["content"])
+
+
+async def test_a_cut_stream_keeps_the_partial_answer_and_marks_it(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue(TextDelta("The capital is "), StreamInterrupted("The stream was cut."))
+    final, _ = (await run(handlers, [user_message("Capital of France?")]))[-1]
+    assert texts(final)[:2] == [("user", "Capital of France?"), ("assistant", "The capital is ")]
+    assert final[2]["metadata"]["title"] == "⚠️ Answer cut off"
+    assert "The stream was cut." in text_of(final[2]["content"])
+
+
+async def test_the_next_message_after_an_error_works_without_the_notice(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue(BackendUnavailable("down"))
+    failed, _ = (await run(handlers, [user_message("first try")]))[-1]
+    client.enqueue_text("Back!")
+    final, _ = (await run(handlers, [*failed, user_message("again")]))[-1]
+    assert texts(final)[-1] == ("assistant", "Back!")
+    # The unanswered question and the new one are joined: chat templates need alternation.
+    assert client.calls[1][0][1:] == [{"role": "user", "content": "first try\n\nagain"}]
+
+
+async def test_other_exceptions_propagate(handlers: ChatHandlers, client: ScriptedClient) -> None:
+    client.enqueue(TextDelta("a"), RuntimeError("a bug"))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await run(handlers, [user_message("q")])
+
+
+async def test_long_conversations_are_trimmed_and_the_user_is_told(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.status = BackendStatus("ready", "m", context_window=400)
+    history = []
+    for i in range(6):
+        history += [user_message(f"question {i} " + "x" * 150), assistant_message("y" * 150)]
+    updates = await run(handlers, [*history, user_message("last")], max_tokens=100)
+    sent = client.calls[0][0]
+    assert sent[0]["role"] == "system" and sent[-1]["content"] == "last"
+    dropped = len(history) + 2 - len(sent)
+    assert dropped > 0 and dropped % 2 == 0
+    assert f"{dropped} older messages were left out" in updates[-1][1]
+
+
+async def test_the_fallback_window_applies_when_the_backend_reports_none(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.status = BackendStatus("ready", "m", context_window=None)
+    history = [user_message("x" * 3000), assistant_message("y" * 3000), user_message("z")]
+    await run(handlers, history, max_tokens=100)  # fallback window: 2048 tokens ≈ 6000 chars
+    assert [m["content"] for m in client.calls[0][0]] == [SYSTEM, "z"]
+
+
+async def test_nothing_to_answer_skips(handlers: ChatHandlers, client: ScriptedClient) -> None:
+    assert await run(handlers, [user_message("q"), assistant_message("a")]) == [(SKIP, SKIP)]
+    assert await run(handlers, []) == [(SKIP, SKIP)]
+    assert client.calls == []
+
+
+async def test_stopping_closes_the_backend_stream(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.step_delay_s = 0.05
+    client.enqueue_text(*["word "] * 100)
+    updates = handlers.respond([user_message("long")], SYSTEM, 0.7, 0.9, 512)
+    started = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in updates:
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    task.cancel()  # what the Stop button makes Gradio do
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await updates.aclose()
+    assert client.closed == 1
+
+
+def test_add_message_appends_clears_and_locks(handlers: ChatHandlers) -> None:
+    history, msg, send, stop, regenerate, undo = handlers.add_message("Hi", [])
+    assert history == [user_message("Hi")]
+    assert msg == {**gr.update(interactive=False), "value": ""}
+    assert (send["interactive"], stop["interactive"], regenerate["interactive"]) == (
+        False,
+        True,
+        False,
+    )
+    assert undo["interactive"] is False
+    assert handlers.add_message("   ", history) == (SKIP,) * 6
+
+
+def test_regenerate_drops_the_answer_and_notices(handlers: ChatHandlers) -> None:
+    history = [
+        user_message("q1"),
+        assistant_message("a1"),
+        user_message("q2"),
+        assistant_message("partial"),
+        notice_message("⚠️ Answer cut off", "cut"),
+    ]
+    regenerated, *controls = handlers.regenerate(history)
+    assert regenerated == history[:3]
+    assert controls[2]["interactive"] is True  # Stop is enabled while the reply runs
+    assert handlers.regenerate([]) == (SKIP,) * 6
+
+
+def test_undo_removes_the_last_turn_and_returns_the_question(handlers: ChatHandlers) -> None:
+    history = [
+        user_message("q1"),
+        assistant_message("a1"),
+        user_message("q2"),
+        assistant_message("a2"),
+    ]
+    assert handlers.undo(history) == (history[:2], "q2")
+    assert handlers.undo([]) == (SKIP, SKIP)
+
+
+def test_edit_replaces_the_message_and_forgets_what_followed(handlers: ChatHandlers) -> None:
+    history = [
+        user_message("q1"),
+        assistant_message("a1"),
+        user_message("q2"),
+        assistant_message("a2"),
+    ]
+    edit = gr.EditData(None, {"index": 0, "value": "q1, edited", "previous_value": "q1"})
+    edited, *_ = handlers.edit(history, edit)
+    assert edited == [user_message("q1, edited")]
+
+
+def test_example_starts_a_chat(handlers: ChatHandlers) -> None:
+    select = gr.SelectData(None, {"index": 1, "value": {"text": "Explain batching."}})
+    history, *_ = handlers.example(select)
+    assert history == [user_message("Explain batching.")]
+
+
+def test_finish_turn_saves_and_exports_then_keeps_id_and_title(handlers: ChatHandlers) -> None:
+    history = [user_message("Hello there"), assistant_message("Hi!")]
+    conversation_id, saved, listing, title, system, md, js, *controls = handlers.finish_turn(
+        history, None, [], SYSTEM
+    )
+    assert conversation_id and title == "Hello there" and system == SYSTEM
+    assert listing["choices"] == [("Hello there", conversation_id)]
+    assert listing["value"] == conversation_id
+    assert json.loads(Path(js["value"]).read_text()) == json.loads(
+        export_json(to_record(history, "Hello there", SYSTEM))
+    )
+    assert "### Assistant\n\nHi!" in Path(md["value"]).read_text()
+    assert controls[0]["interactive"] is True and controls[2]["interactive"] is False
+    longer = [*history, user_message("More?"), assistant_message("Sure.")]
+    again = handlers.finish_turn(longer, conversation_id, saved, SYSTEM)
+    assert again[0] == conversation_id and again[3] == "Hello there"
+    assert len(again[1]) == 1 and len(again[1][0]["messages"]) == 4
+
+
+def test_finish_turn_without_messages_saves_nothing(handlers: ChatHandlers) -> None:
+    conversation_id, saved, _, title, system, md, js, *_ = handlers.finish_turn(
+        [], None, [], SYSTEM
+    )
+    assert (conversation_id, saved, title, system) == (None, [], "", SKIP)
+    assert md == js == gr.update(value=None, interactive=False)
+
+
+def saved_chat(handlers: ChatHandlers, *texts_: str) -> tuple[str, list[dict[str, Any]]]:
+    history = [
+        user_message(t) if i % 2 == 0 else assistant_message(t) for i, t in enumerate(texts_)
+    ]
+    conversation_id, saved, *_ = handlers.finish_turn(history, None, [], "Custom prompt.")
+    return conversation_id, saved
+
+
+def test_open_and_new_chat(handlers: ChatHandlers) -> None:
+    conversation_id, saved = saved_chat(handlers, "q", "a")
+    history, stats, opened_id, _, _, title, system, *_ = handlers.open_conversation(
+        conversation_id, saved
+    )
+    assert texts(history) == [("user", "q"), ("assistant", "a")]
+    assert (stats, opened_id, title, system) == ("", conversation_id, "q", "Custom prompt.")
+    history, stats, new_id, kept, listing, *_ = handlers.new_chat(saved)
+    assert (history, new_id, listing["value"]) == ([], None, None)
+    assert kept == saved  # the saved chats stay
+
+
+def test_rename_and_delete(handlers: ChatHandlers) -> None:
+    conversation_id, saved = saved_chat(handlers, "q", "a")
+    _, renamed, listing, title, *_ = handlers.rename(conversation_id, "  My   chat ", saved)
+    assert title == "My chat" and listing["choices"] == [("My chat", conversation_id)]
+    history, _, current, remaining, listing, *_ = handlers.delete(conversation_id, renamed)
+    assert (history, current, remaining, listing["choices"]) == ([], None, [], [])
+
+
+def test_rename_before_saving_warns(handlers: ChatHandlers) -> None:
+    with pytest.warns(UserWarning, match="only saved conversations"):
+        handlers.rename(None, "title", [])
+
+
+def test_import_adds_and_opens_the_conversation(handlers: ChatHandlers, tmp_path: Path) -> None:
+    record = to_record([user_message("imported q"), assistant_message("a")], "Imported", "Sys.")
+    path = tmp_path / "chat.json"
+    path.write_text(export_json(record))
+    existing_id, saved = saved_chat(handlers, "old", "chat")
+    history, _, new_id, updated, listing, title, system, *_ = handlers.import_file(str(path), saved)
+    assert texts(history)[0] == ("user", "imported q")
+    assert (title, system) == ("Imported", "Sys.")
+    assert [c for _, c in listing["choices"]] == [new_id, existing_id]
+    assert len(updated) == 2
+
+
+def test_a_bad_import_warns_and_changes_nothing(handlers: ChatHandlers, tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('{"hello": "world"}')
+    with pytest.warns(UserWarning, match="Not a conversation"):
+        assert handlers.import_file(str(path), []) == (SKIP,) * 9
+
+
+def test_status_lines() -> None:
+    assert status_markdown(BackendStatus("ready", "mistral", 8192)) == (
+        "🟢 Backend ready · model **mistral** · context 8192 tokens"
+    )
+    assert "starting" in status_markdown(BackendStatus("loading"))
+    down = status_markdown(BackendStatus("unreachable", detail="connection refused"))
+    assert "unreachable" in down and "connection refused" in down
+
+
+async def test_health_is_shared_and_cached(handlers: ChatHandlers, client: ScriptedClient) -> None:
+    calls = 0
+    original = client.health
+
+    async def counting() -> BackendStatus:
+        nonlocal calls
+        calls += 1
+        return await original()
+
+    client.health = counting  # type: ignore[method-assign]
+    lines = await asyncio.gather(*(handlers.status() for _ in range(5)))
+    assert calls == 1 and all("scripted-model" in line for line in lines)
+
+
+async def test_chat_api_two_turns(handlers: ChatHandlers, client: ScriptedClient) -> None:
+    client.enqueue_text("Hi Ada!")
+    first = await handlers.chat("My name is Ada.")
+    assert first["reply"] == "Hi Ada!"
+    client.enqueue_text("Your name is Ada.")
+    second = await handlers.chat("What is my name?", first["history"], max_tokens=32)
+    assert second["reply"] == "Your name is Ada."
+    assert [m["content"] for m in client.calls[1][0]] == [
+        "Default prompt.",
+        "My name is Ada.",
+        "Hi Ada!",
+        "What is my name?",
+    ]
+    assert client.calls[1][1].max_tokens == 32
+    assert len(second["history"]) == 4
+
+
+async def test_chat_api_raises_backend_errors_and_bad_input(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue(BackendHTTPError("bad request", status_code=400))
+    with pytest.raises(gr.Error, match="bad request"):
+        await handlers.chat("hi")
+    with pytest.raises(gr.Error, match="history"):
+        await handlers.chat("hi", [{"role": "tool", "content": "x"}])
+    with pytest.raises(gr.Error, match="empty"):
+        await handlers.chat("  ")

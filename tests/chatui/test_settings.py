@@ -1,0 +1,95 @@
+"""UI settings from the environment, validated once with messages that say how to fix them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from chatui.settings import ChatUISettings, SettingsError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No `CHATUI_*` variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("CHATUI_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults_talk_to_a_local_openai_backend() -> None:
+    settings = load_settings()
+    assert (settings.backend_url, settings.backend_api) == ("http://127.0.0.1:8000", "openai")
+    assert (settings.host, settings.port) == ("127.0.0.1", 7860)
+    assert (settings.temperature, settings.top_p, settings.max_tokens) == (0.7, 0.9, 512)
+    assert settings.system_prompt == ""  # the model's own default applies
+    assert settings.auth_credentials() is None and settings.api_key is None
+
+
+def test_every_setting_has_a_description() -> None:
+    assert all(field.description for field in ChatUISettings.model_fields.values())
+
+
+def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATUI_BACKEND_URL", "http://mistral-serve-svc.mistral.svc:8000/")
+    monkeypatch.setenv("CHATUI_BACKEND_API", "infer")
+    monkeypatch.setenv("CHATUI_HOST", "0.0.0.0")
+    monkeypatch.setenv("CHATUI_AUTH", "admin:hunter:2")
+    monkeypatch.setenv("CHATUI_API_KEY", "s3cr3t-key")
+    monkeypatch.setenv("CHATUI_CONCURRENCY_LIMIT", "4")
+    settings = load_settings()
+    assert settings.backend_url == "http://mistral-serve-svc.mistral.svc:8000"  # no trailing /
+    assert (settings.backend_api, settings.host, settings.concurrency_limit) == (
+        "infer",
+        "0.0.0.0",
+        4,
+    )
+    assert settings.auth_credentials() == ("admin", "hunter:2")  # the password may hold a colon
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cr3t-key"
+    assert "hunter" not in repr(settings) and "s3cr3t" not in repr(settings)
+
+
+def test_empty_optional_secrets_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATUI_AUTH", "")
+    monkeypatch.setenv("CHATUI_API_KEY", "")
+    settings = load_settings()
+    assert settings.auth_credentials() is None and settings.api_key is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "hint"),
+    [
+        ("CHATUI_BACKEND_URL", "localhost:8000", "http(s) URL such as"),
+        ("CHATUI_BACKEND_URL", "http://", "http(s) URL such as"),
+        ("CHATUI_BACKEND_API", "grpc", "'openai' or 'infer'"),
+        ("CHATUI_PORT", "70000", "65535"),
+        ("CHATUI_AUTH", "justauser", "user:password"),
+        ("CHATUI_TEMPERATURE", "3", "2"),
+        ("CHATUI_CONCURRENCY_LIMIT", "0", "greater than or equal to 1"),
+    ],
+)
+def test_invalid_values_name_the_variable_and_the_fix(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, hint: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert f"  {name}: " in message and hint in message
+    assert "justauser" not in message  # secrets are not echoed
+
+
+def test_reply_budget_must_fit_the_default_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATUI_MAX_TOKENS", "4096")
+    monkeypatch.setenv("CHATUI_DEFAULT_CONTEXT_WINDOW", "4096")
+    with pytest.raises(SettingsError, match=r"CHATUI_MAX_TOKENS \(4096\) must be smaller than"):
+        load_settings()
+
+
+def test_all_errors_are_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CHATUI_PORT", "0")
+    monkeypatch.setenv("CHATUI_TOP_P", "0")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert "CHATUI_PORT" in message and "CHATUI_TOP_P" in message
