@@ -12,9 +12,27 @@ import time
 from pathlib import Path
 
 import httpx
+from playwright.sync_api import Browser, Playwright
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
+# Debian's Chromium; the flags keep it off the network this machine does not have.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+BOT = "#chatbot [data-testid='bot']"
+
+
+def launch_chromium(playwright: Playwright) -> Browser:
+    """Headless Debian Chromium (never a browser downloaded by Playwright)."""
+    return playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
 
 
 def free_port() -> int:

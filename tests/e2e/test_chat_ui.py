@@ -10,19 +10,15 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.e2e.services import ARTIFACTS, ServiceProcess, free_port, ui_service
+from tests.e2e.services import (
+    ARTIFACTS,
+    BOT,
+    ServiceProcess,
+    free_port,
+    launch_chromium,
+    ui_service,
+)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-BOT = "#chatbot [data-testid='bot']"
 USER = "#chatbot [data-testid='user']"
 
 
@@ -38,7 +34,7 @@ def ui(backend: ServiceProcess) -> Iterator[ServiceProcess]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        chromium = launch_chromium(playwright)
         yield chromium
         chromium.close()
 
