@@ -26,7 +26,7 @@ from tests.k8s.kustomize import Manifest, render
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-SCHEMAS = REPO.parent / "shared" / "schemas"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
 KUSTOMIZATIONS = {
     "root": K8S,
     "mistral": K8S / "mistral",
@@ -217,7 +217,7 @@ def rayservice_validator() -> jsonschema.Draft7Validator:
     """Validator of the ray.io/v1 RayService CRD schema (KubeRay v1.7.0), made strict."""
     path = SCHEMAS / "ray.io_rayservices_v1.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: shared/ must sit beside the repository")
+        raise FileNotFoundError(f"{path} is missing")
     schema = json.loads(path.read_text())
     return jsonschema.Draft7Validator(strict_schema(schema))
 
