@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
 
@@ -105,6 +105,3 @@ def engine_class(name: str) -> type[Engine]:
     except KeyError:
         known = ", ".join(sorted(set(_REGISTRY) | set(_BUILTIN_MODULES)))
         raise ValueError(f"Unknown engine {name!r}: set LLM_ENGINE to one of {known}.") from None
-
-
-EngineFactory = Callable[["BackendSettings"], Engine]

@@ -45,6 +45,8 @@ class PaddedBatchRunner:
         """Forget every sequence."""
         self._order: list[int] = []  # seq id of each batch row
         self._layers: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: keys, values
+        # Built once per batch change: rebuilding it every step would copy the whole cache.
+        self._cache: DynamicCache | None = None
         self._mask = torch.zeros(0, 0, dtype=torch.long)  # [batch, cache length], 0 = padding
         self._positions = torch.zeros(0, dtype=torch.long)  # next position id of each row
 
@@ -63,15 +65,15 @@ class PaddedBatchRunner:
         tokens = torch.empty(len(self._order), 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor(token_ids)
         self._mask = torch.cat([self._mask, torch.ones(len(self._order), 1, dtype=torch.long)], 1)
-        cache = DynamicCache(self._layers)
+        if self._cache is None:
+            self._cache = DynamicCache(self._layers)
         out = self._model(
             input_ids=tokens,
             attention_mask=self._mask,
             position_ids=self._positions.unsqueeze(1),
-            cache=cache,
+            cache=self._cache,
             use_cache=True,
         )
-        self._layers = [(layer.keys, layer.values) for layer in cache.layers]
         self._positions = self._positions + 1
         return out.logits[rows, -1]
 
@@ -88,7 +90,8 @@ class PaddedBatchRunner:
         start = int(mask.any(dim=0).long().argmax())  # first column some row attends to
         self._mask = mask[:, start:]
         self._positions = self._positions[keep]
-        self._layers = [(k[keep, :, start:], v[keep, :, start:]) for k, v in self._layers]
+        self._layers = [(k[keep, :, start:], v[keep, :, start:]) for k, v in self._kv()]
+        self._cache = None
 
     def _join(self, seq_id: int, layers: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
         mask = torch.ones(1, n, dtype=torch.long)
@@ -96,7 +99,7 @@ class PaddedBatchRunner:
             width = max(self._mask.shape[1], n)
             self._layers = [
                 (_cat_left_padded(k, k_new, width), _cat_left_padded(v, v_new, width))
-                for (k, v), (k_new, v_new) in zip(self._layers, layers, strict=True)
+                for (k, v), (k_new, v_new) in zip(self._kv(), layers, strict=True)
             ]
             mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
         else:
@@ -104,6 +107,13 @@ class PaddedBatchRunner:
         self._mask = mask
         self._positions = torch.cat([self._positions, torch.tensor([n])])
         self._order.append(seq_id)
+        self._cache = None
+
+    def _kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Keys and values of every layer, as the last decode step left them."""
+        if self._cache is None:
+            return self._layers
+        return [(layer.keys, layer.values) for layer in self._cache.layers]
 
 
 def _pad_left(t: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:

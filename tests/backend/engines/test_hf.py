@@ -91,7 +91,7 @@ def test_runner_releases_rows_and_trims_padding(hf_engine: HFEngine) -> None:
     assert logits.shape[0] == 2
     runner.release(1)
     assert runner._mask.tolist() == [[1, 1, 1]]  # the padding only row 1 needed is gone
-    assert runner._layers[0][0].shape[2] == 3
+    assert runner._kv()[0][0].shape[2] == 3
     runner.release(2)
     assert runner._order == []
 
