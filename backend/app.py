@@ -24,7 +24,7 @@ from backend.settings import BackendSettings
 # Ray probes replicas with `check_health`; a broken engine is replaced after a few failures.
 _HEALTH_CHECK_PERIOD_S = 10
 _HEALTH_CHECK_TIMEOUT_S = 30
-# Model loading (and Neuron compilation) can take many minutes on a cold start.
+# Streams still running when a replica stops get this long to finish.
 _GRACEFUL_SHUTDOWN_S = 20
 
 

@@ -142,6 +142,23 @@ class ChatClient(ABC):
             raise BackendHTTPError(_error_message(response), status_code=response.status_code)
         return response
 
+    async def _probe(
+        self, path: str, *, ready_if_missing: bool = False
+    ) -> httpx.Response | BackendStatus:
+        """GET a health route: its response when it answers 200, else the status that implies
+        (503 = loading; 404 = ready when the route may not exist; anything else = unreachable)."""
+        request = self._http.build_request("GET", path, timeout=self._health_timeout)
+        try:
+            return await self._send(request)
+        except BackendUnavailable as exc:
+            return BackendStatus("unreachable", detail=str(exc))
+        except BackendHTTPError as exc:
+            if ready_if_missing and exc.status_code == 404:
+                return BackendStatus("ready")
+            if exc.status_code == 503:
+                return BackendStatus("loading", detail=exc.message)
+            return BackendStatus("unreachable", detail=f"HTTP {exc.status_code}: {exc.message}")
+
     def _describe(self, exc: httpx.HTTPError) -> str:
         """A user-facing sentence for a transport error."""
         where = f"the backend at {self.base_url}"
@@ -210,15 +227,9 @@ class OpenAIClient(ChatClient):
 
     async def health(self) -> BackendStatus:
         """`GET /v1/models`: 200 = ready (model id, `max_model_len`), 503 = still loading."""
-        request = self._http.build_request("GET", "/v1/models", timeout=self._health_timeout)
-        try:
-            response = await self._send(request)
-        except BackendUnavailable as exc:
-            return BackendStatus("unreachable", detail=str(exc))
-        except BackendHTTPError as exc:
-            if exc.status_code == 503:
-                return BackendStatus("loading", detail=exc.message)
-            return BackendStatus("unreachable", detail=f"HTTP {exc.status_code}: {exc.message}")
+        response = await self._probe("/v1/models")
+        if isinstance(response, BackendStatus):
+            return response
         try:
             cards = _ModelList.model_validate_json(response.content).data
         except ValidationError:
@@ -256,16 +267,9 @@ class InferClient(ChatClient):
 
     async def health(self) -> BackendStatus:
         """`GET /healthz`: 503 = loading; the blueprint has no such route, so 404 = ready too."""
-        request = self._http.build_request("GET", "/healthz", timeout=self._health_timeout)
-        try:
-            response = await self._send(request)
-        except BackendUnavailable as exc:
-            return BackendStatus("unreachable", detail=str(exc))
-        except BackendHTTPError as exc:
-            if exc.status_code == 404:
-                return BackendStatus("ready")
-            state = "loading" if exc.status_code == 503 else "unreachable"
-            return BackendStatus(state, detail=f"HTTP {exc.status_code}: {exc.message}")
+        response = await self._probe("/healthz", ready_if_missing=True)
+        if isinstance(response, BackendStatus):
+            return response
         try:
             model = _Health.model_validate_json(response.content).model
         except ValidationError:
