@@ -51,6 +51,14 @@ class BatchRunner(Protocol):
         ...
 
 
+class BatchObserver(Protocol):
+    """Told when the loop's occupancy changes (metrics)."""
+
+    def batch_changed(self, running: int, waiting: int) -> None:
+        """`running` streams in the batch, `waiting` submitted and not yet admitted."""
+        ...
+
+
 @dataclass
 class BatcherStats:
     """Counters of the loop, for benchmarks and metrics."""
@@ -93,7 +101,7 @@ class _Sequence:
         self.next_token = token_id
         self._generated += 1
         self._unreported += 1
-        if token_id in eos_ids:
+        if token_id in eos_ids and not self.params.ignore_eos:
             self._finish("", "stop")
             return True
         text, stopped = self._stops.feed(self._detokenizer.push(token_id))
@@ -130,8 +138,11 @@ class ContinuousBatcher:
         tokenizer: Decoder,
         eos_ids: frozenset[int],
         max_batch_size: int,
+        observer: BatchObserver | None = None,
     ) -> None:
         self._runner = runner
+        self._observer = observer
+        self._occupancy = (0, 0)
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._max_batch_size = max_batch_size
@@ -180,14 +191,28 @@ class ContinuousBatcher:
         finally:
             seq.cancelled = True
 
+    def occupancy(self) -> tuple[int, int]:
+        """Streams running in the batch and streams waiting for a slot, as last observed."""
+        return self._occupancy
+
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._admit_waiting()
             self._drop_cancelled()
             if self._active:
                 self._decode_step()
+            self._observe()
         for seq in self._active:
             seq.fail(EngineError("The engine is shutting down."))
+        self._active.clear()
+        self._observe()
+
+    def _observe(self) -> None:
+        occupancy = (len(self._active), self._inbox.qsize())
+        if occupancy != self._occupancy:
+            self._occupancy = occupancy
+            if self._observer is not None:
+                self._observer.batch_changed(*occupancy)
 
     def _admit_waiting(self) -> None:
         while len(self._active) < self._max_batch_size:

@@ -55,6 +55,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    # vLLM's extension: generate to max_tokens (benchmarks, and tests that need a long reply).
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
@@ -87,6 +89,7 @@ class ChatCompletionRequest(BaseModel):
             top_p=self.top_p,
             stop=tuple(stops),
             seed=self.seed,
+            ignore_eos=self.ignore_eos,
         )
 
 

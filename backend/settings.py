@@ -18,6 +18,9 @@ class BackendSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="`python -m backend`: HTTP bind address.")
     port: int = Field(8000, ge=1, le=65535, description="`python -m backend`: HTTP port.")
+    metrics_port: int = Field(
+        8080, ge=1, le=65535, description="`python -m backend`: Ray's Prometheus metrics port."
+    )
     engine: str = Field("hf", description="Engine: `hf` (transformers, CPU) or `neuron` (Inf2).")
     model: str = Field(
         "",

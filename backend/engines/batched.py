@@ -14,6 +14,7 @@ from typing import Any
 from backend.batching import BatchRunner, ContinuousBatcher
 from backend.engines.base import Delta, Engine, SamplingParams
 from backend.errors import EngineError, InvalidRequestError
+from backend.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,7 @@ class BatchedEngine(Engine):
             self._loaded.tokenizer,
             self._loaded.eos_ids,
             self.settings.max_batch_size,
+            observer=ServingMetrics(self.model_id),
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.services import ServiceProcess, backend_service, free_port
+from tests.e2e.services import BackendProcess, backend_service, free_port
 
 
 @pytest.fixture(scope="session")
-def backend() -> Iterator[ServiceProcess]:
+def backend() -> Iterator[BackendProcess]:
     """The backend, started once; tests that stop it must start it again."""
     service = backend_service(free_port())
     service.start()

@@ -9,10 +9,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 from playwright.sync_api import Browser, Playwright
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / "artifacts"
@@ -99,16 +101,48 @@ class ServiceProcess:
             os.killpg(group, signal.SIGKILL)  # stragglers (Ray workers) of this service only
 
 
-def backend_service(port: int) -> ServiceProcess:
+class BackendProcess(ServiceProcess):
+    """The backend, with its Prometheus endpoint (Ray's metrics export port)."""
+
+    def __init__(self, port: int, metrics_port: int, env: dict[str, str]) -> None:
+        super().__init__("backend", "backend", env, "/healthz", port)
+        self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+
+    def metric(self, name: str) -> float | None:
+        """The sum of a metric's samples over all label sets; None before it is exported."""
+        text = httpx.get(self.metrics_url, timeout=5).text
+        values = [
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name
+        ]
+        return sum(values) if values else None
+
+
+def backend_service(port: int) -> BackendProcess:
     """The real backend on the embedded model, like `make serve`."""
+    metrics_port = free_port()
     env = {
         "LLM_PORT": str(port),
+        "LLM_METRICS_PORT": str(metrics_port),
         "LLM_MAX_BATCH_SIZE": "8",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
+        # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
+        "RAY_metrics_report_interval_ms": "500",
     }
-    return ServiceProcess("backend", "backend", env, "/healthz", port)
+    return BackendProcess(port, metrics_port, env)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float = 90, what: str = "") -> None:
+    """Poll `condition` until it holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not met within {timeout_s} s: {what or condition}")
+        time.sleep(0.05)
 
 
 def ui_service(port: int, backend_url: str, **settings: str) -> ServiceProcess:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 from gradio_client import Client
@@ -13,19 +13,35 @@ from playwright.sync_api import Browser, Page, sync_playwright
 from tests.e2e.services import (
     ARTIFACTS,
     BOT,
+    BackendProcess,
     ServiceProcess,
     free_port,
     launch_chromium,
     ui_service,
+    wait_until,
 )
+from tests.e2e.tap import Tap
+
+pytestmark = pytest.mark.e2e
 
 USER = "#chatbot [data-testid='user']"
+RUNNING = "ray_vllm_num_requests_running"
+# Every reply runs to the UI's max_tokens, so no test depends on where a tiny model stops.
+REPLY_TOKENS = 40
 
 
 @pytest.fixture(scope="module")
-def ui(backend: ServiceProcess) -> Iterator[ServiceProcess]:
-    """The UI, greedy by default so that answers are reproducible."""
-    service = ui_service(free_port(), backend.url, temperature="0", max_tokens="200")
+def tap(backend: ServiceProcess) -> Iterator[Tap]:
+    """The UI reaches the backend through a recording proxy."""
+    proxy = Tap(backend.url, free_port(), extra_body={"ignore_eos": True})
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def ui(tap: Tap) -> Iterator[ServiceProcess]:
+    service = ui_service(free_port(), tap.url, temperature="0", max_tokens=str(REPLY_TOKENS))
     service.start()
     yield service
     service.stop()
@@ -41,7 +57,7 @@ def browser() -> Iterator[Browser]:
 
 @pytest.fixture
 def page(browser: Browser, ui: ServiceProcess) -> Iterator[Page]:
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page = browser.new_page(viewport={"width": 1280, "height": 900}, locale="en-US")
     page.goto(ui.url)
     page.locator("#status").get_by_text("SmolLM2").wait_for(timeout=60_000)
     yield page
@@ -50,14 +66,6 @@ def page(browser: Browser, ui: ServiceProcess) -> Iterator[Page]:
 
 def texts(page: Page, selector: str) -> list[str]:
     return page.locator(selector).all_inner_texts()
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def idle(page: Page) -> bool:
@@ -93,45 +101,55 @@ def test_answer_streams_into_the_chat(page: Page) -> None:
     page.screenshot(path=str(ARTIFACTS / "chat-ui.png"), full_page=True)
 
 
-def test_second_turn_uses_the_first(page: Page) -> None:
+def test_second_turn_sends_the_whole_conversation(page: Page, tap: Tap) -> None:
     ask(page, "My name is Ada. Remember it.")
-    answer = ask(page, "What is my name?")
-    assert "Ada" in answer
-    assert len(texts(page, USER)) == 2
+    first = tap.last()
+    ask(page, "What is my name?")
+    assert tap.last().messages == [
+        {"role": "user", "content": "My name is Ada. Remember it."},
+        {"role": "assistant", "content": first.reply.strip()},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert first.reply.strip() and len(texts(page, USER)) == 2
 
 
-def test_stop_ends_the_stream_and_chat_goes_on(page: Page) -> None:
-    send(page, "Count from one to five hundred, in words.")
-    wait_until(lambda: len(texts(page, BOT)) == 1 and len(texts(page, BOT)[-1]) > 20)
-    page.locator("#stop").click()
-    wait_until(lambda: idle(page), timeout_s=10)
-    stopped = texts(page, BOT)[-1]
-    time.sleep(1.5)
+def test_stop_closes_the_backend_stream_and_chat_goes_on(
+    page: Page, tap: Tap, backend: BackendProcess
+) -> None:
+    tap.extra_body["max_tokens"] = 1500  # minutes of text if Stop did nothing
+    try:
+        send(page, "Count from one to five hundred, in words.")
+        wait_until(lambda: len(texts(page, BOT)) == 1 and len(texts(page, BOT)[-1]) > 20)
+        wait_until(lambda: backend.metric(RUNNING) == 1, 30, "the reply is in the batch")
+        page.locator("#stop").click()
+        wait_until(lambda: idle(page), timeout_s=10)
+    finally:
+        del tap.extra_body["max_tokens"]
+    stopped, exchange = texts(page, BOT)[-1], tap.last()
+    wait_until(lambda: exchange.closed, 10, "the UI closed its HTTP stream")
+    assert not exchange.completed, "the reply ran to its end: Stop did not stop it"
+    wait_until(lambda: backend.metric(RUNNING) == 0, 30, "the backend freed the batch slot")
     assert texts(page, BOT)[-1] == stopped, "text kept arriving after Stop"
-    assert ask(page, "What is the capital of France?").strip()
+    ask(page, "What is the capital of France?")
+    assert tap.last().completed and len(texts(page, BOT)) == 2
 
 
-def test_regenerate_replaces_the_last_answer(page: Page) -> None:
-    first = ask(page, "Tell me a fun fact about octopuses.")
+def test_regenerate_asks_the_same_question_again(page: Page, tap: Tap) -> None:
+    ask(page, "Tell me a fun fact about octopuses.")
+    asked = len(tap.exchanges)
     page.locator("#regenerate").click()
-    seen_different = False
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        bots = texts(page, BOT)
-        seen_different |= not bots or bots[-1] != first
-        if seen_different and idle(page):
-            break
-        time.sleep(0.02)
-    assert seen_different, "the answer was not generated again"
+    wait_until(lambda: len(tap.exchanges) > asked and tap.last().closed and idle(page))
+    # The old answer is not sent back as history: the same question, alone, is asked again.
+    assert tap.exchanges[asked].messages == tap.exchanges[asked - 1].messages
     assert len(texts(page, BOT)) == 1 and len(texts(page, USER)) == 1
-    assert texts(page, BOT)[-1].strip()
 
 
 def test_backend_down_shows_error_keeps_history_and_recovers(
-    page: Page, backend: ServiceProcess
+    page: Page, backend: ServiceProcess, tap: Tap
 ) -> None:
     first = ask(page, "What is the capital of France?")
     backend.stop()
+    tap.stop()  # the UI's backend address now refuses connections, as the backend's own did
     try:
         send(page, "And of Germany?")
         chat = page.locator("#chatbot")
@@ -140,14 +158,20 @@ def test_backend_down_shows_error_keeps_history_and_recovers(
         assert "And of Germany?" in texts(page, USER)
     finally:
         backend.start()
+        tap.start()
     answer = ask(page, "What is the capital of Italy?")
-    assert answer.strip() and "unreachable" not in answer.lower()
+    assert "unreachable" not in answer.lower() and tap.last().completed
     assert texts(page, BOT)[0] == first
 
 
-def test_gradio_client_two_turn_chat(ui: ServiceProcess) -> None:
+def test_gradio_client_two_turn_chat(ui: ServiceProcess, tap: Tap) -> None:
     client = Client(ui.url, verbose=False)
     first = client.predict("My name is Ada. Remember it.", [], api_name="/chat")
     second = client.predict("What is my name?", first["history"], api_name="/chat")
-    assert "Ada" in second["reply"]
     assert [m["role"] for m in second["history"]] == ["user", "assistant", "user", "assistant"]
+    assert tap.last().messages == [
+        {"role": "user", "content": "My name is Ada. Remember it."},
+        {"role": "assistant", "content": first["reply"].strip()},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    assert second["reply"] == tap.last().reply

@@ -12,8 +12,8 @@ from backend.settings import BackendSettings
 
 @pytest.fixture(scope="session")
 def hf_engine() -> Iterator[HFEngine]:
-    """fp32, so batched and single-stream greedy decoding must agree exactly."""
-    engine = HFEngine(BackendSettings(dtype="float32", max_context_len=1024, max_batch_size=4))
+    """In the dtype the suite runs in (`LLM_DTYPE`; `auto` picks by the CPU)."""
+    engine = HFEngine(BackendSettings(max_context_len=1024, max_batch_size=4))
     engine.start()
     yield engine
     engine.shutdown()
