@@ -14,6 +14,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -29,6 +30,8 @@ logger = logging.getLogger(__name__)
 
 # How often an idle loop wakes up to notice a shutdown.
 _IDLE_POLL_S = 0.5
+# Ray drops a gauge nobody has set for two export intervals (>= 2 s): report at least this often.
+_OBSERVE_EVERY_S = 0.5
 
 
 class BatchRunner(Protocol):
@@ -52,7 +55,7 @@ class BatchRunner(Protocol):
 
 
 class BatchObserver(Protocol):
-    """Told when the loop's occupancy changes (metrics)."""
+    """Told the loop's occupancy when it changes, and again every half second (metrics)."""
 
     def batch_changed(self, running: int, waiting: int) -> None:
         """`running` streams in the batch, `waiting` submitted and not yet admitted."""
@@ -143,6 +146,7 @@ class ContinuousBatcher:
         self._runner = runner
         self._observer = observer
         self._occupancy = (0, 0)
+        self._observed_at = 0.0
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._max_batch_size = max_batch_size
@@ -209,10 +213,12 @@ class ContinuousBatcher:
 
     def _observe(self) -> None:
         occupancy = (len(self._active), self._inbox.qsize())
-        if occupancy != self._occupancy:
-            self._occupancy = occupancy
-            if self._observer is not None:
-                self._observer.batch_changed(*occupancy)
+        now = time.monotonic()
+        if occupancy == self._occupancy and now - self._observed_at < _OBSERVE_EVERY_S:
+            return
+        self._occupancy, self._observed_at = occupancy, now
+        if self._observer is not None:
+            self._observer.batch_changed(*occupancy)
 
     def _admit_waiting(self) -> None:
         while len(self._active) < self._max_batch_size:

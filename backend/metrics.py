@@ -32,6 +32,6 @@ class ServingMetrics:
             metric.set_default_tags(tags)
 
     def batch_changed(self, running: int, waiting: int) -> None:
-        """The batching loop's occupancy changed."""
+        """The batching loop's occupancy (re-set periodically: Ray expires idle gauges)."""
         self._running.set(running)
         self._waiting.set(waiting)

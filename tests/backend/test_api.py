@@ -107,6 +107,13 @@ async def test_whole_conversation_reaches_the_engine(
     assert seen[1]["content"] == "My name is Ada." and seen[3]["content"] == "What is my name?"
 
 
+async def test_sampling_fields_reach_the_engine(client: httpx.AsyncClient, script: Script) -> None:
+    body = {"messages": HELLO, "temperature": 0, "seed": 7, "stop": "x", "ignore_eos": True}
+    await client.post(CHAT, json=body)
+    params = script.history[-1][1]
+    assert (params.temperature, params.seed, params.stop, params.ignore_eos) == (0, 7, ("x",), True)
+
+
 @pytest.mark.parametrize(
     ("body", "param"),
     [

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -151,3 +152,54 @@ async def test_failed_step_errors_the_streams_and_the_loop_keeps_serving() -> No
     assert batcher.is_alive()
     batcher.shutdown()
     assert not batcher.is_alive()
+
+
+async def test_ignore_eos_generates_to_max_tokens() -> None:
+    batcher = make_batcher(CountingRunner(length=2))
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    deltas = await collect(batcher, [1], params)
+    assert sum(d.tokens for d in deltas) == 6 and deltas[-1].finish_reason == "length"
+    batcher.shutdown()
+
+
+class RecordingObserver:
+    """Every (running, waiting) the loop reports."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int]] = []
+
+    def batch_changed(self, running: int, waiting: int) -> None:
+        self.seen.append((running, waiting))
+
+
+async def test_occupancy_reports_running_and_waiting_streams() -> None:
+    runner = CountingRunner(length=30)
+    runner.step_delay_s = 0.01
+    observer = RecordingObserver()
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 2, observer=observer)
+    batcher.start()
+    await asyncio.gather(*(collect(batcher, [1]) for _ in range(3)))
+    await asyncio.sleep(0.05)
+    assert (2, 1) in observer.seen  # a full batch and one request queued behind it
+    assert observer.seen[-1] == (0, 0) == batcher.occupancy()
+    batcher.shutdown()
+
+
+async def test_a_stream_that_leaves_is_no_longer_running() -> None:
+    runner = CountingRunner(length=1000)
+    runner.step_delay_s = 0.002
+    batcher = make_batcher(runner)
+    stream = batcher.stream([1], GREEDY)
+    await anext(stream)
+    await eventually(lambda: batcher.occupancy() == (1, 0))
+    await stream.aclose()
+    await eventually(lambda: batcher.occupancy() == (0, 0))
+    batcher.shutdown()
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
+    for _ in range(int(timeout_s / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met in time")
