@@ -37,6 +37,12 @@ _GRACEFUL_SHUTDOWN_S = 20
 class ModelDeployment(ModelServer):
     """The model server as a Ray Serve deployment (one engine per replica)."""
 
+    # Serve awaits an async constructor: the replica, and so the application, is not RUNNING
+    # until the model answers, and KubeRay does not switch traffic to a cluster still loading.
+    async def __init__(self, settings: BackendSettings) -> None:  # type: ignore[misc]
+        super().__init__(settings)
+        await self.start()
+
     def __del__(self) -> None:
         self.shutdown()
 

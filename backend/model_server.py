@@ -1,10 +1,11 @@
-"""The model deployment's logic: one engine, loaded in the background, fed validated chat requests.
+"""The model deployment's logic: one engine, loaded by `start()`, fed validated chat requests.
 
 It is a plain class (Ray wraps it in `backend.app`), so tests drive it directly with a fake engine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -40,14 +41,23 @@ GenerationEvent = PromptAccepted | Delta
 
 
 class ModelServer:
-    """Owns one engine: loads it in a background thread, then serves chat requests through it."""
+    """Owns one engine: `start()` loads it, then it serves chat requests through it."""
 
     def __init__(self, settings: BackendSettings, engine_cls: type[Engine] | None = None) -> None:
         self._settings = settings
         self._engine = (engine_cls or engine_class(settings.engine))(settings)
         self._ready = threading.Event()
         self._load_error: str | None = None
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    async def start(self) -> None:
+        """Load the model in a thread (the event loop keeps answering); raise if that fails."""
+        try:
+            await asyncio.to_thread(self._engine.start)
+        except Exception as exc:
+            logger.exception("loading the model failed")
+            self._load_error = f"{type(exc).__name__}: {exc}"
+            raise
+        self._ready.set()
 
     async def info(self) -> ModelInfo:
         """The model's id and window once loaded; `ready=False` while loading or after a failure."""
@@ -75,7 +85,7 @@ class ModelServer:
                 yield delta
 
     def check_health(self) -> None:
-        """Raise if loading failed or the engine broke; a model still loading counts as healthy."""
+        """Raise if loading failed or the engine broke."""
         if self._load_error:
             raise EngineError(f"Loading the model failed: {self._load_error}")
         if self._ready.is_set():
@@ -85,15 +95,6 @@ class ModelServer:
         """Stop the engine."""
         if self._ready.is_set():
             self._engine.shutdown()
-
-    def _load(self) -> None:
-        try:
-            self._engine.start()
-        except Exception as exc:
-            logger.exception("loading the model failed")
-            self._load_error = f"{type(exc).__name__}: {exc}"
-            return
-        self._ready.set()
 
     def _require_ready(self) -> None:
         if self._load_error:

@@ -63,6 +63,14 @@ class BackendSettings(BaseSettings):
         None,
         description="Neuron: compiled-model directory; loaded when present, written after compile.",
     )
+    neuron_compile_workers: int = Field(
+        4, ge=1, description="Neuron: parallel compiler processes (each takes several GiB)."
+    )
+    neuron_transformers: str = Field(
+        ">=4.36,<4.48",
+        description="Neuron: transformers versions the engine accepts (transformers-neuronx "
+        "0.13 misreads Mistral's config with newer ones).",
+    )
     num_cpus: float | None = Field(
         None,
         ge=0,

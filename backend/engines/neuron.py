@@ -12,14 +12,18 @@ Neuron image's Python 3.10 and transformers 4.x.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.specifiers import SpecifierSet
 
 from backend.engines.base import register_engine
 from backend.engines.batched import BatchedEngine, LoadedModel
+from backend.engines.neuron_artifacts import ArtifactStore
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -29,6 +33,9 @@ DEFAULT_CONTEXT = 4096
 # Smallest compiled bucket; transformers-neuronx pads prompts up to the next bucket.
 _MIN_BUCKET = 128
 _HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
+_AMP = "bf16"
+# The transformers release the serve image installs beside transformers-neuronx 0.13.1216.
+PINNED_TRANSFORMERS = "4.47.1"
 
 
 def length_buckets(context: int) -> list[int]:
@@ -37,6 +44,13 @@ def length_buckets(context: int) -> list[int]:
     while buckets[-1] < context:
         buckets.append(min(buckets[-1] * 2, context))
     return buckets
+
+
+def _ids(values: list[Any]) -> torch.Tensor:
+    """Tokens, positions and slots all int64: the library pads a decode batch with buffers of
+    the tokens' dtype and `scatter_`s positions into them, which fails on any other dtype
+    (`_prepare_for_continuous_batching`); vLLM's Neuron runner passes int64 too."""
+    return torch.tensor(values, dtype=torch.int64)
 
 
 class NeuronSlotRunner:
@@ -67,21 +81,23 @@ class NeuronSlotRunner:
         slot = self._free.pop(0)
         self._slot[seq_id] = slot
         self._position[seq_id] = len(prompt_ids)
+        # One row: tokens [1, n], positions [1, n] (2-D, as continuous batching requires); the
+        # library pads the prompt to its bucket itself.
         logits = self._model(
-            torch.tensor([prompt_ids]),
-            cache_ids=torch.arange(len(prompt_ids), dtype=torch.int32).unsqueeze(0),
-            start_ids=torch.tensor([slot], dtype=torch.int32),
+            _ids([prompt_ids]),
+            cache_ids=_ids([list(range(len(prompt_ids)))]),
+            start_ids=_ids([slot]),
         )
         return logits[0]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One token for every live slot; logits come back in `seq_ids` order."""
-        positions = [self._position[s] for s in seq_ids]
+        positions = [[self._position[s]] for s in seq_ids]
         logits = self._model(
-            torch.tensor(token_ids).unsqueeze(1),
-            cache_ids=torch.tensor(positions, dtype=torch.int32).unsqueeze(1),
-            start_ids=torch.tensor([self._slot[s] for s in seq_ids], dtype=torch.int32),
+            _ids([[token] for token in token_ids]),
+            cache_ids=_ids(positions),
+            start_ids=_ids([self._slot[s] for s in seq_ids]),
         )
         for seq_id in seq_ids:
             self._position[seq_id] += 1
@@ -102,8 +118,10 @@ class NeuronEngine(BatchedEngine):
     name = "neuron"
 
     def _load(self) -> LoadedModel:
+        import transformers
         from transformers import AutoTokenizer
 
+        check_transformers(transformers.__version__, self.settings.neuron_transformers)
         model_id = self.settings.model or DEFAULT_MODEL
         path = self._local_checkpoint(model_id)
         context = self.settings.max_context_len or DEFAULT_CONTEXT
@@ -127,18 +145,45 @@ class NeuronEngine(BatchedEngine):
         return Path(snapshot_download(model_id, local_dir=target, allow_patterns=_HUB_FILES))
 
     def _compiled_model(self, path: Path, context: int) -> Any:
-        artifacts = self.settings.neuron_artifacts_dir
-        if artifacts is not None and any(artifacts.glob("*.neff")):
-            try:
-                return self._build(path, context, load_from=artifacts)
-            except FileNotFoundError:  # artifacts of another model or configuration
-                logger.warning("compiled artifacts in %s do not match; recompiling", artifacts)
-        model = self._build(path, context, load_from=None)
-        if artifacts is not None:
-            artifacts.mkdir(parents=True, exist_ok=True)
-            model.save(str(artifacts))
-            logger.info("saved compiled artifacts to %s", artifacts)
-        return model
+        root = self.settings.neuron_artifacts_dir
+        if root is None:
+            return self._build(path, context, load_from=None)
+        store = ArtifactStore(root, self._marker(path, context))
+        store.log_foreign()
+        published = store.find()
+        if published is None:
+            with store.compiling() as published:  # waits while another replica compiles
+                if published is None:
+                    model = self._build(path, context, load_from=None)
+                    store.publish(lambda staging: model.save(str(staging)))
+                    return model
+        return self._load_published(path, context, published)
+
+    def _load_published(self, path: Path, context: int, published: Path) -> Any:
+        try:
+            return self._build(path, context, load_from=published)
+        except Exception as exc:
+            # The weights may already be on the NeuronCores: a second model beside them would
+            # not fit, so this replica fails and Ray starts a fresh one.
+            raise EngineError(
+                f"Loading the compiled model from {published} failed: {exc}. "
+                f"Delete {published} to compile again."
+            ) from exc
+
+    def _marker(self, path: Path, context: int) -> dict[str, Any]:
+        """What a compile depends on; artifacts with another marker are never loaded."""
+        import transformers_neuronx
+
+        return {
+            "model": self.settings.model or DEFAULT_MODEL,
+            "config_sha256": hashlib.sha256((path / "config.json").read_bytes()).hexdigest(),
+            "tp_degree": self.settings.tp_degree,
+            "batch_size": self.settings.max_batch_size,
+            "buckets": length_buckets(context),
+            "amp": _AMP,
+            "transformers_neuronx": getattr(transformers_neuronx, "__version__", "unknown"),
+            "neuronx_cc": _installed_version("neuronx-cc"),
+        }
 
     def _build(self, path: Path, context: int, load_from: Path | None) -> Any:
         from transformers_neuronx import ContinuousBatchingConfig, MistralForSampling, NeuronConfig
@@ -151,12 +196,35 @@ class NeuronEngine(BatchedEngine):
             n_positions=buckets,
             context_length_estimate=buckets,
             tp_degree=self.settings.tp_degree,
-            amp="bf16",
+            amp=_AMP,
             neuron_config=NeuronConfig(
-                continuous_batching=ContinuousBatchingConfig(batch_size_for_shared_caches=batch)
+                continuous_batching=ContinuousBatchingConfig(batch_size_for_shared_caches=batch),
+                # One compiler process per graph by default: 12 buckets would exhaust the pod.
+                compilation_worker_count=self.settings.neuron_compile_workers,
             ),
         )
         if load_from is not None:
             model.load(str(load_from))
         model.to_neuron()  # loads the artifacts set by `load`, else compiles (many minutes)
         return model
+
+
+def check_transformers(installed: str, supported: str) -> None:
+    """Refuse a transformers release transformers-neuronx would silently misread."""
+    if SpecifierSet(supported).contains(installed, prereleases=True):
+        return
+    raise EngineError(
+        f"transformers {installed} is installed, but the neuron engine needs {supported}. "
+        "transformers-neuronx reads Mistral's `rope_theta` as a config attribute; newer "
+        "transformers releases keep it elsewhere, and the model would compile with RoPE base "
+        "10000 instead of 1e6 and answer wrongly without any error. Install the version the "
+        f"serve image pins (transformers=={PINNED_TRANSFORMERS}), or widen "
+        "LLM_NEURON_TRANSFORMERS if you have checked another one."
+    )
+
+
+def _installed_version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
@@ -30,11 +29,8 @@ def settings() -> BackendSettings:
 async def server(script: Script, settings: BackendSettings) -> ModelServer:
     """A loaded model server over the scripted engine."""
     model_server = ModelServer(settings, scripted_engine(script))
-    for _ in range(100):
-        if (await model_server.info()).ready:
-            return model_server
-        await asyncio.sleep(0.01)
-    raise AssertionError("the scripted engine did not load")
+    await model_server.start()
+    return model_server
 
 
 @pytest.fixture

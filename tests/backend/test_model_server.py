@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -16,32 +17,33 @@ REQUEST = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "c
 
 
 async def test_loading_server_answers_overloaded_and_is_healthy(script: Script) -> None:
-    gate = asyncio.Event()
-    engine = scripted_engine(script)
+    gate = threading.Event()
 
-    class SlowEngine(engine):  # type: ignore[misc, valid-type]
+    class SlowEngine(scripted_engine(script)):  # type: ignore[misc]
         def start(self) -> None:
-            while not gate.is_set():
-                pass
+            gate.wait(10)
 
     server = ModelServer(BackendSettings(), SlowEngine)
-    assert not (await server.info()).ready
+    loading = asyncio.create_task(server.start())
+    await asyncio.sleep(0.05)
+    assert not loading.done()  # a deployment's constructor awaits this: not RUNNING yet
+    assert not (await server.info()).ready  # the event loop still answers while it loads
     server.check_health()  # loading is not a failure
     with pytest.raises(OverloadedError):
         await anext(server.generate(REQUEST))
     gate.set()
+    await loading
+    assert (await server.info()).ready
 
 
-async def test_failed_load_fails_health_and_requests(script: Script) -> None:
+async def test_failed_load_fails_start_health_and_requests(script: Script) -> None:
     class BrokenEngine(scripted_engine(script)):  # type: ignore[misc]
         def start(self) -> None:
             raise OSError("weights not found")
 
     server = ModelServer(BackendSettings(), BrokenEngine)
-    for _ in range(100):
-        if (await server.info()).error:
-            break
-        await asyncio.sleep(0.01)
+    with pytest.raises(OSError, match="weights not found"):
+        await server.start()  # the replica's constructor fails: Ray replaces the replica
     info = await server.info()
     assert not info.ready and "weights not found" in (info.error or "")
     with pytest.raises(EngineError, match="weights not found"):

@@ -60,7 +60,9 @@ class Tap:
 
     def start(self) -> None:
         """Serve in a background thread until `stop()`."""
-        config = uvicorn.Config(self._app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn.Config(
+            self._app, host="127.0.0.1", port=self.port, log_level="warning", interface="asgi3"
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="tap", daemon=True)
         self._thread.start()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
+from tests.mistral_checkpoint import build_checkpoint
+
+STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +24,16 @@ def hf_engine() -> Iterator[HFEngine]:
     engine.start()
     yield engine
     engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def neuronx() -> ModuleType:
+    """The transformers-neuronx stand-in, importable as `transformers_neuronx`."""
+    sys.path.insert(0, str(STAND_IN))
+    return importlib.import_module("transformers_neuronx")
+
+
+@pytest.fixture(scope="session")
+def mistral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint in Mistral-7B-Instruct-v0.2's formats (tokenizer, template, config)."""
+    return build_checkpoint(tmp_path_factory.mktemp("mistral"))
