@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from backend.api import build_api
 from backend.model_server import ModelServer
 from backend.settings import BackendSettings
 from tests.fakes import Script, scripted_engine
+from tests.mistral_checkpoint import build_checkpoint
 
 
 @pytest.fixture
@@ -41,3 +44,15 @@ async def client(
     transport = httpx.ASGITransport(app=build_api(server, settings))
     async with httpx.AsyncClient(transport=transport, base_url="http://backend") as http:
         yield http
+
+
+@pytest.fixture(scope="session")
+def mistral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint in Mistral-7B-Instruct-v0.2's formats (tokenizer, template, config)."""
+    return build_checkpoint(tmp_path_factory.mktemp("mistral"))
+
+
+@pytest.fixture(scope="session")
+def mistral_tokenizer(mistral_checkpoint: Path) -> PreTrainedTokenizerBase:
+    """Its SentencePiece tokenizer, loaded as the engines load it."""
+    return AutoTokenizer.from_pretrained(mistral_checkpoint)

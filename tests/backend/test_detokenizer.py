@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from transformers import PreTrainedTokenizerBase
 
 from backend.detokenizer import IncrementalDetokenizer, StopSequenceFilter
 
@@ -65,3 +66,49 @@ def test_stop_filter_holds_back_a_possible_stop_prefix() -> None:
     stop_filter = StopSequenceFilter(("STOP",))
     assert stop_filter.feed("go ST") == ("go ", False)
     assert stop_filter.feed("AR") == ("STAR", False)
+
+
+# SentencePiece as Mistral uses it: `▁` marks a space, unseen characters fall back to bytes.
+SENTENCEPIECE_TEXTS = [
+    "Hello world",
+    "  two leading spaces and  a double one",
+    "new\nlines\tand tabs",
+    "こんにちは 世界",  # not in the tokenizer's training text: byte-fallback pieces
+    "family 👩\u200d👩\u200d👧 and 🎉",
+]
+
+
+@pytest.mark.parametrize("text", SENTENCEPIECE_TEXTS)
+def test_sentencepiece_deltas_rebuild_the_text(
+    mistral_tokenizer: PreTrainedTokenizerBase, text: str
+) -> None:
+    ids = mistral_tokenizer.encode(text, add_special_tokens=False)
+    detokenizer = IncrementalDetokenizer(mistral_tokenizer)
+    deltas = [detokenizer.push(t) for t in ids] + [detokenizer.flush()]
+    assert "".join(deltas) == mistral_tokenizer.decode(ids)
+    assert all("\ufffd" not in d for d in deltas)
+
+
+def test_byte_fallback_really_happens(mistral_tokenizer: PreTrainedTokenizerBase) -> None:
+    pieces = mistral_tokenizer.convert_ids_to_tokens(
+        mistral_tokenizer.encode("こんにちは", add_special_tokens=False)
+    )
+    assert any(piece.startswith("<0x") for piece in pieces), pieces
+
+
+def test_stop_string_split_across_sentencepiece_pieces(
+    mistral_tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    text = "The capital of France is Paris, and the capital of Italy is Rome."
+    ids = mistral_tokenizer.encode(text, add_special_tokens=False)
+    stop = "Paris, and"
+    assert all(stop not in mistral_tokenizer.decode([t]) for t in ids)  # it spans pieces
+    detokenizer = IncrementalDetokenizer(mistral_tokenizer)
+    stops = StopSequenceFilter((stop,))
+    emitted = ""
+    for token in ids:
+        text_out, stopped = stops.feed(detokenizer.push(token))
+        emitted += text_out
+        if stopped:
+            break
+    assert stopped and emitted == "The capital of France is "

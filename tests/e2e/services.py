@@ -120,8 +120,8 @@ class BackendProcess(ServiceProcess):
         return sum(values) if values else None
 
 
-def backend_service(port: int) -> BackendProcess:
-    """The real backend on the embedded model, like `make serve`."""
+def backend_service(port: int, **overrides: str) -> BackendProcess:
+    """The real backend, like `make serve`: the embedded model unless `overrides` (env) say."""
     metrics_port = free_port()
     env = {
         "LLM_PORT": str(port),
@@ -132,6 +132,7 @@ def backend_service(port: int) -> BackendProcess:
         "HF_HUB_OFFLINE": "1",
         # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
         "RAY_metrics_report_interval_ms": "500",
+        **overrides,
     }
     return BackendProcess(port, metrics_port, env)
 

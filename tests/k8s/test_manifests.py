@@ -17,8 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 
+from backend.engines.neuron import PINNED_TRANSFORMERS, check_transformers
+from backend.settings import BackendSettings
 from tests.k8s.checks import (
     BACKEND_URL,
     CORES_PER_INF2_DEVICE,
@@ -198,6 +201,22 @@ def test_neuron_worker_fits_the_model_replicas() -> None:
         assert container["resources"]["requests"][NEURON_DEVICE] == limits[NEURON_DEVICE]
         total_cores += cores * group["replicas"]
     assert total_cores >= args["num_replicas"] * args["num_neuron_cores"]
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_ray_pods_have_shared_memory_for_the_object_store(name: str) -> None:
+    """/dev/shm is a memory volume larger than the object store Ray puts there."""
+    rayservice = one(rendered(name), "RayService", RAYSERVICE)
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *workers(rayservice)]:
+        spec = group["template"]["spec"]
+        (container,) = spec["containers"]
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+        assert volume["emptyDir"]["medium"] == "Memory"
+        size = quantity(volume["emptyDir"]["sizeLimit"])
+        assert size > int(group["rayStartParams"]["object-store-memory"])
+        assert size < quantity(container["resources"]["limits"]["memory"])
 
 
 @pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
@@ -402,6 +421,31 @@ def test_serve_image_defaults_to_neuron() -> None:
         assert re.search(rf"\b{package}=\$\{{?\w+", runs), package
     assert '"./[neuron]"' in runs and "[cpu]" not in runs
     assert stage_user(final).split(":")[0] not in {"0", "root"}
+
+
+# What Neuron SDK 2.25 ships together (release content of 2025-07-31).
+SDK_2_25 = {
+    "neuronx-cc": "2.20.9961.0",
+    "torch-neuronx": "2.7.0.2.9.9357",
+    "transformers-neuronx": "0.13.1216",
+}
+
+
+def test_serve_image_pins_the_neuron_sdk_and_a_transformers_the_engine_accepts() -> None:
+    """SDK 2.25's packages; transformers pinned where the engine's guard lets it start."""
+    final = dockerfile_stages(REPO / "Dockerfile.serve")[-1]
+    runs = " ".join(arg for keyword, arg in final if keyword == "RUN")
+    pins = dict(re.findall(r"\b([a-z][a-z0-9-]*)==([0-9][0-9.]*)", runs))
+    assert {name: pins.get(name) for name in SDK_2_25} == SDK_2_25
+    assert pins["transformers"] == PINNED_TRANSFORMERS
+    check_transformers(pins["transformers"], BackendSettings().neuron_transformers)
+    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    neuron_extra = extra["optional-dependencies"]["neuron"]
+    [spec] = [r.removeprefix("transformers") for r in neuron_extra if r.startswith("transformers>")]
+    assert spec == BackendSettings().neuron_transformers
+    # libnrt and libpython where the Neuron runtime looks for them.
+    library_path = stage_env(final)["LD_LIBRARY_PATH"].split(":")
+    assert {"/opt/aws/neuron/lib", "/home/ray/anaconda3/lib"} <= set(library_path)
 
 
 def test_cpu_image_target_runs_the_hf_engine() -> None:

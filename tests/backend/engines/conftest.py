@@ -12,7 +12,6 @@ import pytest
 
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
-from tests.mistral_checkpoint import build_checkpoint
 
 STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 
@@ -31,9 +30,3 @@ def neuronx() -> ModuleType:
     """The transformers-neuronx stand-in, importable as `transformers_neuronx`."""
     sys.path.insert(0, str(STAND_IN))
     return importlib.import_module("transformers_neuronx")
-
-
-@pytest.fixture(scope="session")
-def mistral_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny checkpoint in Mistral-7B-Instruct-v0.2's formats (tokenizer, template, config)."""
-    return build_checkpoint(tmp_path_factory.mktemp("mistral"))

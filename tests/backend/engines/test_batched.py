@@ -1,0 +1,67 @@
+"""What every tokenizer-based engine shares: chat templates, on Mistral's own format."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from backend.engines.batched import BatchedEngine, LoadedModel
+from backend.errors import InvalidRequestError
+from backend.settings import BackendSettings
+
+
+@pytest.fixture
+def engine(mistral_tokenizer: PreTrainedTokenizerBase) -> BatchedEngine:
+    """An engine with Mistral-7B-Instruct-v0.2's tokenizer format and no model behind it."""
+
+    class TemplateOnly(BatchedEngine):
+        name = "template-only"
+
+        def _load(self) -> LoadedModel:
+            raise AssertionError("not started in these tests")
+
+    engine = TemplateOnly(BackendSettings())
+    engine._loaded = LoadedModel("tiny-mistral", mistral_tokenizer, None, 256, frozenset({2}))
+    return engine
+
+
+def prompt(engine: BatchedEngine, messages: list[dict[str, str]]) -> str:
+    return engine._model().tokenizer.decode(engine.encode_chat(messages))
+
+
+def test_mistral_template_formats_the_whole_conversation(engine: BatchedEngine) -> None:
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert prompt(engine, messages) == "<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]"
+
+
+def test_system_prompt_is_merged_into_the_first_user_turn(engine: BatchedEngine) -> None:
+    """v0.2's template has no system role: the prompt goes in front of the first question."""
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Bye"},
+    ]
+    assert prompt(engine, messages) == (
+        "<s>[INST] Be brief.\n\nHi [/INST]Hello!</s>[INST] Bye [/INST]"
+    )
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    ],
+)
+def test_roles_that_do_not_alternate_are_a_clear_400(
+    engine: BatchedEngine, messages: list[dict[str, str]]
+) -> None:
+    with pytest.raises(InvalidRequestError, match="alternate") as raised:
+        engine.encode_chat(messages)
+    assert raised.value.param == "messages"
