@@ -17,7 +17,8 @@ from ray.serve.handle import DeploymentHandle
 
 from backend.api import build_api
 from backend.errors import EngineError, OverloadedError, ServiceError
-from backend.model_server import GenerationEvent, ModelInfo, ModelServer
+from backend.generation import GenerationEvent, ModelInfo
+from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 

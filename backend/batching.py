@@ -22,8 +22,8 @@ from typing import Protocol
 import torch
 
 from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
-from backend.engines.base import Delta, FinishReason, SamplingParams
 from backend.errors import EngineError
+from backend.generation import Delta, FinishReason, SamplingParams
 from backend.sampling import make_generator, sample_next_tokens
 
 logger = logging.getLogger(__name__)

@@ -10,34 +10,14 @@ import logging
 import threading
 from collections.abc import AsyncIterator
 from contextlib import aclosing
-from dataclasses import dataclass
 
-from backend.engines.base import Delta, Engine, engine_class
+from backend.engines.base import Engine, engine_class
 from backend.errors import EngineError, InvalidRequestError, NotFoundError, OverloadedError
+from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the ingress needs to know about the model: its id, its window, whether it is ready."""
-
-    model_id: str | None
-    context_window: int
-    ready: bool
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class PromptAccepted:
-    """The first event of every generation: the prompt fits and is queued."""
-
-    prompt_tokens: int
-
-
-GenerationEvent = PromptAccepted | Delta
 
 
 class ModelServer:

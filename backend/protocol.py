@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.engines.base import SamplingParams
+from backend.generation import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
-from backend.engines.base import SamplingParams
+from backend.generation import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

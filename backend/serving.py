@@ -12,9 +12,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Protocol
 
-from backend.engines.base import Delta
 from backend.errors import EngineError, ServiceError
-from backend.model_server import GenerationEvent, ModelInfo, PromptAccepted
+from backend.generation import Delta, GenerationEvent, ModelInfo, PromptAccepted
 from backend.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,

@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from backend.engines.base import SamplingParams
 from backend.engines.hf import HFEngine
+from backend.generation import SamplingParams
 from backend.settings import BackendSettings
 from tests.e2e.services import (
     ARTIFACTS,

@@ -7,7 +7,8 @@ from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from backend.engines.base import Delta, Engine, SamplingParams
+from backend.engines.base import Engine
+from backend.generation import Delta, SamplingParams
 
 
 @dataclass

@@ -10,34 +10,12 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
+
+from backend.generation import Delta, SamplingParams
 
 if TYPE_CHECKING:
     from backend.settings import BackendSettings
-
-FinishReason = Literal["stop", "length"]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request generation parameters (already validated)."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class Delta:
-    """A piece of generated text, the number of tokens it took, and the finish reason at the end."""
-
-    text: str
-    tokens: int
-    finish_reason: FinishReason | None = None
 
 
 class Engine(ABC):

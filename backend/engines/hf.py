@@ -13,8 +13,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
 
 from backend.engines.base import register_engine
-from backend.engines.batched import BatchedEngine, LoadedModel
 from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
+from backend.engines.runner_engine import LoadedModel, RunnerEngine
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ def _cat_left_padded(batch: torch.Tensor, new: torch.Tensor, width: int) -> torc
 
 
 @register_engine
-class HFEngine(BatchedEngine):
+class HFEngine(RunnerEngine):
     """transformers on the CPU; `LLM_MODEL` empty serves the embedded SmolLM2-135M-Instruct."""
 
     name = "hf"

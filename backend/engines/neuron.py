@@ -22,8 +22,8 @@ import torch
 from packaging.specifiers import SpecifierSet
 
 from backend.engines.base import register_engine
-from backend.engines.batched import BatchedEngine, LoadedModel
 from backend.engines.neuron_artifacts import ArtifactStore
+from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ class NeuronSlotRunner:
 
 
 @register_engine
-class NeuronEngine(BatchedEngine):
+class NeuronEngine(RunnerEngine):
     """transformers-neuronx `MistralForSampling` on NeuronCores (`LLM_TP_DEGREE`, default 2)."""
 
     name = "neuron"

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from backend.batching import ContinuousBatcher
-from backend.engines.base import SamplingParams
 from backend.errors import EngineError
+from backend.generation import SamplingParams
 
 VOCAB = 50
 EOS = 0

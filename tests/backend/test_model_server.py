@@ -8,7 +8,8 @@ import threading
 import pytest
 
 from backend.errors import EngineError, OverloadedError
-from backend.model_server import ModelServer, PromptAccepted
+from backend.generation import PromptAccepted
+from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 from tests.fakes import Script, scripted_engine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.engines.base import SamplingParams
+from backend.generation import SamplingParams
 from backend.sampling import make_generator, sample_next_tokens
 
 LOGITS = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])

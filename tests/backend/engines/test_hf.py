@@ -11,9 +11,9 @@ import torch
 from transformers import PreTrainedModel
 
 from backend.detokenizer import IncrementalDetokenizer
-from backend.engines.base import Delta, SamplingParams
 from backend.engines.embedded import load_embedded_model
 from backend.engines.hf import HFEngine, PaddedBatchRunner, pick_dtype
+from backend.generation import Delta, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0)
 # Largest logit gap at which two correct implementations may pick different greedy tokens.

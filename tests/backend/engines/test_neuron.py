@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from backend.engines.base import SamplingParams, engine_class
+from backend.engines.base import engine_class
 from backend.engines.neuron import (
     PINNED_TRANSFORMERS,
     NeuronEngine,
@@ -29,6 +29,7 @@ from backend.engines.neuron import (
 )
 from backend.engines.neuron_artifacts import ArtifactStore
 from backend.errors import EngineError
+from backend.generation import SamplingParams
 from backend.settings import BackendSettings
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)

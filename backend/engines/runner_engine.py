@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from backend.batching import BatchRunner, ContinuousBatcher
-from backend.engines.base import Delta, Engine, SamplingParams
+from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
+from backend.generation import Delta, SamplingParams
 from backend.metrics import ServingMetrics
 
 logger = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ class LoadedModel:
     eos_ids: frozenset[int]
 
 
-class BatchedEngine(Engine):
-    """An engine with a Hugging Face tokenizer whose model is driven by `ContinuousBatcher`."""
+class RunnerEngine(Engine):
+    """An engine = a Hugging Face tokenizer + a `BatchRunner` that `ContinuousBatcher` drives."""
 
     _loaded: LoadedModel | None = None
     _batcher: ContinuousBatcher | None = None

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from backend.engines.batched import BatchedEngine, LoadedModel
+from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import InvalidRequestError
 from backend.settings import BackendSettings
 
 
 @pytest.fixture
-def engine(mistral_tokenizer: PreTrainedTokenizerBase) -> BatchedEngine:
+def engine(mistral_tokenizer: PreTrainedTokenizerBase) -> RunnerEngine:
     """An engine with Mistral-7B-Instruct-v0.2's tokenizer format and no model behind it."""
 
-    class TemplateOnly(BatchedEngine):
+    class TemplateOnly(RunnerEngine):
         name = "template-only"
 
         def _load(self) -> LoadedModel:
@@ -25,11 +25,11 @@ def engine(mistral_tokenizer: PreTrainedTokenizerBase) -> BatchedEngine:
     return engine
 
 
-def prompt(engine: BatchedEngine, messages: list[dict[str, str]]) -> str:
+def prompt(engine: RunnerEngine, messages: list[dict[str, str]]) -> str:
     return engine._model().tokenizer.decode(engine.encode_chat(messages))
 
 
-def test_mistral_template_formats_the_whole_conversation(engine: BatchedEngine) -> None:
+def test_mistral_template_formats_the_whole_conversation(engine: RunnerEngine) -> None:
     messages = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -38,7 +38,7 @@ def test_mistral_template_formats_the_whole_conversation(engine: BatchedEngine) 
     assert prompt(engine, messages) == "<s>[INST] Hi [/INST]Hello!</s>[INST] Bye [/INST]"
 
 
-def test_system_prompt_is_merged_into_the_first_user_turn(engine: BatchedEngine) -> None:
+def test_system_prompt_is_merged_into_the_first_user_turn(engine: RunnerEngine) -> None:
     """v0.2's template has no system role: the prompt goes in front of the first question."""
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -60,7 +60,7 @@ def test_system_prompt_is_merged_into_the_first_user_turn(engine: BatchedEngine)
     ],
 )
 def test_roles_that_do_not_alternate_are_a_clear_400(
-    engine: BatchedEngine, messages: list[dict[str, str]]
+    engine: RunnerEngine, messages: list[dict[str, str]]
 ) -> None:
     with pytest.raises(InvalidRequestError, match="alternate") as raised:
         engine.encode_chat(messages)

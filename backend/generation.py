@@ -1,0 +1,52 @@
+"""Value types of a generation, shared by the loop, the engines, the model server and the ingress.
+
+The bottom of the package: it imports nothing from it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters (already validated)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Delta:
+    """A piece of generated text, the number of tokens it took, and the finish reason at the end."""
+
+    text: str
+    tokens: int
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to know about the model: its id, its window, whether it is ready."""
+
+    model_id: str | None
+    context_window: int
+    ready: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptAccepted:
+    """The first event of every generation: the prompt fits and is queued."""
+
+    prompt_tokens: int
+
+
+GenerationEvent = PromptAccepted | Delta
