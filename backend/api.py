@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -11,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from backend.errors import (
+    EngineError,
     InvalidRequestError,
     NotFoundError,
     OverloadedError,
@@ -28,6 +30,8 @@ from backend.protocol import (
 )
 from backend.serving import ChatService, ModelClient
 from backend.settings import BackendSettings
+
+logger = logging.getLogger(__name__)
 
 # Server-sent events must not be buffered by proxies (nginx honours this header).
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -125,6 +129,12 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def not_found(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(NotFoundError("No such route.").to_dict(), status_code=404)
 
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.error("unhandled error: %r", exc)
+        error = EngineError(f"The server failed to handle the request ({type(exc).__name__}).")
+        return JSONResponse(error.to_dict(), status_code=500)
+
     app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(Exception, unexpected)
     app.add_exception_handler(RequestValidationError, query_error)
     app.add_exception_handler(404, not_found)

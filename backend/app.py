@@ -12,12 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from backend.api import build_api
 from backend.errors import EngineError, OverloadedError, ServiceError
-from backend.generation import GenerationEvent, ModelInfo
+from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
 from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
@@ -49,33 +50,55 @@ class ModelDeployment(ModelServer):
 
 
 class HandleModelClient:
-    """`ModelClient` over a Ray handle; Ray's own exceptions are translated here."""
+    """`ModelClient` over a Ray handle: every Ray exception is translated here, once.
+
+    What it learns about the model from the first event of a generation it keeps, so health and
+    model info never queue behind generations; a replica's liveness is Ray's `check_health`.
+    """
 
     def __init__(self, handle: DeploymentHandle, info_timeout_s: float) -> None:
         self._handle = handle
         self._info_timeout_s = info_timeout_s
+        self._known: ModelInfo | None = None
 
     async def info(self) -> ModelInfo:
-        """Ask the model replica, without waiting forever for one to exist."""
+        """What is known; asks the replica only until it has answered once."""
+        if self._known is not None:
+            return self._known
         try:
-            return await asyncio.wait_for(self._handle.info.remote(), self._info_timeout_s)
-        except asyncio.TimeoutError:
+            info = await asyncio.wait_for(self._handle.info.remote(), self._info_timeout_s)
+        except Exception:  # no replica yet (loading), or it failed: Ray restarts it
             return ModelInfo(model_id=None, context_window=0, ready=False)
+        if info.ready:
+            self._known = info
+        return info
 
     async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events from the model replica; closing this generator cancels the request."""
         stream = self._handle.options(stream=True).generate.remote(request)
         try:
             async for event in stream:
+                if isinstance(event, PromptAccepted) and self._known is None:
+                    self._known = ModelInfo(event.model_id, event.context_window, ready=True)
                 yield event
-        except ServiceError:
-            raise
-        except BackPressureError as exc:
-            raise OverloadedError("The server is at capacity; retry shortly.") from exc
         except Exception as exc:
-            raise EngineError(f"The model deployment failed: {exc}") from exc
+            raise translate_ray_error(exc) from None
         finally:
             stream.cancel()
+
+
+def translate_ray_error(exc: Exception) -> ServiceError:
+    """The client-facing error for anything raised across the handle (never a traceback)."""
+    cause = getattr(exc, "cause", None)  # RayTaskError wraps what the replica raised
+    if isinstance(cause, ServiceError):
+        return type(cause)(cause.message, param=cause.param, code=cause.code)
+    if isinstance(exc, ServiceError) and not isinstance(exc, RayTaskError):
+        return exc
+    if isinstance(exc, BackPressureError):
+        return OverloadedError("The server is at capacity; retry shortly.")
+    if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+        return OverloadedError("The model replica is restarting; retry shortly.")
+    return EngineError(f"The model deployment failed ({type(exc).__name__}).")
 
 
 @serve.deployment(name="ingress", ray_actor_options={"num_cpus": 0})

@@ -10,6 +10,7 @@ CPU engine and the Neuron engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -179,19 +180,25 @@ class ContinuousBatcher:
         deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
         def deliver(item: Delta | BaseException) -> None:
-            if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
 
         seq = _Sequence(next(self._ids), prompt_ids, params, self._tokenizer, deliver)
         self._inbox.put(seq)
         try:
             while True:
-                item = await deltas.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.finish_reason is not None:
-                    return
+                # Everything that arrived meanwhile goes out as one item (one Ray stream item).
+                items = [await deltas.get()]
+                while _open(items[-1]) and not deltas.empty():
+                    items.append(deltas.get_nowait())
+                error = items.pop() if isinstance(items[-1], BaseException) else None
+                if items:
+                    delta = _merge(items)  # type: ignore[arg-type]
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+                if error is not None:
+                    raise error
         finally:
             seq.cancelled = True
 
@@ -201,15 +208,31 @@ class ContinuousBatcher:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
-            self._admit_waiting()
-            self._drop_cancelled()
-            if self._active:
-                self._decode_step()
-            self._observe()
-        for seq in self._active:
-            seq.fail(EngineError("The engine is shutting down."))
-        self._active.clear()
+            try:
+                self._admit_waiting()
+                self._drop_cancelled()
+                if self._active:
+                    self._decode_step()
+                self._observe()
+            except Exception as exc:  # a bug: fail what is running, never the loop
+                logger.exception("batching loop step failed")
+                self._fail_active(EngineError(f"Generation failed: {exc}"))
+        self._fail_active(EngineError("The engine is shutting down."))
+        while True:  # and every request still queued
+            try:
+                waiting = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if waiting is not None:
+                waiting.fail(EngineError("The engine is shutting down."))
         self._observe()
+
+    def _fail_active(self, error: EngineError) -> None:
+        with contextlib.suppress(Exception):
+            self._runner.reset()
+        for seq in self._active:
+            seq.fail(error)
+        self._active.clear()
 
     def _observe(self) -> None:
         occupancy = (len(self._active), self._inbox.qsize())
@@ -264,10 +287,7 @@ class ContinuousBatcher:
             )
         except Exception as exc:
             logger.exception("decode step failed")
-            self._runner.reset()
-            self._active.clear()
-            for seq in batch:
-                seq.fail(EngineError(f"Generation failed: {exc}"))
+            self._fail_active(EngineError(f"Generation failed: {exc}"))
             return
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
@@ -275,3 +295,18 @@ class ContinuousBatcher:
             if seq.accept(token, self._eos_ids):
                 self._runner.release(seq.id)
                 self._active.remove(seq)
+
+
+def _open(item: Delta | BaseException) -> bool:
+    return isinstance(item, Delta) and item.finish_reason is None
+
+
+def _merge(deltas: list[Delta]) -> Delta:
+    """Consecutive deltas of one stream as one."""
+    if len(deltas) == 1:
+        return deltas[0]
+    return Delta(
+        text="".join(d.text for d in deltas),
+        tokens=sum(d.tokens for d in deltas),
+        finish_reason=deltas[-1].finish_reason,
+    )

@@ -44,9 +44,12 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class PromptAccepted:
-    """The first event of every generation: the prompt fits and is queued."""
+    """The first event of every generation: the prompt fits and is queued. It carries what the
+    ingress needs about the model, so the request path never asks the replica separately."""
 
     prompt_tokens: int
+    model_id: str
+    context_window: int
 
 
 GenerationEvent = PromptAccepted | Delta

@@ -55,9 +55,10 @@ class ModelServer:
                 param="model",
                 code="model_not_found",
             )
-        prompt_ids = self._engine.encode_chat(request.chat())
+        # In a thread: templating a long conversation must not hold up other streams' tokens.
+        prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
-        yield PromptAccepted(prompt_tokens=len(prompt_ids))
+        yield PromptAccepted(len(prompt_ids), self._engine.model_id, self._engine.context_window)
         params = request.to_sampling_params(max_tokens)
         # aclosing: a client that leaves closes this generator, and that must reach the engine now.
         async with aclosing(self._engine.generate(prompt_ids, params)) as deltas:

@@ -63,10 +63,9 @@ class ChatService:
         first = await anext(events)
         if not isinstance(first, PromptAccepted):
             raise EngineError("The model deployment did not acknowledge the prompt.")
-        model_id = (await self._client.info()).model_id or ""
         if request.stream:
-            return self._stream(request, model_id, first.prompt_tokens, events)
-        return await self._collect(model_id, first.prompt_tokens, events)
+            return self._stream(request, first.model_id, first.prompt_tokens, events)
+        return await self._collect(first.model_id, first.prompt_tokens, events)
 
     async def reply_text(self, request: ChatCompletionRequest) -> str:
         """Only the reply's text (for the blueprint's `/infer`)."""

@@ -200,3 +200,13 @@ async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -
     response = await client.get("/v1/nothing")
     assert response.status_code == 404
     assert response.json()["error"]["type"] == "not_found_error"
+
+
+async def test_an_unexpected_failure_is_a_json_500(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["partial", RuntimeError("boom at /srv/secret.py")])
+    response = await client.post(CHAT, json={"messages": HELLO})
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "internal_error" and "secret" not in error["message"]

@@ -203,3 +203,51 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 2.0) -> N
             return
         await asyncio.sleep(0.01)
     raise AssertionError("condition not met in time")
+
+
+class FailingTokenizer(ByteTokenizer):
+    """Decoding one particular token raises, as a broken tokenizer would inside the loop."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if 9 in token_ids:
+            raise ValueError("cannot decode 9")
+        return super().decode(token_ids, skip_special_tokens)
+
+
+async def test_an_error_outside_the_model_fails_the_streams_and_the_loop_goes_on() -> None:
+    runner = CountingRunner(length=20)
+    batcher = ContinuousBatcher(runner, FailingTokenizer(), frozenset({EOS}), 8)
+    batcher.start()
+    with pytest.raises(EngineError, match="cannot decode 9"):  # 6, 7, 8, then 9 breaks it
+        await asyncio.wait_for(collect(batcher, [5]), 10)
+    assert batcher.is_alive()
+    assert "".join(d.text for d in await collect(batcher, [10])) == "".join(
+        chr(64 + t) for t in range(11, 31)
+    )
+    batcher.shutdown()
+
+
+async def test_shutdown_fails_running_and_queued_requests() -> None:
+    runner = CountingRunner(length=10_000)
+    runner.step_delay_s = 0.01
+    batcher = make_batcher(runner, max_batch_size=1)
+    running = asyncio.create_task(collect(batcher, [1]))
+    queued = asyncio.create_task(collect(batcher, [2]))
+    await eventually(lambda: batcher.occupancy() == (1, 1))
+    await asyncio.to_thread(batcher.shutdown)
+    for task in (running, queued):
+        with pytest.raises(EngineError, match="shutting down"):
+            await asyncio.wait_for(task, 5)
+
+
+async def test_a_slow_reader_gets_the_tokens_it_missed_as_one_item() -> None:
+    runner = CountingRunner(length=30)
+    batcher = make_batcher(runner)
+    items = []
+    async for delta in batcher.stream([1], GREEDY):
+        items.append(delta)
+        await asyncio.sleep(0.05)  # the loop runs ahead meanwhile
+    assert "".join(d.text for d in items) == "".join(chr(64 + t) for t in range(2, 32))
+    assert sum(d.tokens for d in items) == 31  # 30 letters and the end-of-sequence token
+    assert len(items) < 31 and items[-1].finish_reason == "stop"
+    batcher.shutdown()

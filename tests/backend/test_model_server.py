@@ -55,7 +55,7 @@ async def test_failed_load_fails_start_health_and_requests(script: Script) -> No
 
 async def test_first_event_reports_prompt_tokens(server: ModelServer) -> None:
     events = [event async for event in server.generate(REQUEST)]
-    assert events[0] == PromptAccepted(prompt_tokens=1)
+    assert events[0] == PromptAccepted(1, model_id="scripted-model", context_window=64)
     assert events[-1].finish_reason == "stop"
 
 
