@@ -5,7 +5,10 @@ from __future__ import annotations
 import httpx
 import pytest
 
+from backend.api import build_api
 from backend.errors import EngineError
+from backend.model_server import ModelServer
+from backend.settings import BackendSettings
 from tests.fakes import Script
 from tests.sse import sse_payloads
 
@@ -203,10 +206,13 @@ async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -
 
 
 async def test_an_unexpected_failure_is_a_json_500(
-    client: httpx.AsyncClient, script: Script
+    server: ModelServer, settings: BackendSettings, script: Script
 ) -> None:
     script.enqueue(["partial", RuntimeError("boom at /srv/secret.py")])
-    response = await client.post(CHAT, json={"messages": HELLO})
+    # As a server would: the app's response reaches the client, the exception is only logged.
+    transport = httpx.ASGITransport(app=build_api(server, settings), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://backend") as http:
+        response = await http.post(CHAT, json={"messages": HELLO})
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "internal_error" and "secret" not in error["message"]
