@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from backend.api import build_api
 from backend.errors import EngineError, OverloadedError, ServiceError
 from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
+from backend.metrics import count_rejection
 from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
@@ -82,7 +83,10 @@ class HandleModelClient:
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
                 yield event
         except Exception as exc:
-            raise translate_ray_error(exc) from None
+            error = translate_ray_error(exc)
+            if isinstance(exc, BackPressureError):  # refused by Ray before the replica saw it
+                count_rejection(self._known.model_id if self._known else "", "overloaded")
+            raise error from None
         finally:
             stream.cancel()
 

@@ -83,3 +83,12 @@ class EngineError(ServiceError):
 
     status_code = 500
     error_type = "internal_error"
+
+
+def rejection_reason(error: ServiceError) -> str:
+    """The `reason` label of a request refused with `error` (metrics)."""
+    if isinstance(error, OverloadedError):
+        return "overloaded"
+    if isinstance(error, NotFoundError):
+        return "not_found"
+    return "invalid"

@@ -1,37 +1,142 @@
 """Prometheus metrics of the serving path, through Ray's metrics API.
 
-Names follow vLLM's (`vllm:num_requests_running` …) with Ray's spelling: Ray forbids `:` and
-prefixes `ray_`, so a vLLM dashboard works after replacing `vllm:` with `ray_vllm_`. Ray exports
-them on each node's metrics port (`http://127.0.0.1:8080/metrics` for `python -m backend`), where
-KubeRay's usual scraping of the Ray pods collects them.
+Names follow vLLM's where one exists, in Ray's spelling: Ray forbids `:` and prefixes `ray_`, so
+`vllm:time_to_first_token_seconds` is exported as `ray_vllm_time_to_first_token_seconds` and a
+vLLM dashboard works after replacing `vllm:` with `ray_vllm_`. Ray serves them on each node's
+metrics port (`http://127.0.0.1:8080/metrics` for `python -m backend`), where KubeRay's usual
+scraping of the Ray pods collects them. Every series has the label `model_name`.
 """
 
 from __future__ import annotations
 
-from ray.util.metrics import Gauge
+import functools
+import time
 
-_TAGS = ("model_name",)
+from ray.util.metrics import Counter, Gauge, Histogram
+
+# vLLM's bucket boundaries (vllm/engine/metrics.py), in seconds.
+_TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0]
+_TTFT_BUCKETS += [7.5, 10.0, 20.0, 40.0, 80.0]
+_ITL_BUCKETS = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0]
+_ITL_BUCKETS += [7.5, 10.0, 20.0, 40.0, 80.0]
+_E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0]
+_E2E_BUCKETS += [60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
+
+_MODEL = ("model_name",)
 
 
-class ServingMetrics:
-    """The metrics of one model replica, labelled with the served model's name."""
+class BatchGauges:
+    """Occupancy of one replica's batching loop."""
 
     def __init__(self, model_name: str) -> None:
-        tags = {"model_name": model_name}
         self._running = Gauge(
             "vllm_num_requests_running",
             description="Requests in the running batch (decoded every step).",
-            tag_keys=_TAGS,
+            tag_keys=_MODEL,
         )
         self._waiting = Gauge(
             "vllm_num_requests_waiting",
             description="Requests accepted by the replica, waiting for a batch slot.",
-            tag_keys=_TAGS,
+            tag_keys=_MODEL,
         )
-        for metric in (self._running, self._waiting):
-            metric.set_default_tags(tags)
+        for gauge in (self._running, self._waiting):
+            gauge.set_default_tags({"model_name": model_name})
 
     def batch_changed(self, running: int, waiting: int) -> None:
         """The batching loop's occupancy (re-set periodically: Ray expires idle gauges)."""
         self._running.set(running)
         self._waiting.set(waiting)
+
+
+class RequestMetrics:
+    """Latencies, token counts and outcomes of the requests one process serves."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model = model_name
+        self.ttft = Histogram(
+            "vllm_time_to_first_token_seconds",
+            description="From the request reaching the model server to its first token.",
+            boundaries=_TTFT_BUCKETS,
+            tag_keys=_MODEL,
+        )
+        self.itl = Histogram(
+            "vllm_inter_token_latency_seconds",
+            description="Between two tokens of one stream.",
+            boundaries=_ITL_BUCKETS,
+            tag_keys=_MODEL,
+        )
+        self.e2e = Histogram(
+            "vllm_e2e_request_latency_seconds",
+            description="From the request reaching the model server to its last token.",
+            boundaries=_E2E_BUCKETS,
+            tag_keys=_MODEL,
+        )
+        self.prompt_tokens = Counter(
+            "vllm_prompt_tokens", description="Prompt tokens of accepted requests.", tag_keys=_MODEL
+        )
+        self.generation_tokens = Counter(
+            "vllm_generation_tokens", description="Tokens generated.", tag_keys=_MODEL
+        )
+        self.finished = Counter(
+            "vllm_request_success",
+            description="Finished requests by reason: stop, length, abort (the client left).",
+            tag_keys=(*_MODEL, "finished_reason"),
+        )
+        for metric in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+            metric.set_default_tags({"model_name": model_name})
+
+    def track(self, prompt_tokens: int) -> RequestTracker:
+        """Start timing one accepted request."""
+        self.prompt_tokens.inc(prompt_tokens)
+        return RequestTracker(self)
+
+    def reject(self, reason: str) -> None:
+        """A request refused before its first token."""
+        count_rejection(self._model, reason)
+
+    def finish(self, reason: str) -> None:
+        """A request ended: `stop`, `length` or `abort`."""
+        self.finished.inc(tags={"model_name": self._model, "finished_reason": reason})
+
+
+@functools.cache
+def _rejections() -> Counter:
+    return Counter(
+        "chat_requests_rejected",
+        description="Requests refused before generating: invalid, not_found, overloaded.",
+        tag_keys=(*_MODEL, "reason"),
+    )
+
+
+def count_rejection(model_name: str, reason: str) -> None:
+    """A request refused before generating (no vLLM counterpart: our own name)."""
+    _rejections().inc(tags={"model_name": model_name, "reason": reason})
+
+
+class RequestTracker:
+    """The clock of one request: time to first token, gaps between tokens, end to end."""
+
+    def __init__(self, metrics: RequestMetrics) -> None:
+        self._metrics = metrics
+        self._start = self._last = time.monotonic()
+        self._first_seen = False
+
+    def tokens(self, count: int) -> None:
+        """`count` tokens arrived together (a coalesced delta): the gap is shared among them."""
+        if count <= 0:
+            return
+        now = time.monotonic()
+        gaps = count
+        if not self._first_seen:
+            self._metrics.ttft.observe(now - self._start)
+            self._first_seen, gaps = True, count - 1
+        for _ in range(gaps):
+            self._metrics.itl.observe((now - self._last) / count)
+        self._last = now
+        self._metrics.generation_tokens.inc(count)
+
+    def finished(self, reason: str) -> None:
+        """The request ended with `reason`."""
+        if reason != "abort":
+            self._metrics.e2e.observe(time.monotonic() - self._start)
+        self._metrics.finish(reason)

@@ -12,8 +12,16 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from backend.engines.base import Engine, engine_class
-from backend.errors import EngineError, InvalidRequestError, NotFoundError, OverloadedError
-from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
+from backend.errors import (
+    EngineError,
+    InvalidRequestError,
+    NotFoundError,
+    OverloadedError,
+    ServiceError,
+    rejection_reason,
+)
+from backend.generation import GenerationEvent, ModelInfo, PromptAccepted, SamplingParams
+from backend.metrics import RequestMetrics
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 
@@ -28,6 +36,7 @@ class ModelServer:
         self._engine = (engine_cls or engine_class(settings.engine))(settings)
         self._ready = threading.Event()
         self._load_error: str | None = None
+        self._metrics: RequestMetrics | None = None
 
     async def start(self) -> None:
         """Load the model in a thread (the event loop keeps answering); raise if that fails."""
@@ -37,6 +46,7 @@ class ModelServer:
             logger.exception("loading the model failed")
             self._load_error = f"{type(exc).__name__}: {exc}"
             raise
+        self._metrics = RequestMetrics(self._engine.model_id)
         self._ready.set()
 
     async def info(self) -> ModelInfo:
@@ -47,6 +57,29 @@ class ModelServer:
 
     async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
         """`PromptAccepted`, then the reply's deltas; invalid requests raise before the first."""
+        try:
+            prompt_ids, params = await self._admit(request)
+        except ServiceError as exc:
+            if self._metrics is not None:
+                self._metrics.reject(rejection_reason(exc))
+            raise
+        yield PromptAccepted(len(prompt_ids), self._engine.model_id, self._engine.context_window)
+        tracker = self._metrics.track(len(prompt_ids)) if self._metrics else None
+        reason = "abort"  # unless it finishes: the client left, or generation failed
+        try:
+            # aclosing: a client that leaves closes this generator, and that must reach the
+            # engine now.
+            async with aclosing(self._engine.generate(prompt_ids, params)) as deltas:
+                async for delta in deltas:
+                    if tracker is not None:
+                        tracker.tokens(delta.tokens)
+                    reason = delta.finish_reason or reason
+                    yield delta
+        finally:
+            if tracker is not None:
+                tracker.finished(reason)
+
+    async def _admit(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
         self._require_ready()
         if request.model and request.model != self._engine.model_id:
             raise NotFoundError(
@@ -58,12 +91,7 @@ class ModelServer:
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
-        yield PromptAccepted(len(prompt_ids), self._engine.model_id, self._engine.context_window)
-        params = request.to_sampling_params(max_tokens)
-        # aclosing: a client that leaves closes this generator, and that must reach the engine now.
-        async with aclosing(self._engine.generate(prompt_ids, params)) as deltas:
-            async for delta in deltas:
-                yield delta
+        return prompt_ids, request.to_sampling_params(max_tokens)
 
     def check_health(self) -> None:
         """Raise if loading failed or the engine broke."""

@@ -15,7 +15,7 @@ from backend.batching import BatchRunner, ContinuousBatcher
 from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
 from backend.generation import Delta, SamplingParams
-from backend.metrics import ServingMetrics
+from backend.metrics import BatchGauges
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class RunnerEngine(Engine):
             self._loaded.tokenizer,
             self._loaded.eos_ids,
             self.settings.max_batch_size,
-            observer=ServingMetrics(self.model_id),
+            observer=BatchGauges(self.model_id),
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)

@@ -108,14 +108,14 @@ class BackendProcess(ServiceProcess):
         super().__init__("backend", "backend", env, "/healthz", port)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
-    def metric(self, name: str) -> float | None:
-        """The sum of a metric's samples over all label sets; None before it is exported."""
+    def metric(self, name: str, **labels: str) -> float | None:
+        """The sum of a sample's values over the series with `labels`; None if none exported."""
         text = httpx.get(self.metrics_url, timeout=5).text
         values = [
             sample.value
             for family in text_string_to_metric_families(text)
             for sample in family.samples
-            if sample.name == name
+            if sample.name == name and labels.items() <= sample.labels.items()
         ]
         return sum(values) if values else None
 

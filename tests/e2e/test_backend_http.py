@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -162,3 +163,55 @@ def test_client_that_leaves_mid_stream_frees_its_batch_slot(backend: BackendProc
         wait_until(lambda: backend.metric(RUNNING) == 1, 30, "the stream is in the batch")
     wait_until(lambda: backend.metric(RUNNING) == 0, 30, "the batch slot is freed")
     assert post(backend, {"messages": QUESTION, "max_tokens": 8}).status_code == 200
+
+
+def test_metrics_count_real_traffic(backend: BackendProcess) -> None:
+    """vLLM's names with Ray's prefix, checked against what three requests really did."""
+    counted = {
+        "generation": ("ray_vllm_generation_tokens_total", {}),
+        "prompt": ("ray_vllm_prompt_tokens_total", {}),
+        "length": ("ray_vllm_request_success_total", {"finished_reason": "length"}),
+        "ttft": ("ray_vllm_time_to_first_token_seconds_count", {}),
+        "itl": ("ray_vllm_inter_token_latency_seconds_count", {}),
+        "e2e": ("ray_vllm_e2e_request_latency_seconds_count", {}),
+        "invalid": ("ray_chat_requests_rejected_total", {"reason": "invalid"}),
+    }
+
+    def read() -> dict[str, float]:
+        return {
+            key: backend.metric(name, **labels) or 0.0 for key, (name, labels) in counted.items()
+        }
+
+    before = read()  # settled: what earlier tests did may still be on its way to the exporter
+    while (again := _after(1.5, read)) != before:
+        before = again
+    request = {"max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    replies = [
+        post(backend, {**request, "messages": [{"role": "user", "content": f"Fact {i}?"}]}).json()
+        for i in range(3)
+    ]
+    too_long = {"messages": QUESTION, "max_tokens": 10**4}  # above the server's cap: refused
+    assert post(backend, too_long).status_code == 400
+    expected = {
+        "generation": 15.0,
+        "prompt": float(sum(r["usage"]["prompt_tokens"] for r in replies)),
+        "length": 3.0,
+        "ttft": 3.0,
+        "itl": 12.0,
+        "e2e": 3.0,
+        "invalid": 1.0,
+    }
+
+    def grown() -> dict[str, float]:
+        after = read()
+        return {key: after[key] - before[key] for key in counted}
+
+    deadline = time.monotonic() + 30  # Ray exports every half second here
+    while (seen := grown()) != expected and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert seen == expected
+
+
+def _after(seconds: float, read: Callable[[], dict[str, float]]) -> dict[str, float]:
+    time.sleep(seconds)
+    return read()
