@@ -127,6 +127,8 @@ def backend_service(port: int, **overrides: str) -> BackendProcess:
         "LLM_PORT": str(port),
         "LLM_METRICS_PORT": str(metrics_port),
         "LLM_MAX_BATCH_SIZE": "8",
+        # Requests that set no max_tokens (`/infer`) stay short on a slow or busy machine.
+        "LLM_DEFAULT_MAX_TOKENS": "64",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
         "HF_HUB_OFFLINE": "1",
