@@ -7,6 +7,7 @@ points at the same `build_app`. Arguments given to `build_app` override `LLM_*` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,6 +28,8 @@ from backend.settings import BackendSettings
 # Ray probes replicas with `check_health`; a broken engine is replaced after a few failures.
 _HEALTH_CHECK_PERIOD_S = 10
 _HEALTH_CHECK_TIMEOUT_S = 30
+# Concurrent health and model-info requests the ingress admits beside full generation queues.
+_CONTROL_REQUESTS = 64
 # Streams still running when a replica stops get this long to finish.
 _GRACEFUL_SHUTDOWN_S = 20
 
@@ -76,8 +79,9 @@ class HandleModelClient:
 
     async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events from the model replica; closing this generator cancels the request."""
-        stream = self._handle.options(stream=True).generate.remote(request)
+        stream = None
         try:
+            stream = self._handle.options(stream=True).generate.remote(request)
             async for event in stream:
                 if isinstance(event, PromptAccepted) and self._known is None:
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
@@ -88,7 +92,10 @@ class HandleModelClient:
                 count_rejection(self._known.model_id if self._known else "", "overloaded")
             raise error from None
         finally:
-            stream.cancel()
+            if stream is not None:
+                # Cancelling a request Ray refused re-raises its refusal: already translated.
+                with contextlib.suppress(Exception):
+                    stream.cancel()
 
 
 def translate_ray_error(exc: Exception) -> ServiceError:
@@ -128,7 +135,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
     ).bind(settings)
+    # The ingress only awaits: it takes every request the model replicas can hold or queue,
+    # plus room for health checks and model info, which must never wait behind generations.
+    queued = max(settings.max_queued_requests, 0)
     ingress = Ingress.options(
-        max_ongoing_requests=settings.max_ongoing_requests * settings.num_replicas,
+        max_ongoing_requests=(settings.max_ongoing_requests + queued) * settings.num_replicas
+        + _CONTROL_REQUESTS,
     )
     return ingress.bind(model, settings)
