@@ -150,16 +150,22 @@ def test_from_pretrained_gets_the_batch_size_of_the_shared_caches(
     engine.shutdown()
 
 
+def compile_once(checkpoint: Path, artifacts: Path) -> Path:
+    """Start and stop an engine that compiles into `artifacts`; the published directory."""
+    first = NeuronEngine(settings(checkpoint, neuron_artifacts_dir=artifacts))
+    first.start()
+    assert model_of(first).compile_workers is not None  # compiled, nothing to load yet
+    first.shutdown()
+    [published] = [p for p in artifacts.iterdir() if not p.name.startswith(".")]
+    return published
+
+
 def test_compile_is_published_once_and_reused(
     mistral_checkpoint: Path, neuronx: Any, tmp_path: Path
 ) -> None:
     artifacts = tmp_path / "artifacts"
-    first = NeuronEngine(settings(mistral_checkpoint, neuron_artifacts_dir=artifacts))
-    first.start()
-    assert model_of(first).compile_workers is not None  # compiled
-    [published] = [p for p in artifacts.iterdir() if not p.name.startswith(".")]
+    published = compile_once(mistral_checkpoint, artifacts)
     assert (published / "compiled.json").is_file() and list(published.glob("*.neff"))
-    first.shutdown()
     second = NeuronEngine(settings(mistral_checkpoint, neuron_artifacts_dir=artifacts))
     second.start()
     assert model_of(second).compile_workers is None  # loaded, not compiled
@@ -170,9 +176,7 @@ def test_artifacts_of_another_configuration_are_ignored_with_a_log_line(
     mistral_checkpoint: Path, neuronx: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     artifacts = tmp_path / "artifacts"
-    first = NeuronEngine(settings(mistral_checkpoint, neuron_artifacts_dir=artifacts))
-    first.start()
-    first.shutdown()
+    compile_once(mistral_checkpoint, artifacts)
     caplog.set_level(logging.INFO, logger="backend.engines.neuron_artifacts")
     other = settings(mistral_checkpoint, neuron_artifacts_dir=artifacts, max_batch_size=2)
     smaller = NeuronEngine(other)
@@ -187,10 +191,7 @@ def test_loading_broken_artifacts_fails_the_replica(
     mistral_checkpoint: Path, neuronx: Any, tmp_path: Path
 ) -> None:
     artifacts = tmp_path / "artifacts"
-    first = NeuronEngine(settings(mistral_checkpoint, neuron_artifacts_dir=artifacts))
-    first.start()
-    first.shutdown()
-    [published] = [p for p in artifacts.iterdir() if not p.name.startswith(".")]
+    published = compile_once(mistral_checkpoint, artifacts)
     next(published.glob("*.neff")).unlink()  # e.g. a volume that lost a file
     broken = NeuronEngine(settings(mistral_checkpoint, neuron_artifacts_dir=artifacts))
     with pytest.raises(EngineError, match=r"Delete .* to compile again"):
