@@ -2,6 +2,9 @@
 
 New requests join the running batch at the next step (after their own prefill), finished or
 cancelled ones leave at once, and every stream receives its text as soon as its token is sampled.
+Between two decode steps the loop prefills at most `prefill_budget` prompt tokens (in chunks, for
+runners that can extend a prompt), so a burst of long prompts delays running streams' next token
+by a bounded amount instead of freezing them.
 The loop runs in one background thread (torch releases the GIL inside kernels); callers consume
 their stream from asyncio. The model itself is behind `BatchRunner`, so the same loop drives the
 CPU engine and the Neuron engine.
@@ -10,6 +13,7 @@ CPU engine and the Neuron engine.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -18,7 +22,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
@@ -38,8 +42,15 @@ _OBSERVE_EVERY_S = 0.5
 class BatchRunner(Protocol):
     """A model that runs prefill and decode steps on a batch of sequences named by id."""
 
+    # True: `prefill` may be called again for the same sequence with the next chunk of its
+    # prompt. False: it gets the whole prompt in one call.
+    chunked_prefill: ClassVar[bool]
+
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
-        """Add a sequence to the batch; return the logits ([vocab]) for its next token."""
+        """Add (a chunk of) a sequence's prompt; return the logits ([vocab]) after its last token.
+
+        `decode` is called only with sequences whose whole prompt has been prefilled.
+        """
         ...
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
@@ -90,6 +101,7 @@ class _Sequence:
     ) -> None:
         self.id = seq_id
         self.prompt_ids = prompt_ids
+        self.prefilled = 0  # prompt tokens the runner has seen
         self.params = params
         self.generator = make_generator(params)
         self.next_token = -1
@@ -142,9 +154,11 @@ class ContinuousBatcher:
         tokenizer: Decoder,
         eos_ids: frozenset[int],
         max_batch_size: int,
+        prefill_budget: int = 512,
         observer: BatchObserver | None = None,
     ) -> None:
         self._runner = runner
+        self._prefill_budget = prefill_budget
         self._observer = observer
         self._occupancy = (0, 0)
         self._observed_at = 0.0
@@ -152,7 +166,8 @@ class ContinuousBatcher:
         self._eos_ids = eos_ids
         self._max_batch_size = max_batch_size
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
-        self._active: list[_Sequence] = []
+        self._prefilling: collections.deque[_Sequence] = collections.deque()  # in arrival order
+        self._active: list[_Sequence] = []  # decoding
         self._ids = itertools.count()
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="continuous-batcher", daemon=True)
@@ -176,6 +191,8 @@ class ContinuousBatcher:
         """Submit a request and yield its deltas; leaving early frees its batch slot."""
         if self._stopping.is_set() or not self.is_alive():
             raise EngineError("The batching loop is not running.")
+        if not prompt_ids:
+            raise EngineError("There is no prompt to generate from.")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
@@ -211,6 +228,7 @@ class ContinuousBatcher:
             try:
                 self._admit_waiting()
                 self._drop_cancelled()
+                self._prefill_within_budget()
                 if self._active:
                     self._decode_step()
                 self._observe()
@@ -230,12 +248,13 @@ class ContinuousBatcher:
     def _fail_active(self, error: EngineError) -> None:
         with contextlib.suppress(Exception):
             self._runner.reset()
-        for seq in self._active:
+        for seq in (*self._prefilling, *self._active):
             seq.fail(error)
+        self._prefilling.clear()
         self._active.clear()
 
     def _observe(self) -> None:
-        occupancy = (len(self._active), self._inbox.qsize())
+        occupancy = (self._running(), self._inbox.qsize())
         now = time.monotonic()
         if occupancy == self._occupancy and now - self._observed_at < _OBSERVE_EVERY_S:
             return
@@ -243,12 +262,15 @@ class ContinuousBatcher:
         if self._observer is not None:
             self._observer.batch_changed(*occupancy)
 
+    def _running(self) -> int:
+        return len(self._prefilling) + len(self._active)
+
     def _admit_waiting(self) -> None:
-        while len(self._active) < self._max_batch_size:
-            try:  # block only when there is nothing to decode
+        while self._running() < self._max_batch_size:
+            try:  # block only when there is nothing to do
                 seq = (
                     self._inbox.get_nowait()
-                    if self._active
+                    if self._running()
                     else self._inbox.get(timeout=_IDLE_POLL_S)
                 )
             except queue.Empty:
@@ -256,14 +278,33 @@ class ContinuousBatcher:
             if seq is None:  # shutdown sentinel
                 return
             if not seq.cancelled:
-                self._prefill(seq)
+                self._prefilling.append(seq)
 
-    def _prefill(self, seq: _Sequence) -> None:
+    def _prefill_within_budget(self) -> None:
+        """Prefill waiting prompts, oldest first, up to the budget of tokens per decode step."""
+        budget = self._prefill_budget
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            left = len(seq.prompt_ids) - seq.prefilled
+            if self._runner.chunked_prefill:
+                left = min(left, budget)
+            elif left > budget and budget < self._prefill_budget:
+                return  # a whole prompt that does not fit waits for the next step
+            budget -= left
+            self._prefill(seq, seq.prompt_ids[seq.prefilled : seq.prefilled + left])
+
+    def _prefill(self, seq: _Sequence, chunk: list[int]) -> None:
         try:
-            logits = self._runner.prefill(seq.id, seq.prompt_ids)
+            logits = self._runner.prefill(seq.id, chunk)
+            seq.prefilled += len(chunk)
+            if seq.prefilled < len(seq.prompt_ids):
+                return
+            self._prefilling.popleft()
             token = sample_next_tokens(logits.unsqueeze(0), [seq.params], [seq.generator])[0]
         except Exception as exc:
             logger.exception("prefill failed")
+            if self._prefilling and self._prefilling[0] is seq:
+                self._prefilling.popleft()
             self._runner.release(seq.id)
             seq.fail(EngineError(f"Generation failed during prefill: {exc}"))
             return
@@ -274,9 +315,12 @@ class ContinuousBatcher:
             self._active.append(seq)
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in self._active if s.cancelled]:
+        for seq in [s for s in (*self._prefilling, *self._active) if s.cancelled]:
             self._runner.release(seq.id)
-            self._active.remove(seq)
+            if seq in self._active:
+                self._active.remove(seq)
+            else:
+                self._prefilling.remove(seq)
 
     def _decode_step(self) -> None:
         batch = list(self._active)

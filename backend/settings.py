@@ -40,6 +40,12 @@ class BackendSettings(BaseSettings):
         ge=0,
         description="Context window in tokens (prompt + reply); 0 = the model's own limit.",
     )
+    prefill_chunk_tokens: int = Field(
+        256,
+        ge=16,
+        description="Most prompt tokens prefilled between two decode steps; longer prompts go "
+        "in chunks (hf), or wait for the next step (neuron, whole prompts only).",
+    )
     max_tokens_cap: int = Field(
         2048, ge=1, description="Largest `max_tokens` a request may ask for."
     )

@@ -16,7 +16,7 @@ import hashlib
 import importlib.metadata
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from packaging.specifiers import SpecifierSet
@@ -59,6 +59,10 @@ class NeuronSlotRunner:
     Every live slot must be in every decode call (the kernel rewrites all rows of the batch), which
     is how `ContinuousBatcher` calls it.
     """
+
+    # A prompt is encoded by one context-encoding call of its bucket; 0.13 has no way to extend a
+    # slot's prompt except token by token.
+    chunked_prefill: ClassVar[bool] = False
 
     def __init__(self, model: Any, slots: int) -> None:
         self._model = model

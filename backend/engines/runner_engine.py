@@ -66,6 +66,7 @@ class RunnerEngine(Engine):
             self._loaded.tokenizer,
             self._loaded.eos_ids,
             self.settings.max_batch_size,
+            prefill_budget=self.settings.prefill_chunk_tokens,
             observer=BatchGauges(self.model_id),
         )
         self._batcher.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable
 
@@ -27,7 +28,10 @@ class ByteTokenizer:
 class CountingRunner:
     """Each sequence emits prompt[-1]+1, +2, ... then EOS after `length` tokens; records steps."""
 
+    chunked_prefill = False
+
     def __init__(self, length: int = 5, fail_on_step: int | None = None) -> None:
+        self.steps: list[tuple[str, int]] = []  # ("prefill", prompt tokens) or ("decode", batch)
         self.length = length
         self.fail_on_step = fail_on_step
         self.batch_sizes: list[int] = []
@@ -48,6 +52,7 @@ class CountingRunner:
         return self._logits(token)
 
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        self.steps.append(("prefill", len(prompt_ids)))
         self.state[seq_id] = (prompt_ids[-1], 0)
         return self._next(seq_id)
 
@@ -55,6 +60,7 @@ class CountingRunner:
         if self.fail_on_step is not None and len(self.batch_sizes) == self.fail_on_step:
             raise RuntimeError("device lost")
         self.batch_sizes.append(len(seq_ids))
+        self.steps.append(("decode", len(seq_ids)))
         threading.Event().wait(self.step_delay_s)
         return torch.stack([self._next(s) for s in seq_ids])
 
@@ -66,8 +72,23 @@ class CountingRunner:
         self.state.clear()
 
 
-def make_batcher(runner: CountingRunner, max_batch_size: int = 8) -> ContinuousBatcher:
-    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), max_batch_size)
+class ChunkingRunner(CountingRunner):
+    """Accepts a prompt in chunks; only the last chunk's logits count."""
+
+    chunked_prefill = True
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        self.steps.append(("prefill", len(prompt_ids)))
+        self.state[seq_id] = (prompt_ids[-1], 0)
+        return self._next(seq_id)
+
+
+def make_batcher(
+    runner: CountingRunner, max_batch_size: int = 8, prefill_budget: int = 512
+) -> ContinuousBatcher:
+    batcher = ContinuousBatcher(
+        runner, ByteTokenizer(), frozenset({EOS}), max_batch_size, prefill_budget=prefill_budget
+    )
     batcher.start()
     return batcher
 
@@ -236,4 +257,56 @@ async def test_a_slow_reader_gets_the_tokens_it_missed_as_one_item() -> None:
     assert "".join(d.text for d in items) == "".join(chr(64 + t) for t in range(2, 32))
     assert sum(d.tokens for d in items) == 31  # 30 letters and the end-of-sequence token
     assert len(items) < 31 and items[-1].finish_reason == "stop"
+    batcher.shutdown()
+
+
+async def until_decoding(runner: CountingRunner) -> None:
+    await eventually(lambda: ("decode", 1) in runner.steps)
+
+
+async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> None:
+    runner = ChunkingRunner(length=20)
+    runner.step_delay_s = 0.002
+    batcher = make_batcher(runner, prefill_budget=4)
+    running = asyncio.ensure_future(collect(batcher, [1]))
+    await until_decoding(runner)
+    long_prompt = [1] * 9 + [20]
+    deltas = await collect(batcher, long_prompt)
+    assert "".join(d.text for d in deltas).startswith("UVW")  # 21, 22, 23 after the last chunk
+    first = runner.steps.index(("prefill", 4), 1)
+    assert runner.steps[first : first + 5] == [
+        ("prefill", 4),
+        ("decode", 1),  # the running stream is not frozen while the long prompt goes in
+        ("prefill", 4),
+        ("decode", 1),
+        ("prefill", 2),
+    ]
+    await running
+    batcher.shutdown()
+
+
+async def test_whole_prompts_are_admitted_up_to_the_budget_per_step() -> None:
+    runner = CountingRunner(length=30)
+    runner.step_delay_s = 0.002
+    batcher = make_batcher(runner, prefill_budget=6)
+    running = asyncio.ensure_future(collect(batcher, [1]))
+    await until_decoding(runner)
+    before = len(runner.steps)
+    await asyncio.gather(*(collect(batcher, [1, 2, 3, 4]) for _ in range(3)))
+    prefills_between_decodes = [
+        len(list(group))
+        for kind, group in itertools.groupby(runner.steps[before:], key=lambda s: s[0])
+        if kind == "prefill"
+    ]
+    assert prefills_between_decodes == [1, 1, 1]  # 4 + 4 > 6: one prompt per step
+    await running
+    batcher.shutdown()
+
+
+async def test_a_prompt_longer_than_the_budget_still_goes_in_whole() -> None:
+    runner = CountingRunner(length=2)
+    batcher = make_batcher(runner, prefill_budget=3)
+    deltas = await collect(batcher, [1, 2, 3, 4, 5])
+    assert "".join(d.text for d in deltas) == "FG"
+    assert runner.steps[0] == ("prefill", 5)
     batcher.shutdown()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from backend.generation import SamplingParams
@@ -41,3 +42,55 @@ def test_mixed_batch_greedy_and_sampled_rows() -> None:
     sampled = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.01, seed=3)
     tokens = sample_next_tokens(LOGITS, [sampled, greedy], [make_generator(sampled), None])
     assert tokens == [1, 0]  # top_p this small leaves only the most likely token
+
+
+def test_a_nucleus_wider_than_the_candidates_is_still_exact() -> None:
+    # 1000 equally likely tokens: the 0.9 nucleus holds 900 of them, far more than the top few.
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.9, seed=5)
+    generator = make_generator(params)
+    flat = torch.zeros(1, 1000)
+    seen = {sample_next_tokens(flat, [params], [generator])[0] for _ in range(400)}
+    assert len(seen) > 200
+
+
+def test_a_narrow_nucleus_in_a_large_vocabulary() -> None:
+    logits = torch.full((1, 50_000), -20.0)
+    logits[0, [7, 4242, 31337]] = torch.tensor([3.0, 2.5, 2.0])  # about 95% of the mass
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.8, seed=2)
+    generator = make_generator(params)
+    seen = {sample_next_tokens(logits, [params], [generator])[0] for _ in range(300)}
+    assert seen == {7, 4242}  # the third token is past the 0.8 mass
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch() -> None:
+    seeded = SamplingParams(max_tokens=1, temperature=1.0, top_p=0.95, seed=11)
+    others = [
+        SamplingParams(max_tokens=1, temperature=0.8),
+        SamplingParams(max_tokens=1, temperature=1.0, top_p=1.0),
+        SamplingParams(max_tokens=1, temperature=0.0),
+    ]
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(0)) * 3
+
+    def draws(batched: bool) -> list[int]:
+        generator = make_generator(seeded)
+        if not batched:
+            return [sample_next_tokens(logits[:1], [seeded], [generator])[0] for _ in range(30)]
+        params, generators = [seeded, *others], [generator, None, None, None]
+        return [sample_next_tokens(logits, params, generators)[0] for _ in range(30)]
+
+    assert draws(batched=True) == draws(batched=False)
+
+
+def test_unseeded_rows_are_drawn_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    multinomial = torch.multinomial
+
+    def counting(probs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(probs.shape[0] if probs.dim() == 2 else 1)
+        return multinomial(probs, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "multinomial", counting)
+    params = [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9)] * 6
+    tokens = sample_next_tokens(torch.randn(6, 500), params, [None] * 6)
+    assert len(tokens) == 6
+    assert calls == [6]

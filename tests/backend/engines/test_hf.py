@@ -175,14 +175,29 @@ def test_runner_releases_rows_and_trims_padding(hf_engine: HFEngine) -> None:
     runner = PaddedBatchRunner(hf_engine._model().runner._model)
     runner.prefill(1, [1, 2, 3, 4, 5, 6])
     runner.prefill(2, [7, 8])
-    assert runner._mask.tolist() == [[1] * 6, [0, 0, 0, 0, 1, 1]]
-    logits = runner.decode([2, 1], [9, 10])
+    logits = runner.decode([2, 1], [9, 10])  # both join the shared cache here, in this order
     assert logits.shape[0] == 2
+    assert runner._cache.attention_mask().tolist() == [[0, 0, 0, 0, 1, 1, 1], [1] * 7]
     runner.release(1)
-    assert runner._mask.tolist() == [[1, 1, 1]]  # the padding only row 1 needed is gone
-    assert runner._kv()[0][0].shape[2] == 3
+    assert runner._cache.attention_mask().tolist() == [[1, 1, 1]]  # row 1's padding is gone
+    assert runner._cache.window(0)[0].shape[2] == 3
     runner.release(2)
     assert runner._order == []
+    assert runner._cache.rows == 0
+
+
+def test_a_prompt_prefilled_in_chunks_gives_the_same_logits(hf_engine: HFEngine) -> None:
+    model = hf_engine._model().runner._model
+    prompt = hf_engine.encode_chat(chat("What is 2 + 2? Explain in detail, step by step."))
+    whole, chunked = PaddedBatchRunner(model), PaddedBatchRunner(model)
+    expected = whole.prefill(0, prompt)
+    for start in range(0, len(prompt), 7):
+        got = chunked.prefill(0, prompt[start : start + 7])
+    assert (got.float() - expected.float()).abs().max() <= BATCH_TOLERANCE[model.dtype]
+    # And the next step, from the joined cache, agrees too.
+    token = int(expected.argmax())
+    step_whole, step_chunked = whole.decode([0], [token])[0], chunked.decode([0], [token])[0]
+    assert (step_whole - step_chunked).abs().max() <= BATCH_TOLERANCE[model.dtype]
 
 
 def test_dtype_auto_follows_cpu_flags(tmp_path: Path) -> None:
