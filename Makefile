@@ -9,7 +9,20 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install run serve ui test bench lint format clean
+# Images: `make images REGISTRY=123456789012.dkr.ecr.us-west-2.amazonaws.com/team TAG=0.2.0`,
+# then `make push` and `make overlay` (same variables) to point the manifests at them.
+REGISTRY ?= localhost:5000
+TAG ?= 0.1.0
+DOCKER ?= docker
+# The manifests' image names (k8s/): kustomize rewrites these placeholders.
+SERVE_IMAGE := mistral-inf2-chat-serve
+UI_IMAGE := mistral-inf2-chat-ui
+PLACEHOLDER := ghcr.io/OWNER
+OVERLAY_DIR ?= k8s/overlays/release
+IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu \
+	$(REGISTRY)/$(UI_IMAGE):$(TAG)
+
+.PHONY: install run serve ui test bench lint format clean images push overlay
 
 install: $(STAMP)
 
@@ -45,6 +58,38 @@ test: lint
 
 bench: install
 	$(BIN)/python -m tests.bench
+
+# The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
+images:
+	$(DOCKER) build -f Dockerfile.serve --target neuron -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG) .
+	$(DOCKER) build -f Dockerfile.serve --target cpu -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu .
+	$(DOCKER) build -f Dockerfile.ui -t $(REGISTRY)/$(UI_IMAGE):$(TAG) .
+
+push:
+	for image in $(IMAGES); do $(DOCKER) push "$$image" || exit 1; done
+
+# A kustomization (not committed: .gitignore) that deploys k8s/mistral and k8s/gradio with the
+# images above: kubectl apply -k $(OVERLAY_DIR). MONITORING=1 adds the PodMonitor component.
+overlay:
+	mkdir -p $(OVERLAY_DIR)
+	rel=$$($(PY) -c 'import os, sys; print(os.path.relpath("k8s", sys.argv[1]))' $(OVERLAY_DIR)) \
+	&& { \
+	  echo "# Written by make overlay REGISTRY=$(REGISTRY) TAG=$(TAG)"; \
+	  echo "apiVersion: kustomize.config.k8s.io/v1beta1"; \
+	  echo "kind: Kustomization"; \
+	  echo "resources:"; \
+	  echo "  - $$rel/mistral"; \
+	  echo "  - $$rel/gradio"; \
+	  if [ -n "$(MONITORING)" ]; then echo "components:"; echo "  - $$rel/components/monitoring"; fi; \
+	  echo "images:"; \
+	  echo "  - name: $(PLACEHOLDER)/$(SERVE_IMAGE)"; \
+	  echo "    newName: $(REGISTRY)/$(SERVE_IMAGE)"; \
+	  echo "    newTag: \"$(TAG)\""; \
+	  echo "  - name: $(PLACEHOLDER)/$(UI_IMAGE)"; \
+	  echo "    newName: $(REGISTRY)/$(UI_IMAGE)"; \
+	  echo "    newTag: \"$(TAG)\""; \
+	} > $(OVERLAY_DIR)/kustomization.yaml
+	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
+from backend.auth import BearerKeyMiddleware
 from backend.errors import (
     EngineError,
     InvalidRequestError,
@@ -38,10 +39,14 @@ _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
-    """The FastAPI app: OpenAI routes, health, and the blueprint's `/infer`."""
+    """The FastAPI app: OpenAI routes, health, and the blueprint's `/infer`; with keys set,
+    every route but `/healthz` requires one."""
     app = FastAPI(title="Mistral chat backend", version="0.1.0")
     service = ChatService(client)
     _add_error_handlers(app)
+    keys = settings.api_keys()
+    if keys:
+        app.add_middleware(BearerKeyMiddleware, keys=keys)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(raw: Request) -> Response:

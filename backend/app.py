@@ -32,6 +32,11 @@ _HEALTH_CHECK_TIMEOUT_S = 30
 _CONTROL_REQUESTS = 64
 # Streams still running when a replica stops get this long to finish.
 _GRACEFUL_SHUTDOWN_S = 20
+# Autoscaling adds a replica after demand stayed high this long (a new inf2 node takes minutes
+# anyway), and removes one only after it stayed low for ten minutes: bringing a replica back
+# costs a node launch and a model load.
+_UPSCALE_DELAY_S = 30
+_DOWNSCALE_DELAY_S = 600
 
 
 @serve.deployment(
@@ -130,7 +135,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     settings = BackendSettings(**(args or {}))
     resources = {"neuron_cores": settings.num_neuron_cores} if settings.num_neuron_cores else {}
     model = ModelDeployment.options(
-        num_replicas=settings.num_replicas,
+        **replica_options(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
@@ -138,8 +143,27 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     # The ingress only awaits: it takes every request the model replicas can hold or queue,
     # plus room for health checks and model info, which must never wait behind generations.
     queued = max(settings.max_queued_requests, 0)
+    replicas = settings.max_replicas or settings.num_replicas
     ingress = Ingress.options(
-        max_ongoing_requests=(settings.max_ongoing_requests + queued) * settings.num_replicas
+        max_ongoing_requests=(settings.max_ongoing_requests + queued) * replicas
         + _CONTROL_REQUESTS,
     )
     return ingress.bind(model, settings)
+
+
+def replica_options(settings: BackendSettings) -> dict[str, Any]:
+    """The model deployment's replica count: fixed, or Serve autoscaling when `max_replicas`
+    is set, between `num_replicas` and it."""
+    if settings.max_replicas is None:
+        return {"num_replicas": settings.num_replicas}
+    autoscaling = {
+        "min_replicas": settings.num_replicas,
+        "initial_replicas": settings.num_replicas,
+        "max_replicas": settings.max_replicas,
+        # A full batch per replica: above it requests wait in a replica's queue, so that is
+        # where one more replica starts paying off.
+        "target_ongoing_requests": settings.max_batch_size,
+        "upscale_delay_s": _UPSCALE_DELAY_S,
+        "downscale_delay_s": _DOWNSCALE_DELAY_S,
+    }
+    return {"autoscaling_config": autoscaling}

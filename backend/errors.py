@@ -2,6 +2,7 @@
 
     ServiceError
     ├── InvalidRequestError      400  bad field, bad JSON, prompt too long
+    ├── AuthenticationError      401  missing or wrong bearer key (`LLM_API_KEY` set)
     ├── NotFoundError            404  unknown model or route
     ├── RequestTooLargeError     413  body above `LLM_MAX_REQUEST_BYTES`
     ├── OverloadedError          503  model still loading, or too many queued requests
@@ -54,6 +55,14 @@ class InvalidRequestError(ServiceError):
     """Raised when a request is malformed or asks for something the model cannot do."""
 
     status_code = 400
+    error_type = "invalid_request_error"
+
+
+class AuthenticationError(ServiceError):
+    """Raised when `LLM_API_KEY` is set and a request lacks one of its keys."""
+
+    status_code = 401
+    # OpenAI's own 401 body: type invalid_request_error, code invalid_api_key.
     error_type = "invalid_request_error"
 
 

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -91,14 +91,52 @@ class BackendSettings(BaseSettings):
     max_queued_requests: int = Field(
         256, ge=-1, description="Requests waiting for a replica before HTTP 503 (-1 = no limit)."
     )
-    num_replicas: int = Field(1, ge=1, description="Model deployment replicas.")
+    num_replicas: int = Field(
+        1, ge=1, description="Model deployment replicas (with max_replicas: the minimum)."
+    )
+    max_replicas: int | None = Field(
+        None,
+        ge=1,
+        description="Ray Serve autoscales the model deployment between num_replicas and this, "
+        "aiming at max_batch_size ongoing requests per replica; unset = num_replicas, fixed.",
+    )
     health_timeout_s: float = Field(
         5.0, gt=0, description="Seconds `/healthz` waits for the model replica to answer."
     )
+    api_key: SecretStr | None = Field(
+        None,
+        description="Bearer key(s), comma-separated, every route but /healthz requires; "
+        "unset = no authentication.",
+    )
+
+    @field_validator("api_key")
+    @classmethod
+    def _keys_or_none(cls, value: SecretStr | None) -> SecretStr | None:
+        # An empty variable (e.g. an empty Secret) must not pass for a key nobody can send.
+        if value is None or not _split_keys(value.get_secret_value()):
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> BackendSettings:
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) must be at least num_replicas "
+                f"({self.num_replicas}): raise LLM_MAX_REPLICAS or lower LLM_NUM_REPLICAS"
+            )
+        return self
+
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted bearer keys (empty: authentication is off)."""
+        return _split_keys(self.api_key.get_secret_value()) if self.api_key else ()
 
     def model_cpus(self) -> float:
         """CPUs the model replica reserves: the setting, or every core of this machine."""
         return self.num_cpus if self.num_cpus is not None else float(os.cpu_count() or 1)
+
+
+def _split_keys(raw: str) -> tuple[str, ...]:
+    return tuple(key for key in (part.strip() for part in raw.split(",")) if key)
 
 
 @lru_cache(maxsize=1)

@@ -114,6 +114,13 @@ def notice_for(error: BackendError) -> dict[str, Any]:
     else:
         title = "⚠️ Answer cut off"
     advice = "The conversation is kept: send a message or press Regenerate to try again."
+    if isinstance(error, BackendHTTPError) and error.status_code == 401:
+        # Retrying cannot help: the operator has to fix the key.
+        title = "⚠️ The backend refused the UI's API key (HTTP 401)"
+        advice = (
+            "Set CHATUI_API_KEY to one of the backend's LLM_API_KEY keys (in the cluster: the "
+            "Secret llm-api-key in both namespaces) and restart the UI."
+        )
     return notice_message(title, f"{error}\n\n{advice}")
 
 

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
+import logging
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from backend.api import build_api
 from backend.errors import EngineError
@@ -216,3 +221,119 @@ async def test_an_unexpected_failure_is_a_json_500(
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "internal_error" and "secret" not in error["message"]
+
+
+# --- bearer keys (LLM_API_KEY) --------------------------------------------------------------
+
+KEYS = ("first-key-3f9a1c", "second-key-77b2e0")
+LOCKED_ROUTES = [
+    ("POST", CHAT),
+    ("GET", "/v1/models"),
+    ("GET", "/infer?sentence=hi"),
+    ("GET", "/v1/nothing"),
+    ("GET", "/openapi.json"),
+    ("GET", "/docs"),
+]
+
+
+@pytest.fixture
+async def locked(
+    server: ModelServer, settings: BackendSettings
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The routes with two keys set, as `LLM_API_KEY="k1, k2"` sets them."""
+    keyed = settings.model_copy(update={"api_key": SecretStr(f" {KEYS[0]} , {KEYS[1]},")})
+    transport = httpx.ASGITransport(app=build_api(server, keyed))
+    async with httpx.AsyncClient(transport=transport, base_url="http://backend") as http:
+        yield http
+
+
+def _bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _assert_401(response: httpx.Response) -> None:
+    assert response.status_code == 401, response.text
+    assert response.headers["www-authenticate"] == "Bearer"
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+
+
+@pytest.mark.parametrize(("method", "path"), LOCKED_ROUTES)
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        _bearer("not-a-key"),
+        _bearer(KEYS[0][:-1]),  # a prefix of a real key
+        _bearer(""),
+        {"Authorization": f"Basic {KEYS[0]}"},  # a key under another scheme
+        {"Authorization": KEYS[0]},
+    ],
+    ids=["none", "wrong", "prefix", "empty", "basic", "no-scheme"],
+)
+async def test_without_a_valid_key_every_route_but_health_is_401(
+    locked: httpx.AsyncClient, script: Script, method: str, path: str, headers: dict[str, str]
+) -> None:
+    body = {"json": {"messages": HELLO}} if method == "POST" else {}
+    _assert_401(await locked.request(method, path, headers=headers, **body))
+    assert script.history == []  # refused before the engine saw anything
+
+
+@pytest.mark.parametrize("key", KEYS)
+async def test_each_configured_key_opens_every_route(
+    locked: httpx.AsyncClient, script: Script, key: str
+) -> None:
+    script.enqueue(["Hi", "!"])
+    chat = await locked.post(CHAT, json={"messages": HELLO}, headers=_bearer(key))
+    assert chat.status_code == 200
+    assert chat.json()["choices"][0]["message"]["content"] == "Hi!"
+    assert (await locked.get("/v1/models", headers=_bearer(key))).status_code == 200
+    stream = await locked.post(CHAT, json={"messages": HELLO, "stream": True}, headers=_bearer(key))
+    assert sse_payloads(stream.text)[-1] == "[DONE]"
+    # The scheme is case-insensitive (RFC 7235).
+    lower = await locked.get("/v1/models", headers={"Authorization": f"bearer {key}"})
+    assert lower.status_code == 200
+
+
+async def test_health_needs_no_key(locked: httpx.AsyncClient) -> None:
+    response = await locked.get("/healthz")
+    assert response.status_code == 200 and response.json()["status"] == "ok"
+
+
+async def test_keys_are_compared_in_full_against_every_key(
+    locked: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No early exit on a match: the time taken does not tell which key matched."""
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def compare(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr("backend.auth.hmac.compare_digest", compare)
+    assert (await locked.get("/v1/models", headers=_bearer(KEYS[0]))).status_code == 200
+    assert len(calls) == len(KEYS)
+    assert all(len(a) == len(b) == 32 for a, b in calls)  # digests: equal length, whatever the key
+
+
+async def test_keys_never_appear_in_responses_or_logs(
+    locked: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    replies = [
+        await locked.get("/v1/models", headers=_bearer("wrong-key-5d1e")),
+        await locked.post(CHAT, json={"messages": HELLO}, headers=_bearer(KEYS[1][:-2])),
+        await locked.get("/v1/models", headers=_bearer(KEYS[0])),
+    ]
+    seen = caplog.text + "".join(r.text + str(r.headers) for r in replies)
+    for secret in (*KEYS, "wrong-key-5d1e", KEYS[1][:-2]):
+        assert secret not in seen
+
+
+def test_settings_do_not_show_the_keys() -> None:
+    settings = BackendSettings(api_key=",".join(KEYS))
+    shown = repr(settings) + str(settings) + str(settings.model_dump())
+    assert settings.api_keys() == KEYS
+    assert not any(key in shown for key in KEYS)

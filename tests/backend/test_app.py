@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve._private.build_app import build_app as build_serve_app
+from ray.serve._private.config import DeploymentConfig
 from ray.serve.exceptions import BackPressureError
 
-from backend.app import translate_ray_error
+from backend.app import build_app, translate_ray_error
 from backend.errors import EngineError, InvalidRequestError, OverloadedError
 
 
@@ -42,3 +44,27 @@ def test_ray_errors_map_to_a_status_and_a_clean_message(
     error = translate_ray_error(exc)
     assert type(error) is expected
     assert "Traceback" not in error.message and "secret.py" not in error.message
+
+
+def _deployments(args: dict[str, object]) -> dict[str, DeploymentConfig]:
+    built = build_serve_app(build_app(args), name="mistral")
+    return {d.name: d._deployment_config for d in built.deployments}
+
+
+def test_fixed_replicas_without_max_replicas() -> None:
+    config = _deployments({"num_replicas": 2})["model"]
+    assert (config.num_replicas, config.autoscaling_config) == (2, None)
+
+
+def test_max_replicas_turns_on_autoscaling_aimed_at_a_full_batch_per_replica() -> None:
+    deployments = _deployments({"num_replicas": 1, "max_replicas": 4, "max_batch_size": 6})
+    autoscaling = deployments["model"].autoscaling_config
+    assert autoscaling is not None
+    assert (autoscaling.min_replicas, autoscaling.max_replicas) == (1, 4)
+    assert autoscaling.initial_replicas == 1
+    assert autoscaling.target_ongoing_requests == 6
+    # The ingress admits what the largest number of replicas can hold or queue.
+    model = deployments["model"]
+    assert deployments["ingress"].max_ongoing_requests >= 4 * (
+        model.max_ongoing_requests + model.max_queued_requests
+    )

@@ -29,3 +29,21 @@ def test_invalid_values_are_rejected_naming_the_field(
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name.removeprefix("LLM_").lower()):
         BackendSettings()
+
+
+@pytest.mark.parametrize(
+    ("raw", "keys"),
+    [("one", ("one",)), (" one , two,,three ", ("one", "two", "three")), ("", ()), (" , ", ())],
+)
+def test_api_keys_are_a_comma_separated_list_and_empty_means_open(
+    monkeypatch: pytest.MonkeyPatch, raw: str, keys: tuple[str, ...]
+) -> None:
+    monkeypatch.setenv("LLM_API_KEY", raw)
+    settings = BackendSettings()
+    assert settings.api_keys() == keys
+    assert (settings.api_key is None) == (keys == ())
+
+
+def test_max_replicas_below_num_replicas_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="LLM_MAX_REPLICAS"):
+        BackendSettings(num_replicas=3, max_replicas=2)

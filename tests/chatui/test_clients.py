@@ -327,6 +327,46 @@ async def test_api_key_is_sent_as_a_bearer_token(router: respx.Router) -> None:
     assert route.calls.last.request.headers["authorization"] == "Bearer s3cret"
 
 
+async def test_the_key_from_settings_goes_with_every_request_health_included(
+    router: respx.Router,
+) -> None:
+    models = {"object": "list", "data": [{"id": "m"}]}
+    routes = [
+        router.get("/v1/models").mock(return_value=httpx.Response(200, json=models)),
+        router.post(CHAT).mock(return_value=stream_response(ChunkedStream([full_reply()]))),
+        router.get("/healthz").mock(return_value=httpx.Response(200, json={"model": "m"})),
+        router.get("/infer").mock(return_value=httpx.Response(200, json=["hi"])),
+    ]
+    transport = httpx.MockTransport(router.async_handler)
+    for api in ("openai", "infer"):
+        settings = ChatUISettings(backend_url=BASE, backend_api=api, api_key="k-from-env")
+        client = create_client(settings, transport=transport)
+        assert (await client.health()).state == "ready"
+        await collect(client)
+    for route in routes:
+        assert route.called
+        assert {c.request.headers["authorization"] for c in route.calls} == {"Bearer k-from-env"}
+
+
+async def test_a_refused_key_is_an_http_401_with_the_servers_message(router: respx.Router) -> None:
+    refusal = {
+        "error": {
+            "message": "Invalid API key.",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": "invalid_api_key",
+        }
+    }
+    router.post(CHAT).mock(return_value=httpx.Response(401, json=refusal))
+    router.get("/v1/models").mock(return_value=httpx.Response(401, json=refusal))
+    client = make_client(router, api_key="wrong")
+    _, error = await collect(client)
+    assert isinstance(error, BackendHTTPError)
+    assert (error.status_code, error.message) == (401, "Invalid API key.")
+    status = await client.health()
+    assert status.state == "unreachable" and "HTTP 401: Invalid API key." in status.detail
+
+
 async def test_health_ready_reports_model_and_window_and_later_chats_name_it(
     router: respx.Router,
 ) -> None:

@@ -113,6 +113,16 @@ async def test_backend_errors_become_a_notice_and_keep_the_history(
     assert str(error) in text_of(final[3]["content"])
 
 
+async def test_a_refused_key_says_which_setting_to_fix(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue(BackendHTTPError("Invalid API key.", status_code=401))
+    final, _ = (await run(handlers, [user_message("hello")]))[-1]
+    assert "API key" in final[1]["metadata"]["title"]
+    content = text_of(final[1]["content"])
+    assert "Invalid API key." in content and "CHATUI_API_KEY" in content
+
+
 async def test_a_cut_stream_keeps_the_partial_answer_and_marks_it(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:

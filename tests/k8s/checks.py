@@ -32,6 +32,7 @@ KUSTOMIZATIONS = {
     "mistral": K8S / "mistral",
     "gradio": K8S / "gradio",
     "cpu": K8S / "overlays" / "cpu",
+    "monitoring": K8S / "overlays" / "monitoring",
 }
 RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu"]
 K8S_VERSION = "1.33.0"  # an EKS standard-support version
@@ -49,6 +50,9 @@ SERVE_PORT = 8000
 BACKEND_URL = "http://mistral-serve-svc.mistral.svc.cluster.local:8000"
 HF_SECRET = {"name": "hf-token", "key": "hf-token"}
 HF_TOKEN_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
+API_KEY_SECRET = {"name": "llm-api-key", "key": "api-key"}
+# Kinds of CRDs without a schema here: checked structurally (tests/k8s/test_operations.py).
+STRUCTURAL_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
 NEURON_DEVICE = "aws.amazon.com/neuron"
 CORES_PER_INF2_DEVICE = 2
 # Kept by KubeRay (`memory`, `labels` are hidden in `ray start`; KubeRay sets these itself).
@@ -182,7 +186,7 @@ def core_object_problems(objects: list[Manifest]) -> list[str]:
                         "template": template,
                     }
                 )
-        else:
+        elif (obj["apiVersion"], obj["kind"]) not in STRUCTURAL_KINDS:
             documents.append(obj)
     for document in documents:
         try:
@@ -374,6 +378,26 @@ def hf_token_problems(objects: list[Manifest]) -> list[str]:
                     problems.append(f"{container['name']}: {name} is not from Secret hf-token")
                 if ref.get("optional"):
                     problems.append(f"{container['name']}: {name} must not be optional")
+    return problems
+
+
+def api_key_problems(objects: list[Manifest]) -> list[str]:
+    """Every Ray container gets LLM_API_KEY and the UI CHATUI_API_KEY, both from Secret
+    llm-api-key/api-key of their namespace, required (a pod without it must not start open)."""
+    problems = []
+    wanted = [("LLM_API_KEY", c) for obj in find(objects, "RayService") for c in containers(obj)]
+    wanted += [
+        ("CHATUI_API_KEY", c)
+        for obj in find(objects, "Deployment", UI_DEPLOYMENT)
+        for c in containers(obj)
+    ]
+    for name, container in wanted:
+        entry = env_of(container).get(name)
+        ref = (entry or {}).get("valueFrom", {}).get("secretKeyRef", {})
+        if entry is None or "value" in entry:
+            problems.append(f"{container['name']}: {name} is not set from a Secret")
+        elif {k: ref.get(k) for k in API_KEY_SECRET} != API_KEY_SECRET or ref.get("optional"):
+            problems.append(f"{container['name']}: {name} is not the required Secret llm-api-key")
     return problems
 
 

@@ -1,10 +1,11 @@
 """Render the kustomizations under k8s/: with `kubectl kustomize` when it is installed, otherwise
 with a small pure-Python renderer of the subset k8s/ uses.
 
-The subset: `resources` (files and directories), `patches` whose patch is a JSON 6902 operation
-list (from `path` or inline `patch`, selected by `target`), and `images` (name, newName, newTag,
-digest). Anything else raises `UnsupportedKustomization`, so the two renderers cannot silently
-disagree; a test compares them whenever kubectl is present.
+The subset: `resources` (files and directories), `components` (directories holding a
+`kind: Component`), `patches` whose patch is a JSON 6902 operation list (from `path` or inline
+`patch`, selected by `target`), and `images` (name, newName, newTag, digest). Anything else
+raises `UnsupportedKustomization`, so the two renderers cannot silently disagree; a test
+compares them whenever kubectl is present.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import yaml
 
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-_SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}
+_SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "components", "patches", "images"}
 _TARGET_KEYS = {"group", "version", "kind", "name", "namespace"}
 
 Manifest = dict[str, Any]
@@ -55,14 +56,31 @@ def render_kubectl(directory: Path) -> list[Manifest]:
 def render_python(directory: Path) -> list[Manifest]:
     """Our rendering of the supported subset."""
     spec = _load_kustomization(directory)
+    if spec.get("kind") == "Component":
+        raise UnsupportedKustomization(f"{directory} is a Component: render a kustomization")
     objects: list[Manifest] = []
+    _accumulate(directory, spec, objects)
+    return objects
+
+
+def _accumulate(directory: Path, spec: dict[str, Any], objects: list[Manifest]) -> None:
+    """Add a kustomization's resources to `objects`, then apply its components and edits
+    (kustomize's order: components come after the resources, before the own patches)."""
     for entry in spec.get("resources", []):
         objects.extend(_load_resource(directory / entry))
+    for entry in spec.get("components", []):
+        component = _load_kustomization(directory / entry)
+        if component.get("kind") != "Component":
+            raise UnsupportedKustomization(f"{directory / entry} is not a Component")
+        _accumulate(directory / entry, component, objects)
+    _apply_edits(directory, spec, objects)
+
+
+def _apply_edits(directory: Path, spec: dict[str, Any], objects: list[Manifest]) -> None:
     for patch in spec.get("patches", []):
         _apply_patch(directory, objects, patch)
     for image in spec.get("images", []):
         set_image(objects, image)
-    return objects
 
 
 def _load_kustomization(directory: Path) -> dict[str, Any]:

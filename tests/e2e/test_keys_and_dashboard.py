@@ -1,0 +1,98 @@
+"""The real backend with LLM_API_KEY set and Serve autoscaling on (as in the cluster): the key
+check over HTTP, and every metric the Grafana dashboard queries in its real /metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.services import ARTIFACTS, BackendProcess, backend_service, free_port, wait_until
+from tests.k8s import dashboard
+
+pytestmark = pytest.mark.e2e
+
+KEYS = ("e2e-key-8c1f07", "e2e-second-5a0b93")
+CHAT = "/v1/chat/completions"
+HELLO = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 4, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def locked_backend() -> Iterator[BackendProcess]:
+    # LLM_MAX_REPLICAS=1: min = max = 1, but the deployment goes through Serve's autoscaling,
+    # the path the cluster's manifests take.
+    service = backend_service(free_port(), LLM_API_KEY=",".join(KEYS), LLM_MAX_REPLICAS="1")
+    service.start()  # polls /healthz without a key: it must stay open
+    yield service
+    service.stop()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_routes_need_a_key_health_does_not(locked_backend: BackendProcess) -> None:
+    url = locked_backend.url
+    assert httpx.get(url + "/healthz").status_code == 200
+    requests = [("POST", CHAT, HELLO), ("GET", "/v1/models", None), ("GET", "/infer", None)]
+    for method, path, body in requests:
+        for headers in ({}, bearer("not-the-key"), bearer(KEYS[0].upper())):
+            response = httpx.request(method, url + path, json=body, headers=headers, timeout=60)
+            assert response.status_code == 401, (path, response.text)
+            assert response.headers["www-authenticate"] == "Bearer"
+            assert response.json()["error"]["code"] == "invalid_api_key"
+    for key in KEYS:
+        assert httpx.get(url + "/v1/models", headers=bearer(key)).status_code == 200
+        reply = httpx.post(url + CHAT, json=HELLO, headers=bearer(key), timeout=120)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 4
+    # The official client: its AuthenticationError without the key, a reply with it.
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong").models.list()
+    client = openai.OpenAI(base_url=url + "/v1", api_key=KEYS[1])
+    stream = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=HELLO["messages"],
+        max_tokens=HELLO["max_tokens"],
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    finished = [
+        c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason
+    ]
+    assert finished == ["length"]
+    log = (ARTIFACTS / "backend.log").read_text(errors="replace")
+    assert not any(key in log for key in KEYS)
+
+
+def test_every_dashboard_query_finds_its_metrics_and_labels(locked_backend: BackendProcess) -> None:
+    """After traffic of every kind the dashboard shows (replies, a refusal, a 401)."""
+    url, key = locked_backend.url, bearer(KEYS[0])
+    assert httpx.post(url + CHAT, json=HELLO, headers=key, timeout=120).status_code == 200
+    too_long = {**HELLO, "max_tokens": 10**6}
+    assert httpx.post(url + CHAT, json=too_long, headers=key, timeout=60).status_code == 400
+    assert httpx.get(url + "/v1/models").status_code == 401
+    board = dashboard.load()
+    wanted = {
+        where: (names, dashboard.label_names(expr))
+        for (where, expr), names in zip(
+            dashboard.queries(board), dashboard.metric_names(board).values(), strict=True
+        )
+    }
+
+    def missing() -> list[str]:
+        text = httpx.get(locked_backend.metrics_url, timeout=5).text
+        labels: dict[str, set[str]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+        return [
+            f"{where}: {name} {sorted(needed - labels.get(name, set()))}"
+            for where, (names, needed) in wanted.items()
+            for name in names
+            if name not in labels or not needed <= labels[name]
+        ]
+
+    wait_until(lambda: not missing(), 60, "every dashboard metric exported")
