@@ -1,0 +1,288 @@
+"""`make bench`: the serving figures and their targets, all measured side by side in one run.
+
+Writes `artifacts/bench.md` (the table) and `artifacts/bench.png` (throughput). Figures are
+compared as ratios inside the run, because absolute numbers on shared machines are noisy; the
+figures measured before the serving work stand beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from backend.engines.hf import HFEngine
+from backend.settings import BackendSettings
+from tests.bench import load, raw
+from tests.bench.load import Run, Saturation
+from tests.bench.ui import ui_overhead
+from tests.e2e.services import ARTIFACTS, backend_service, free_port
+
+MAX_TOKENS = 128
+CONCURRENCY = 8
+REPEATS = 3  # requests averaged per single-stream figure
+TURNS = 3  # questions per user in the concurrent-conversations figure
+SATURATING_STREAMS = 400
+LONG_PROMPT_WORDS = 1500
+
+# Measured before the serving work (issue 8, same machine kind, bf16), for comparison.
+PREVIOUS = {
+    "http1/raw1": "0.70",
+    "http8/raw8": "0.54",
+    "8/one": "2.7x",
+    "ttft8/ttft1": "4.5x",
+    "control_p99": "> 10 s (timeouts for ~100 s)",
+    "ui_overhead": "85-222 ms",
+}
+
+
+@dataclass
+class Served:
+    """What one engine achieves through the real HTTP backend."""
+
+    start_s: float
+    single: Run
+    burst: Run
+    conversations: Run
+    itl_median_s: float
+    itl_max_s: float
+    peak_rss_bytes: int
+
+
+def time_engine_starts() -> tuple[float, float]:
+    """Seconds to start the hf engine from the GGUF file (cold) and from the converted cache."""
+    with tempfile.TemporaryDirectory() as cache:
+        times = []
+        for _ in range(2):
+            engine = HFEngine(BackendSettings(cache_dir=Path(cache)))
+            start = time.perf_counter()
+            engine.start()
+            times.append(time.perf_counter() - start)
+            engine.shutdown()
+    return times[0], times[1]
+
+
+class PeakMemory:
+    """Samples the summed RSS of a process tree in the background."""
+
+    def __init__(self, pid: int) -> None:
+        self._root = psutil.Process(pid)
+        self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.2):
+            processes = [self._root, *self._root.children(recursive=True)]
+            total = 0
+            for process in processes:
+                with contextlib.suppress(psutil.Error):  # a worker may exit while we look
+                    total += process.memory_info().rss
+            self.peak_bytes = max(self.peak_bytes, total)
+
+
+def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Served, object]:
+    """Start the backend on `engine`, measure it, run `extra(url)` on it, stop it."""
+    service = backend_service(free_port(), LLM_ENGINE=engine)
+    started = time.perf_counter()
+    service.start()
+    start_s = time.perf_counter() - started
+    try:
+        with PeakMemory(service.pid) as memory:
+            single = asyncio.run(load.single_streams(service.url, MAX_TOKENS, REPEATS))
+            alone_s = single.seconds / REPEATS
+            burst = asyncio.run(load.burst(service.url, MAX_TOKENS, CONCURRENCY))
+            talks = asyncio.run(
+                load.conversations(service.url, MAX_TOKENS, CONCURRENCY, TURNS, alone_s)
+            )
+            itl = asyncio.run(load.stall_under_long_prompts(service.url, LONG_PROMPT_WORDS, 4))
+        served = Served(start_s, single, burst, talks, *itl, memory.peak_bytes)
+        return served, extra(service.url) if extra else None
+    finally:
+        service.stop()
+
+
+def control_plane_and_ui(url: str) -> tuple[Saturation, tuple[float, float]]:
+    """Health and model info under saturation, then the UI's own share of time to first token."""
+    saturated = asyncio.run(load.saturation(url, SATURATING_STREAMS, seconds=10))
+    return saturated, ui_overhead(url)
+
+
+def engines() -> list[str]:
+    """The CPU engines installed here."""
+    return ["hf", *(["llamacpp"] if importlib.util.find_spec("llama_cpp") else [])]
+
+
+def rows_for(name: str, served: Served, raw1: Run, raw8: Run) -> list[tuple[str, str, str, str]]:
+    """Table rows of one engine: measure, this run, target, before."""
+    s = served
+    return [
+        (f"{name}: start to /healthz 200", f"{s.start_s:.1f} s", "", ""),
+        (
+            f"{name}: raw in-process, batch 1 / batch {CONCURRENCY}",
+            f"{raw1.rate:.0f} / {raw8.rate:.0f} tok/s",
+            "",
+            "",
+        ),
+        (
+            f"{name}: HTTP, 1 stream (mean of {REPEATS}) / {CONCURRENCY} at once",
+            f"{s.single.rate:.0f} / {s.burst.rate:.0f} tok/s",
+            "",
+            "",
+        ),
+        (
+            f"{name}: HTTP 1 stream / raw batch 1",
+            f"{s.single.rate / raw1.rate:.2f}",
+            ">= 0.9",
+            PREVIOUS["http1/raw1"] if name == "hf" else "",
+        ),
+        (
+            f"{name}: HTTP {CONCURRENCY} streams / raw batch {CONCURRENCY}",
+            f"{s.burst.rate / raw8.rate:.2f}",
+            ">= 0.85" if name == "llamacpp" else ">= 0.8",
+            PREVIOUS["http8/raw8"] if name == "hf" else "",
+        ),
+        (
+            f"{name}: {CONCURRENCY} at once / one at a time",
+            f"{s.burst.rate / s.single.rate:.1f}x",
+            ">= 5x",
+            PREVIOUS["8/one"] if name == "hf" else "",
+        ),
+        (f"{name}: TTFT p50, 1 stream", f"{s.single.ttft_p50 * 1000:.0f} ms", "", ""),
+        (
+            f"{name}: TTFT p50, {CONCURRENCY} users chatting ({TURNS} turns each, staggered)",
+            f"{s.conversations.ttft_p50 * 1000:.0f} ms "
+            f"({s.conversations.ttft_p50 / s.single.ttft_p50:.1f}x)",
+            "<= 2x",
+            PREVIOUS["ttft8/ttft1"] if name == "hf" else "",
+        ),
+        (
+            f"{name}: TTFT p50, {CONCURRENCY} sent in the same instant",
+            f"{s.burst.ttft_p50 * 1000:.0f} ms ({s.burst.ttft_p50 / s.single.ttft_p50:.1f}x)",
+            "",
+            "",
+        ),
+        (
+            f"{name}: a running stream's inter-token gap, median / max while 4 prompts of "
+            f"~{LONG_PROMPT_WORDS} words arrive",
+            f"{s.itl_median_s * 1000:.0f} / {s.itl_max_s * 1000:.0f} ms",
+            "bounded",
+            "",
+        ),
+        (
+            f"{name}: peak RSS of the backend process tree",
+            f"{s.peak_rss_bytes / 2**30:.2f} GiB",
+            "",
+            "",
+        ),
+    ]
+
+
+def main() -> None:
+    """Run every measurement and write the report."""
+    cold, cached = time_engine_starts()
+    ceilings = {
+        "hf": (
+            raw.transformers_generate(1, MAX_TOKENS),
+            raw.transformers_generate(CONCURRENCY, MAX_TOKENS),
+        )
+    }
+    rows: list[tuple[str, str, str, str]] = [
+        (
+            "hf: engine start, cold (GGUF conversion) / cached",
+            f"{cold:.1f} / {cached:.1f} s",
+            "",
+            "",
+        ),
+    ]
+    served: dict[str, Served] = {}
+    default = BackendSettings().engine
+    for engine in engines():
+        extra = control_plane_and_ui if engine == default else None
+        served[engine], measured = serve(engine, extra)
+        rows += rows_for(engine, served[engine], *ceilings[engine])
+        if measured is not None:
+            saturated, (ui_ttft, direct_ttft) = measured
+            rows += control_rows(engine, saturated, ui_ttft, direct_ttft)
+    rows.append(("cpu cores", str(os.cpu_count()), "", ""))
+    write_report(rows, served)
+
+
+def control_rows(
+    engine: str, saturated: Saturation, ui_ttft: float, direct_ttft: float
+) -> list[tuple[str, str, str, str]]:
+    """Rows of the saturation and UI figures."""
+    return [
+        (
+            f"{engine}: /healthz p99 / /v1/models p99 with {SATURATING_STREAMS} streams open",
+            f"{saturated.health_p99 * 1000:.0f} / {saturated.models_p99 * 1000:.0f} ms "
+            f"({saturated.health_failures} failed probes, {saturated.refused} streams refused 503)",
+            "< 100 ms",
+            PREVIOUS["control_p99"],
+        ),
+        (
+            "TTFT: browser (Enter to text shown) / backend over HTTP, median",
+            f"{ui_ttft * 1000:.0f} / {direct_ttft * 1000:.0f} ms",
+            "",
+            "",
+        ),
+        (
+            "UI overhead on time to first token",
+            f"{(ui_ttft - direct_ttft) * 1000:.0f} ms",
+            "<= 100 ms",
+            PREVIOUS["ui_overhead"],
+        ),
+    ]
+
+
+def write_report(rows: list[tuple[str, str, str, str]], served: dict[str, Served]) -> None:
+    """The table as Markdown and the throughput as a bar chart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    table = [
+        "| measure | this run | target | before |",
+        "|---|---|---|---|",
+        *(f"| {' | '.join(row)} |" for row in rows),
+    ]
+    (ARTIFACTS / "bench.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+    bars = {
+        f"{engine}, {label}": run.rate
+        for engine, s in served.items()
+        for label, run in (
+            ("1 stream", s.single),
+            (f"{CONCURRENCY} at once", s.burst),
+            (f"{CONCURRENCY} users", s.conversations),
+        )
+    }
+    figure, axis = plt.subplots(figsize=(8, 4))
+    axis.barh(list(bars), list(bars.values()), color="#4c72b0")
+    axis.set_xlabel("completion tokens / s over HTTP")
+    axis.set_title("SmolLM2-135M-Instruct on this CPU (higher is better)")
+    figure.tight_layout()
+    figure.savefig(ARTIFACTS / "bench.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""HTTP load on a running backend: single streams, concurrent conversations, saturation."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPT = [{"role": "user", "content": "Write a long, detailed story about a lighthouse keeper."}]
+
+
+@dataclass
+class Run:
+    """Completion tokens produced, the wall time it took, and each request's time to first token."""
+
+    tokens: int
+    seconds: float
+    ttfts: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        """Completion tokens per second."""
+        return self.tokens / self.seconds
+
+    @property
+    def ttft_p50(self) -> float:
+        """Median time to first token, seconds."""
+        return statistics.median(self.ttfts)
+
+
+@dataclass
+class Reply:
+    """One streamed request: tokens, time to first content, and the times of every content chunk."""
+
+    tokens: int
+    ttft: float
+    chunk_times: list[float]
+
+
+async def stream(
+    http: httpx.AsyncClient, url: str, max_tokens: int, seed: int, messages: object = PROMPT
+) -> Reply:
+    """One streamed chat completion of exactly `max_tokens` tokens (`ignore_eos`)."""
+    body = {
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0.7,
+        "seed": seed,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    start = time.perf_counter()
+    tokens, chunk_times = 0, []
+    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                chunk_times.append(time.perf_counter())
+    return Reply(tokens, chunk_times[0] - start, chunk_times)
+
+
+async def single_streams(url: str, max_tokens: int, repeats: int) -> Run:
+    """`repeats` requests one after another, after one warm-up."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        await stream(http, url, max_tokens, 0)
+        start = time.perf_counter()
+        replies = [await stream(http, url, max_tokens, s) for s in range(repeats)]
+    return Run(
+        sum(r.tokens for r in replies), time.perf_counter() - start, [r.ttft for r in replies]
+    )
+
+
+async def burst(url: str, max_tokens: int, concurrency: int) -> Run:
+    """`concurrency` requests sent at the same instant."""
+    async with httpx.AsyncClient(timeout=600) as http:
+        start = time.perf_counter()
+        replies = await asyncio.gather(
+            *(stream(http, url, max_tokens, s) for s in range(concurrency))
+        )
+    return Run(
+        sum(r.tokens for r in replies), time.perf_counter() - start, [r.ttft for r in replies]
+    )
+
+
+async def conversations(url: str, max_tokens: int, users: int, turns: int, alone_s: float) -> Run:
+    """`users` users chatting at once: each asks `turns` questions back to back, replies of
+    varied length; they start spread over the time one reply takes alone, as real users do
+    (not all in the same millisecond)."""
+    lengths = random.Random(0)
+
+    async def user(index: int, http: httpx.AsyncClient) -> list[Reply]:
+        await asyncio.sleep(index * alone_s / users)
+        replies = []
+        for turn in range(turns):
+            n = lengths.randint(max_tokens // 2, max_tokens * 3 // 2)
+            replies.append(await stream(http, url, n, 1000 * index + turn))
+        return replies
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        start = time.perf_counter()
+        per_user = await asyncio.gather(*(user(i, http) for i in range(users)))
+        seconds = time.perf_counter() - start
+    replies = [r for rs in per_user for r in rs]
+    return Run(sum(r.tokens for r in replies), seconds, [r.ttft for r in replies])
+
+
+async def stall_under_long_prompts(
+    url: str, prompt_words: int, arrivals: int
+) -> tuple[float, float]:
+    """A running stream's median and longest gap between tokens while long prompts arrive."""
+    long_prompt = [{"role": "user", "content": " ".join(["lighthouse"] * prompt_words)}]
+    async with httpx.AsyncClient(timeout=600) as http:
+        running = asyncio.ensure_future(stream(http, url, 160, 7))
+        await asyncio.sleep(1.0)
+        await asyncio.gather(*(stream(http, url, 4, s, long_prompt) for s in range(arrivals)))
+        reply = await running
+    gaps = [b - a for a, b in zip(reply.chunk_times, reply.chunk_times[1:], strict=False)]
+    return statistics.median(gaps), max(gaps)
+
+
+@dataclass
+class Saturation:
+    """Latency of the control routes while the backend holds far more streams than its batch."""
+
+    health_p99: float
+    models_p99: float
+    health_failures: int
+    refused: int  # streams answered 503 (more than the replicas and the ingress hold)
+
+
+async def saturation(url: str, streams: int, seconds: float) -> Saturation:
+    """Open `streams` streams at once, then probe `/healthz` and `/v1/models` for `seconds`."""
+    limits = httpx.Limits(max_connections=streams + 16, max_keepalive_connections=streams + 16)
+    refused: list[int] = []
+
+    async def hold(http: httpx.AsyncClient, seed: int) -> None:
+        body = {"messages": PROMPT, "max_tokens": 256, "seed": seed, "stream": True}
+        async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+            if response.status_code == 503:
+                refused.append(seed)
+            async for _ in response.aiter_lines():
+                pass
+
+    async def probe(http: httpx.AsyncClient, path: str, times: list[float], failures: list[int]):
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline:
+            start = time.perf_counter()
+            try:
+                ok = (await http.get(url + path, timeout=10)).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            times.append(time.perf_counter() - start)
+            failures.append(0 if ok else 1)
+            await asyncio.sleep(0.05)
+
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        holders = [asyncio.ensure_future(hold(http, s)) for s in range(streams)]
+        await asyncio.sleep(2.0)  # all of them sent and queued
+        health: list[float] = []
+        models: list[float] = []
+        failures: list[int] = []
+        async with httpx.AsyncClient(timeout=10) as control:
+            await asyncio.gather(
+                probe(control, "/healthz", health, failures),
+                probe(control, "/v1/models", models, failures),
+            )
+        for holder in holders:  # the clients leave: their batch slots and queue places free up
+            holder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*holders, return_exceptions=True)
+    return Saturation(_p99(health), _p99(models), sum(failures), len(refused))
+
+
+def _p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
