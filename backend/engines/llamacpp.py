@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from backend.engines.base import register_engine
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
-from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads
+from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads, llama
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import EngineError
 
@@ -96,8 +96,6 @@ def context_window(n_ctx_train: int, configured: int) -> int:
 
 def kv_cache_bytes(model: LlamaModel, cells: int) -> int:
     """Memory of a KV cache of `cells` token cells (keys and values of every layer, f16)."""
-    from backend.engines.llamacpp_runner import llama
-
     handle = model.handle
     layers = llama.llama_model_n_layer(handle)
     kv_heads = llama.llama_model_n_head_kv(handle)
@@ -117,8 +115,8 @@ def check_vocab(model: LlamaModel, tokenizer: PreTrainedTokenizerBase) -> frozen
             f"The tokenizer has {len(tokenizer)} tokens, {model.path.name} has {model.n_vocab}: "
             "they belong to different models (check LLM_TOKENIZER)."
         )
-    eos_ids = model.eos_ids() | {tokenizer.eos_token_id} - {None}
-    special = sorted(eos_ids | {tokenizer.bos_token_id} - {None})
+    eos_ids = model.eos_ids() | ({tokenizer.eos_token_id} - {None})
+    special = sorted(eos_ids | ({tokenizer.bos_token_id} - {None}))
     ours = tokenizer.convert_ids_to_tokens(special)
     for token, text in zip(special, ours, strict=True):
         if model.token_text(token) != text:

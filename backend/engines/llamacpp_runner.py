@@ -89,12 +89,6 @@ class LlamaModel:
         """A token's text in the GGUF vocabulary (special tokens as written, e.g. `<|im_end|>`)."""
         return llama.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
 
-    def metadata(self, key: str) -> str | None:
-        """A GGUF metadata value as text, None if the file has no such key."""
-        buf = ctypes.create_string_buffer(1 << 16)
-        n = llama.llama_model_meta_val_str(self.handle, key.encode(), buf, len(buf))
-        return buf.value.decode("utf-8", "replace") if n >= 0 else None
-
     def close(self) -> None:
         """Free the model."""
         if self.handle:
