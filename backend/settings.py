@@ -21,10 +21,21 @@ class BackendSettings(BaseSettings):
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="`python -m backend`: Ray's Prometheus metrics port."
     )
-    engine: str = Field("hf", description="Engine: `hf` (transformers, CPU) or `neuron` (Inf2).")
+    # The default CPU engine: one word to change once `make bench` has picked between the two.
+    engine: str = Field(
+        "hf",
+        description="Engine: `hf` (transformers, CPU), `llamacpp` (llama.cpp, CPU, GGUF) or "
+        "`neuron` (Inf2); plugins add more.",
+    )
     model: str = Field(
         "",
-        description="Local model directory or Hugging Face hub id; empty = embedded SmolLM2-135M.",
+        description="Local model directory or Hugging Face hub id (`llamacpp`: a local .gguf "
+        "file); empty = embedded SmolLM2-135M.",
+    )
+    tokenizer: str = Field(
+        "",
+        description="`llamacpp`: Hugging Face tokenizer (directory or hub id) to use instead of "
+        "the one in the GGUF; empty = read it from the GGUF.",
     )
     served_model_name: str = Field(
         "", description="Model id reported by the API; empty = derived from `LLM_MODEL`."
@@ -57,12 +68,14 @@ class BackendSettings(BaseSettings):
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "mistral-inf2-chat",
-        description="Converted model weights (GGUF -> safetensors) for fast restarts.",
+        description="Converted model weights (GGUF -> safetensors) and GGUF tokenizers, for "
+        "fast restarts.",
     )
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU engine: torch threads; 0 = torch's default (the cores Ray grants).",
+        description="CPU engines: torch threads (`hf`), llama.cpp threads (`llamacpp`); 0 = the "
+        "cores Ray grants.",
     )
     tp_degree: int = Field(2, ge=1, description="Neuron: tensor-parallel degree (NeuronCores).")
     neuron_artifacts_dir: Path | None = Field(

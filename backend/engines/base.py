@@ -1,15 +1,20 @@
 """The engine interface every model back end implements, and the registry that names them.
 
 An engine owns one model: it turns chat messages into prompt tokens with the model's own chat
-template and streams generated text as `Delta`s. Engines are looked up by name (`LLM_ENGINE`);
-the built-in ones are imported only when asked for, so the Neuron SDK is never imported on a CPU.
+template and streams generated text as `Delta`s. Engines are looked up by name (`LLM_ENGINE`).
+
+Engines are plugins: a distribution names its engine classes in the entry-point group
+`mistral_chat.engines` (`name = "package.module:EngineClass"`), as this project does for its own
+(`hf`, `llamacpp`, `neuron`), so adding one needs no edit here. An engine's module is imported only
+when that engine is asked for, so the Neuron SDK is never imported on a CPU. `register_engine`
+adds a class directly (tests register fakes that way).
 """
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 from backend.generation import Delta, SamplingParams
@@ -59,9 +64,16 @@ class Engine(ABC):
 
 EngineT = TypeVar("EngineT", bound=type[Engine])
 
+ENTRY_POINT_GROUP = "mistral_chat.engines"
+# The built-in engines as pyproject.toml declares them; also used when the installed metadata is
+# older than the source (an editable install made before an engine was added).
+BUILTIN_ENGINES = {
+    "hf": "backend.engines.hf:HFEngine",
+    "llamacpp": "backend.engines.llamacpp:LlamaCppEngine",
+    "neuron": "backend.engines.neuron:NeuronEngine",
+}
+
 _REGISTRY: dict[str, type[Engine]] = {}
-# Built-in engines, imported on first use.
-_BUILTIN_MODULES = {"hf": "backend.engines.hf", "neuron": "backend.engines.neuron"}
 
 
 def register_engine(cls: EngineT) -> EngineT:
@@ -75,12 +87,37 @@ def unregister_engine(name: str) -> None:
     _REGISTRY.pop(name, None)
 
 
+def available_engines() -> list[str]:
+    """Every engine name `engine_class` can resolve: registered, installed plugins, built-ins."""
+    return sorted(set(_REGISTRY) | set(_engine_entry_points()))
+
+
 def engine_class(name: str) -> type[Engine]:
-    """The engine class registered as `name`, importing a built-in one on first use."""
-    if name not in _REGISTRY and name in _BUILTIN_MODULES:
-        importlib.import_module(_BUILTIN_MODULES[name])
-    try:
+    """The engine class named `name`: registered, else loaded from its entry point."""
+    if name in _REGISTRY:
         return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(set(_REGISTRY) | set(_BUILTIN_MODULES)))
-        raise ValueError(f"Unknown engine {name!r}: set LLM_ENGINE to one of {known}.") from None
+    entry_point = _engine_entry_points().get(name)
+    if entry_point is None:
+        known = ", ".join(available_engines())
+        raise ValueError(
+            f"Unknown engine {name!r}: set LLM_ENGINE to one of {known} (or install a package "
+            f"that declares one in the entry-point group {ENTRY_POINT_GROUP!r})."
+        )
+    loaded = entry_point.load()
+    if not (isinstance(loaded, type) and issubclass(loaded, Engine)):
+        raise TypeError(
+            f"Entry point {name} = {entry_point.value!r} in group {ENTRY_POINT_GROUP!r} "
+            "is not an Engine subclass."
+        )
+    _REGISTRY[name] = loaded
+    return loaded
+
+
+def _engine_entry_points() -> dict[str, EntryPoint]:
+    """Installed plugins by name, over the built-in table (installed metadata wins)."""
+    found = {
+        name: EntryPoint(name=name, value=value, group=ENTRY_POINT_GROUP)
+        for name, value in BUILTIN_ENGINES.items()
+    }
+    found.update((ep.name, ep) for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return found

@@ -33,8 +33,9 @@ KUSTOMIZATIONS = {
     "gradio": K8S / "gradio",
     "cpu": K8S / "overlays" / "cpu",
     "monitoring": K8S / "overlays" / "monitoring",
+    "cpu-mistral-gguf": K8S / "overlays" / "cpu-mistral-gguf",
 }
-RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu"]
+RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu", "cpu-mistral-gguf"]
 K8S_VERSION = "1.33.0"  # an EKS standard-support version
 
 SERVE_IMAGE = "ghcr.io/OWNER/mistral-inf2-chat-serve"

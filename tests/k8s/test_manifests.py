@@ -141,7 +141,7 @@ def test_serve_args_are_backend_settings(name: str) -> None:
     assert settings_problems(app_args(one(rendered(name), "RayService", RAYSERVICE))) == []
 
 
-@pytest.mark.parametrize("name", ["mistral", "cpu"])
+@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf"])
 def test_ray_serve_can_build_the_application(name: str) -> None:
     """Ray Serve's own builder call turns import_path + args into an Application."""
     from ray import serve
@@ -289,6 +289,34 @@ def test_cpu_overlay_has_no_neuron_and_less_resources() -> None:
     assert memory(cpu) < memory(base) / 10
 
 
+def test_cpu_mistral_overlay_serves_the_gguf_from_the_model_volume() -> None:
+    """llamacpp on a GGUF the init container puts on the PVC; room for weights and KV cache."""
+    cpu = one(rendered("cpu"), "RayService", RAYSERVICE)
+    objects = rendered("cpu-mistral-gguf")
+    gguf = one(objects, "RayService", RAYSERVICE)
+    args = app_args(gguf)
+    assert args["engine"] == "llamacpp"
+    assert args["model"].endswith("mistral-7b-instruct-v0.2.Q4_K_M.gguf")
+    assert {k: v for k, v in app_args(cpu).items() if k not in args} == {}
+    (group,) = workers(gguf)
+    spec = group["template"]["spec"]
+    (fetch,) = spec["initContainers"]
+    (container,) = spec["containers"]
+    claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    for mounted in (fetch, container):
+        [mount] = [m for m in mounted["volumeMounts"] if m["name"] in claims]
+        assert args["model"].startswith(mount["mountPath"].rstrip("/") + "/")
+    script = fetch["command"][-1]
+    assert "TheBloke/Mistral-7B-Instruct-v0.2-GGUF" in script
+    assert Path(args["model"]).name in script and str(Path(args["model"]).parent) in script
+    assert not HF_TOKEN_ENV & set(env_of(fetch))  # a public repository: no token anywhere
+    # Weights (4.4 GB, memory-mapped) + the KV cache allocated at start (128 KiB per token).
+    kv = args["max_batch_size"] * args["max_context_len"] * 128 * 2**10
+    assert quantity(container["resources"]["limits"]["memory"]) >= 4.4e9 + kv + 2 * 2**30
+    pvc = one(objects, "PersistentVolumeClaim", "mistral-model-cache")
+    assert quantity(pvc["spec"]["resources"]["requests"]["storage"]) >= 8 * 2**30
+
+
 # --- tests: secrets, the UI, images ---------------------------------------------------------
 
 
@@ -318,7 +346,7 @@ def test_no_token_or_placeholder_in_any_file() -> None:
             assert not (isinstance(doc, dict) and doc.get("kind") == "Secret"), path
 
 
-@pytest.mark.parametrize("name", ["root", "gradio", "cpu"])
+@pytest.mark.parametrize("name", ["root", "gradio", "cpu", "cpu-mistral-gguf"])
 def test_ui_contract(name: str) -> None:
     """UI names, port 7860, backend URL, 0.0.0.0, HTTP probes, non-root, resources, no code map."""
     assert ui_problems(rendered(name)) == []
@@ -356,6 +384,7 @@ def test_ray_pods_run_as_the_image_user() -> None:
         ("mistral", IMAGE_TAG),
         ("gradio", IMAGE_TAG),
         ("cpu", f"{IMAGE_TAG}-cpu"),
+        ("cpu-mistral-gguf", f"{IMAGE_TAG}-cpu"),
     ],
 )
 def test_images_are_overridable_placeholders(name: str, serve_tag: str) -> None:
@@ -461,6 +490,32 @@ def test_cpu_image_target_runs_the_hf_engine() -> None:
     assert stage_user(cpu).split(":")[0] not in {"0", "root"}
 
 
+def test_cpu_image_installs_the_pinned_llama_cpp_built_portably() -> None:
+    """llama-cpp-python as pinned in the cpu extra, built in its own stage, not -march=native."""
+    stages = {
+        stage[0][1].split(" AS ")[-1]: stage
+        for stage in dockerfile_stages(REPO / "Dockerfile.serve")[1:]
+    }
+    build = stages["llamacpp-wheel"]
+    runs = " ".join(arg for keyword, arg in build if keyword == "RUN")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    [pin] = [r for r in extras["optional-dependencies"]["cpu"] if r.startswith("llama-cpp-python")]
+    assert "pip wheel" in runs and pin in runs
+    assert "-DGGML_NATIVE=OFF" in dockerfile_args_of(build)["LLAMA_CPP_CMAKE_ARGS"]
+    cpu = stages["cpu"]
+    copies = [arg for keyword, arg in cpu if keyword == "COPY" and "--from=llamacpp-wheel" in arg]
+    assert copies, "the cpu stage does not take the wheel"
+    installs = " ".join(arg for keyword, arg in cpu if keyword == "RUN")
+    assert "--find-links /tmp/wheels" in installs
+    assert stage_user(build) == stage_user(cpu)  # the wheel is built as the user that runs it
+
+
+def dockerfile_args_of(stage: list[tuple[str, str]]) -> dict[str, str]:
+    """ARG defaults of one stage, quotes removed."""
+    pairs = [arg.split("=", 1) for keyword, arg in stage if keyword == "ARG" and "=" in arg]
+    return {name: value.strip('"') for name, value in pairs}
+
+
 def test_ui_image_contract() -> None:
     """python:3.11-slim, `.[ui]`, 0.0.0.0, port 7860, a HEALTHCHECK, `python -m chatui`."""
     (stage,) = dockerfile_stages(REPO / "Dockerfile.ui")[1:]
@@ -479,7 +534,7 @@ def test_dockerignore_keeps_what_the_image_copies(dockerfile: str) -> None:
     """Every COPY source is in the build context; .venv and .git are not."""
     for stage in dockerfile_stages(REPO / dockerfile)[1:]:
         for keyword, arg in stage:
-            if keyword == "COPY":
+            if keyword == "COPY" and "--from=" not in arg:  # --from: out of an earlier stage
                 sources = [s for s in arg.split()[:-1] if not s.startswith("--")]
                 for source in sources:
                     assert (REPO / source).exists(), source

@@ -1,4 +1,4 @@
-"""The real CPU engine on the embedded model, loaded once per test session."""
+"""The real CPU engines on the embedded model, loaded once per test session."""
 
 from __future__ import annotations
 
@@ -7,11 +7,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
+
+if TYPE_CHECKING:
+    from backend.engines.llamacpp import LlamaCppEngine
 
 STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 
@@ -20,6 +24,23 @@ STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 def hf_engine() -> Iterator[HFEngine]:
     """In the dtype the suite runs in (`LLM_DTYPE`; `auto` picks by the CPU)."""
     engine = HFEngine(BackendSettings(max_context_len=1024, max_batch_size=4))
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llamacpp_engine() -> Iterator[LlamaCppEngine]:
+    """The llama.cpp engine on the embedded GGUF, with the same limits as `hf_engine`.
+
+    One thread: llama.cpp's threads wait for each other at every operation by spinning, so on
+    a machine whose cores are busy with other work (CI, the e2e services) two threads made a
+    decode step of this model 3 s instead of 20 ms.
+    """
+    from backend.engines.llamacpp import LlamaCppEngine
+
+    settings = BackendSettings(max_context_len=1024, max_batch_size=4, torch_threads=1)
+    engine = LlamaCppEngine(settings)
     engine.start()
     yield engine
     engine.shutdown()

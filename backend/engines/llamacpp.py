@@ -1,0 +1,167 @@
+"""The `llamacpp` engine: any local GGUF model on the CPU through llama.cpp, continuously batched.
+
+The weights are loaded by llama.cpp as they are (memory-mapped, no conversion); prompts are
+encoded by the model's Hugging Face tokenizer and chat template, read by transformers from the
+same GGUF, so a conversation gives the same prompt tokens here as on the `hf` engine. Reading a
+tokenizer out of a GGUF takes seconds, so the converted tokenizer (only) is cached under
+`LLM_CACHE_DIR`. The batching loop, sampling and detokenizer are the shared ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from backend.engines.base import register_engine
+from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads, llama
+from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.errors import EngineError
+
+logger = logging.getLogger(__name__)
+
+_KV_BYTES = 2  # llama.cpp's default KV cache type is f16
+
+
+@register_engine
+class LlamaCppEngine(RunnerEngine):
+    """llama.cpp on the CPU; `LLM_MODEL` names a GGUF file, empty = the embedded SmolLM2."""
+
+    name = "llamacpp"
+    _llama: LlamaModel | None = None
+    _runner: LlamaCppRunner | None = None
+
+    def _load(self) -> LoadedModel:
+        path, model_id = self._gguf()
+        self._llama = LlamaModel(path)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(self.settings.tokenizer)
+            if self.settings.tokenizer
+            else load_gguf_tokenizer(path, self.settings.cache_dir)
+        )
+        eos_ids = check_vocab(self._llama, tokenizer)
+        window = context_window(self._llama.n_ctx_train, self.settings.max_context_len)
+        threads = self.settings.torch_threads or cpu_threads()
+        batch = self.settings.max_batch_size
+        self._runner = LlamaCppRunner(self._llama, batch, window, threads)
+        logger.info(
+            "loaded %s with llama.cpp: %d sequences x %d tokens (KV cache %.2f GiB), %d threads",
+            path.name,
+            batch,
+            self._runner.n_ctx_seq,
+            kv_cache_bytes(self._llama, batch * self._runner.n_ctx_seq) / 2**30,
+            self._runner.n_threads,
+        )
+        return LoadedModel(
+            model_id=model_id,
+            tokenizer=tokenizer,
+            runner=self._runner,
+            context_window=min(window, self._runner.n_ctx_seq),
+            eos_ids=eos_ids,
+        )
+
+    def shutdown(self) -> None:
+        """Stop the batching loop, then free llama.cpp's context and model."""
+        super().shutdown()
+        if self._batcher is not None and self._batcher.is_alive():
+            return  # still inside llama.cpp: freeing its memory now would crash the process
+        if self._runner is not None:
+            self._runner.close()
+        if self._llama is not None:
+            self._llama.close()
+
+    def _gguf(self) -> tuple[Path, str]:
+        if not self.settings.model:
+            return embedded_gguf_path(), EMBEDDED_MODEL_ID
+        path = Path(self.settings.model).expanduser()
+        if not path.is_file() or path.suffix.lower() != ".gguf":
+            raise EngineError(
+                f"LLM_MODEL={self.settings.model!r} is not a local .gguf file: the llamacpp "
+                "engine serves GGUF models (e.g. mistral-7b-instruct-v0.2.Q4_K_M.gguf from "
+                "TheBloke/Mistral-7B-Instruct-v0.2-GGUF); leave it empty for the embedded model."
+            )
+        return path, path.stem
+
+
+def context_window(n_ctx_train: int, configured: int) -> int:
+    """Tokens per sequence: `LLM_MAX_CONTEXT_LEN`, capped by what the model was trained on."""
+    native = n_ctx_train or configured or 2048
+    return min(configured, native) if configured else native
+
+
+def kv_cache_bytes(model: LlamaModel, cells: int) -> int:
+    """Memory of a KV cache of `cells` token cells (keys and values of every layer, f16)."""
+    handle = model.handle
+    layers = llama.llama_model_n_layer(handle)
+    kv_heads = llama.llama_model_n_head_kv(handle)
+    head_dim = llama.llama_model_n_embd(handle) // max(1, llama.llama_model_n_head(handle))
+    return 2 * layers * kv_heads * head_dim * _KV_BYTES * cells
+
+
+def check_vocab(model: LlamaModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Fail unless llama.cpp and the tokenizer share the vocabulary; the ids that end a reply.
+
+    The end-of-generation set is llama.cpp's (EOS, EOT and the model's other end tokens) plus the
+    tokenizer's EOS; each of them, and BOS, must be the same token on both sides, and both sides
+    must have the same number of tokens. Other differences in token spelling are only logged.
+    """
+    if len(tokenizer) != model.n_vocab:
+        raise EngineError(
+            f"The tokenizer has {len(tokenizer)} tokens, {model.path.name} has {model.n_vocab}: "
+            "they belong to different models (check LLM_TOKENIZER)."
+        )
+    eos_ids = model.eos_ids() | ({tokenizer.eos_token_id} - {None})
+    special = sorted(eos_ids | ({tokenizer.bos_token_id} - {None}))
+    ours = tokenizer.convert_ids_to_tokens(special)
+    for token, text in zip(special, ours, strict=True):
+        if model.token_text(token) != text:
+            raise EngineError(
+                f"Token {token} is {text!r} for the tokenizer and {model.token_text(token)!r} for "
+                f"llama.cpp in {model.path.name}: the tokenizer does not match the model."
+            )
+    spelled = tokenizer.convert_ids_to_tokens(list(range(model.n_vocab)))
+    differ = sum(model.token_text(t) != text for t, text in enumerate(spelled))
+    if differ:
+        logger.warning("%d of %d tokens are spelled differently by llama.cpp", differ, len(spelled))
+    return frozenset(eos_ids)
+
+
+def tokenizer_cache_dir(gguf: Path, cache_dir: Path) -> Path:
+    """Where the tokenizer converted from `gguf` is kept (a new file gets a new directory)."""
+    real = gguf.resolve()  # a link to a file shares the file's tokenizer
+    stat = real.stat()
+    return cache_dir / "tokenizers" / f"{real.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
+    """The GGUF's Hugging Face tokenizer and chat template, converted once into `cache_dir`."""
+    target = tokenizer_cache_dir(gguf, cache_dir)
+    if not (target / "tokenizer_config.json").exists():
+        logger.info("reading the tokenizer of %s (first start only)", gguf.name)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        if not tokenizer.chat_template:
+            raise EngineError(
+                f"{gguf.name} has no chat template: set LLM_TOKENIZER to the model's Hugging "
+                "Face tokenizer (a directory or hub id)."
+            )
+        _save_atomically(tokenizer, target)
+    return AutoTokenizer.from_pretrained(target)
+
+
+def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target, then renamed: an interrupted start never leaves half of it.
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        if not (target / "tokenizer_config.json").exists():
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,231 @@
+"""`LlamaCppRunner`: the `BatchRunner` of the `llamacpp` engine, over llama.cpp's low-level API.
+
+One llama.cpp context holds `n_seq_max` sequences, each in its own KV stream (`kv_unified` off:
+a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every decode step
+is one `llama_batch` with one token of every running sequence, each under its own sequence id and
+position; a prefill puts a prompt (or a chunk of it) into its sequence's stream; release removes
+the sequence's memory. The loop's sequence ids grow without end, llama.cpp's must stay below
+`n_seq_max`: the runner maps one to the other ("slots").
+
+ctypes releases the GIL during every llama.cpp call, so the event loop keeps running meanwhile.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+try:
+    import llama_cpp as llama
+except ImportError as exc:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "The llamacpp engine needs llama-cpp-python: run `make install` "
+        "(or `pip install 'llama-cpp-python==0.3.36'`)."
+    ) from exc
+
+from backend.errors import EngineError
+
+logger = logging.getLogger(__name__)
+_llama_log = logging.getLogger("llama.cpp")
+
+# Tokens one llama_decode call takes (n_batch = n_ubatch): longer prompts go in several calls.
+PREFILL_CHUNK = 512
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 1 debug, 2 info, 5 cont
+
+
+@llama.llama_log_callback
+def _log_to_python(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    """llama.cpp's log, warnings and errors only, through Python logging (not raw stderr)."""
+    if level in _LOG_LEVELS:
+        _llama_log.log(_LOG_LEVELS[level], "%s", text.decode("utf-8", "replace").rstrip())
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama.llama_log_set(_log_to_python, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+def cpu_threads() -> int:
+    """Threads for llama.cpp by default: what Ray grants (`OMP_NUM_THREADS`), else our CPUs."""
+    granted = os.environ.get("OMP_NUM_THREADS", "")
+    if granted.isdigit() and int(granted) > 0:
+        return int(granted)
+    return len(os.sched_getaffinity(0))
+
+
+class LlamaModel:
+    """A GGUF file loaded by llama.cpp (weights memory-mapped), and its vocabulary."""
+
+    def __init__(self, path: Path) -> None:
+        _init_backend()
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = 0
+        handle = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not handle:
+            raise EngineError(f"llama.cpp could not load {path} (is it a GGUF model file?).")
+        self.handle = handle
+        self.path = path
+        self.vocab = llama.llama_model_get_vocab(handle)
+        self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama.llama_model_n_ctx_train(handle))
+
+    def eos_ids(self) -> frozenset[int]:
+        """Every token llama.cpp ends generation on (EOS, EOT and the model's other EOG tokens)."""
+        return frozenset(t for t in range(self.n_vocab) if llama.llama_vocab_is_eog(self.vocab, t))
+
+    def token_text(self, token: int) -> str:
+        """A token's text in the GGUF vocabulary (special tokens as written, e.g. `<|im_end|>`)."""
+        return llama.llama_vocab_get_text(self.vocab, token).decode("utf-8", "replace")
+
+    def close(self) -> None:
+        """Free the model."""
+        if self.handle:
+            llama.llama_model_free(self.handle)
+            self.handle = None
+
+
+class LlamaCppRunner:
+    """`BatchRunner` over one llama.cpp context with one KV stream per sequence."""
+
+    # The loop may prefill a prompt in consecutive chunks: positions continue in the same stream.
+    chunked_prefill: ClassVar[bool] = True
+
+    def __init__(self, model: LlamaModel, n_seq_max: int, n_ctx_seq: int, n_threads: int) -> None:
+        self._model = model
+        params = llama.llama_context_default_params()
+        params.n_seq_max = n_seq_max
+        params.kv_unified = False  # own stream per sequence: its cells, its attention
+        params.n_ctx = n_ctx_seq * n_seq_max  # llama.cpp rounds each stream up to 256 cells
+        params.n_batch = params.n_ubatch = max(PREFILL_CHUNK, n_seq_max)
+        params.n_threads = params.n_threads_batch = n_threads
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(model.handle, params)
+        if not ctx:
+            raise EngineError(
+                f"llama.cpp could not create a context of {n_seq_max} x {n_ctx_seq} tokens: "
+                "lower LLM_MAX_BATCH_SIZE or LLM_MAX_CONTEXT_LEN."
+            )
+        self._ctx = ctx
+        self._memory = llama.llama_get_memory(ctx)
+        self.n_seq_max = int(llama.llama_n_seq_max(ctx))
+        self.n_ctx_seq = int(llama.llama_n_ctx_seq(ctx))
+        self._capacity = int(params.n_batch)
+        self._batch = llama.llama_batch_init(self._capacity, 0, 1)
+        # numpy views of the batch's arrays; seq_id is an array of pointers, written per token.
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._capacity,))
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(self._capacity,))
+        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._capacity,))
+        self._outputs = np.ctypeslib.as_array(self._batch.logits, shape=(self._capacity,))
+        self._n_seq_id[:] = 1
+        self.reset()
+
+    @property
+    def n_threads(self) -> int:
+        """Threads llama.cpp computes with."""
+        return int(llama.llama_n_threads(self._ctx))
+
+    def reset(self) -> None:
+        """Forget every sequence: all KV memory cleared."""
+        llama.llama_memory_clear(self._memory, False)
+        self._slots: dict[int, int] = {}  # loop's seq id -> llama.cpp seq id (its KV stream)
+        self._next_pos = [0] * self.n_seq_max  # next position of each slot
+        self._free = list(range(self.n_seq_max))
+
+    def slots(self) -> dict[int, int]:
+        """The sequences in the runner: the loop's id -> llama.cpp's sequence id (a copy)."""
+        return dict(self._slots)
+
+    def pos_max(self, slot: int) -> int:
+        """The largest position in a slot's memory, -1 when it is empty (llama.cpp's own view)."""
+        return int(llama.llama_memory_seq_pos_max(self._memory, slot))
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        """Put a prompt, or the next chunk of one, into the sequence; next-token logits [vocab]."""
+        if not prompt_ids:
+            raise EngineError("Cannot prefill an empty prompt.")
+        slot = self._slots.get(seq_id)
+        start = 0 if slot is None else self._next_pos[slot]
+        if start + len(prompt_ids) > self.n_ctx_seq:
+            raise EngineError(
+                f"The prompt needs {start + len(prompt_ids)} tokens of context; a sequence holds "
+                f"{self.n_ctx_seq}."
+            )
+        if slot is None:
+            slot = self._take_slot(seq_id)
+        for offset in range(0, len(prompt_ids), self._capacity):
+            chunk = prompt_ids[offset : offset + self._capacity]
+            n = len(chunk)
+            self._tokens[:n] = chunk
+            self._pos[:n] = np.arange(start + offset, start + offset + n)
+            for i in range(n):
+                self._batch.seq_id[i][0] = slot
+            self._outputs[:n] = 0
+            last = offset + n == len(prompt_ids)
+            self._outputs[n - 1] = last  # logits of the prompt's last token only
+            self._run(n)
+            self._next_pos[slot] = start + offset + n
+        return self._logits(1)[0]
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        """One token of every sequence in one batch; logits [len(seq_ids), vocab] in that order."""
+        n = len(seq_ids)
+        slots = [self._slots[s] for s in seq_ids]
+        for i, slot in enumerate(slots):
+            if self._next_pos[slot] >= self.n_ctx_seq:
+                raise EngineError(f"A sequence reached the context window ({self.n_ctx_seq}).")
+            self._batch.seq_id[i][0] = slot
+        self._tokens[:n] = token_ids
+        self._pos[:n] = [self._next_pos[slot] for slot in slots]
+        self._outputs[:n] = 1
+        self._run(n)
+        for slot in slots:
+            self._next_pos[slot] += 1
+        return self._logits(n)
+
+    def release(self, seq_id: int) -> None:
+        """Remove a sequence's memory and free its slot; unknown ids are ignored."""
+        slot = self._slots.pop(seq_id, None)
+        if slot is None:
+            return
+        llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._next_pos[slot] = 0
+        self._free.append(slot)
+        self._free.sort()
+
+    def close(self) -> None:
+        """Free the batch and the context (the runner is unusable afterwards)."""
+        if self._ctx:
+            llama.llama_batch_free(self._batch)
+            llama.llama_free(self._ctx)
+            self._ctx = None
+
+    def _take_slot(self, seq_id: int) -> int:
+        if not self._free:
+            raise EngineError(f"All {self.n_seq_max} llama.cpp sequences are in use.")
+        slot = self._free.pop(0)
+        self._slots[seq_id] = slot
+        return slot
+
+    def _run(self, n: int) -> None:
+        self._batch.n_tokens = n
+        status = llama.llama_decode(self._ctx, self._batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status}.")
+
+    def _logits(self, rows: int) -> torch.Tensor:
+        """The last decode's output rows, copied out (llama.cpp reuses the buffer)."""
+        pointer = llama.llama_get_logits(self._ctx)
+        view = np.ctypeslib.as_array(pointer, shape=(rows, self._model.n_vocab))
+        return torch.from_numpy(view.copy())

@@ -1,0 +1,366 @@
+"""The `llamacpp` engine on the real embedded SmolLM2-135M-Instruct GGUF."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from backend.engines.hf import HFEngine
+from backend.engines.llamacpp import (
+    LlamaCppEngine,
+    check_vocab,
+    context_window,
+    load_gguf_tokenizer,
+    tokenizer_cache_dir,
+)
+from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel
+from backend.errors import EngineError
+from backend.generation import Delta, SamplingParams
+from backend.settings import BackendSettings
+
+QUESTIONS = [
+    "Name a color.",
+    "What is 2 + 2? Explain in detail, step by step.",
+    "Hi!",
+    "Tell me a story about a dragon.",
+    "Why is the sky blue?",
+    "Count to ten.",
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi 안녕하세요 🎉👩‍👩‍👧"},
+        {"role": "assistant", "content": "Hello!\n\n  How can I help?"},
+        {"role": "user", "content": "Bye <|im_end|> not a token"},
+    ],
+    [{"role": "user", "content": "  leading spaces\nand\ttabs  "}],
+]
+
+# Decode steps, batched (1 to 6 sequences, rows in any order, joining and leaving) against each
+# sequence alone: measured bit-identical (max |difference| 0.0 over 16 steps; logits reach ~32).
+# llama.cpp computes every row of a small batch with the same per-row kernels. (Prefill chunks of
+# several hundred tokens do take other paths: up to 0.84, see PREFILL_TOLERANCE.) The bound keeps
+# room for rounding only; the smallest deviation of a broken runner measured is 1.0 (positions
+# shifted by 5: RoPE is relative, so only rounding changes), the others 20 and more.
+DECODE_TOLERANCE = 0.05
+# Final prefill logits of one prompt given in chunks against the prompt in one call: 0.0 for a
+# 46-token prompt split anywhere; up to 0.84 (mean 0.27) for a 334-token prompt with a chunk of
+# 2 to 63 tokens (llama.cpp's kernels differ by rows per call), the greedy token unchanged. A
+# chunk whose sequence lost the earlier chunks is off by 3.6 (46 tokens) to 11.7 (334).
+PREFILL_TOLERANCE = 1.5
+
+
+def chat(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
+    return [d async for d in deltas]
+
+
+async def reply(engine: LlamaCppEngine, prompt: list[int], params: SamplingParams) -> str:
+    return "".join(d.text for d in await collect(engine.generate(prompt, params)))
+
+
+@pytest.fixture
+def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
+    """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
+    runners: list[LlamaCppRunner] = []
+
+    def make(n_seq_max: int = 6, n_ctx_seq: int = 1024) -> LlamaCppRunner:
+        assert llamacpp_engine._llama is not None
+        runners.append(LlamaCppRunner(llamacpp_engine._llama, n_seq_max, n_ctx_seq, n_threads=1))
+        return runners[-1]
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+def prompts(engine: LlamaCppEngine, n: int) -> list[list[int]]:
+    return [engine.encode_chat(chat(q)) for q in QUESTIONS[:n]]
+
+
+# --- prompts and vocabulary -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS, ids=["one-turn", "multi-turn", "spaces"])
+def test_prompt_tokens_equal_the_hf_engines(
+    llamacpp_engine: LlamaCppEngine, hf_engine: HFEngine, messages: list[dict[str, str]]
+) -> None:
+    """The same conversation is the same prompt on both engines (the model's own template)."""
+    ids = llamacpp_engine.encode_chat(messages)
+    assert ids == hf_engine.encode_chat(messages)
+    assert llamacpp_engine._model().tokenizer.decode(ids).endswith("<|im_start|>assistant\n")
+
+
+def test_llama_cpp_and_the_tokenizer_agree_on_the_end_tokens(
+    llamacpp_engine: LlamaCppEngine, hf_engine: HFEngine
+) -> None:
+    loaded, llama = llamacpp_engine._model(), llamacpp_engine._llama
+    assert llama is not None
+    tokenizer = loaded.tokenizer
+    assert llama.n_vocab == len(tokenizer) == 49152
+    assert hf_engine._model().eos_ids <= loaded.eos_ids  # and llama.cpp's other end tokens
+    for token in loaded.eos_ids | {tokenizer.bos_token_id}:
+        assert llama.token_text(token) == tokenizer.convert_ids_to_tokens(token)
+    assert llama.token_text(tokenizer.eos_token_id) == "<|im_end|>"
+
+
+def test_a_tokenizer_of_another_model_is_refused(
+    llamacpp_engine: LlamaCppEngine, mistral_tokenizer: object
+) -> None:
+    assert llamacpp_engine._llama is not None
+    with pytest.raises(EngineError, match="different models"):
+        check_vocab(llamacpp_engine._llama, mistral_tokenizer)  # type: ignore[arg-type]
+
+
+def test_the_gguf_tokenizer_is_converted_once(llamacpp_engine: LlamaCppEngine) -> None:
+    gguf, cache = embedded_gguf_path(), llamacpp_engine.settings.cache_dir
+    assert (tokenizer_cache_dir(gguf, cache) / "tokenizer_config.json").exists()
+    start = time.monotonic()
+    tokenizer = load_gguf_tokenizer(gguf, cache)
+    assert time.monotonic() - start < 5  # reading it from the GGUF takes ~10 s
+    assert tokenizer.chat_template == llamacpp_engine._model().tokenizer.chat_template
+
+
+# --- the runner: batching, chunked prefill, memory -------------------------------------------
+
+
+def teacher_forced_alone(
+    runner: LlamaCppRunner, prompt: list[int], steps: int
+) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens of one sequence alone, and the logits before each of them."""
+    logits = [runner.prefill(0, prompt)]
+    tokens: list[int] = []
+    for _ in range(steps):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(runner.decode([0], [tokens[-1]])[0])
+    runner.release(0)
+    return tokens, torch.stack(logits)
+
+
+def shift_positions(runner: LlamaCppRunner, seq_id: int) -> None:
+    """Broken on purpose: the sequence's positions start at 5 instead of 0."""
+    runner._next_pos[runner._take_slot(seq_id)] = 5
+
+
+def swap_sequences(runner: LlamaCppRunner, a: int, b: int) -> None:
+    """Broken on purpose: each of two sequences' tokens goes to the other's sequence id."""
+    runner._slots[a], runner._slots[b] = runner._slots[b], runner._slots[a]
+
+
+def batched_deviation(
+    runner: LlamaCppRunner, prompts: list[list[int]], steps: int, fault: str | None = None
+) -> list[float]:
+    """Max |batched - alone| of every sequence's logits, teacher-forced with its greedy tokens.
+
+    Two sequences start, the others join after two steps; rows go in a new order every step and
+    each sequence leaves the batch when done, as the loop releases it.
+    """
+    alone = [teacher_forced_alone(runner, p, steps) for p in prompts]
+    got: dict[int, list[torch.Tensor]] = {}
+    for step in range(steps + 3):
+        joining = range(2) if step == 0 else range(2, len(prompts)) if step == 2 else []
+        for seq in joining:
+            if fault == "positions" and seq == 1:
+                shift_positions(runner, seq)
+            got[seq] = [runner.prefill(seq, prompts[seq])]
+        if fault == "seq ids" and step == 2:
+            swap_sequences(runner, 2, 3)
+        live = [s for s in got if len(got[s]) <= steps]
+        random.Random(step).shuffle(live)
+        if not live:
+            break
+        rows = runner.decode(live, [alone[s][0][len(got[s]) - 1] for s in live])
+        if fault == "row order":
+            rows = rows.flip(0)
+        for seq, row in zip(live, rows, strict=True):
+            got[seq].append(row)
+            if len(got[seq]) > steps:
+                runner.release(seq)
+    assert runner.slots() == {}
+    return [
+        float((torch.stack(got[seq]) - reference).abs().max())
+        for seq, (_, reference) in enumerate(alone)
+    ]
+
+
+def test_batched_decode_matches_each_sequence_alone(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    deviations = batched_deviation(make_runner(), prompts(llamacpp_engine, 6), steps=10)
+    assert max(deviations) <= DECODE_TOLERANCE, deviations
+
+
+@pytest.mark.parametrize("fault", ["positions", "seq ids", "row order"])
+def test_a_broken_runner_exceeds_the_tolerance(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner], fault: str
+) -> None:
+    """The tolerance is tight enough to see a wrong position, sequence id or row order."""
+    deviations = batched_deviation(make_runner(), prompts(llamacpp_engine, 4), 6, fault)
+    assert max(deviations) > 10 * DECODE_TOLERANCE, deviations
+
+
+async def test_batched_greedy_reply_equals_the_reply_alone(llamacpp_engine: LlamaCppEngine) -> None:
+    """Through the loop: four concurrent greedy streams say what each says alone."""
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    ps = prompts(llamacpp_engine, 4)
+    alone = [await reply(llamacpp_engine, p, params) for p in ps]
+    steps_before = llamacpp_engine.batcher.stats.decode_steps
+    together = await asyncio.gather(*(reply(llamacpp_engine, p, params) for p in ps))
+    assert list(together) == alone
+    # Alone, four streams of 16 tokens take 60 decode steps (the first comes from prefill).
+    assert llamacpp_engine.batcher.stats.decode_steps - steps_before < 60
+
+
+def test_runner_declares_chunked_prefill() -> None:
+    assert LlamaCppRunner.chunked_prefill is True
+
+
+@pytest.mark.parametrize("words", [8, 60], ids=["46 tokens", "334 tokens"])
+def test_prefill_in_chunks_equals_prefill_in_one_call(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner], words: int
+) -> None:
+    """Each call extends the sequence (positions continue); the logits follow its last chunk."""
+    prompt = llamacpp_engine.encode_chat(chat("Tell me about " + "the sea and the ships " * words))
+    runner = make_runner()
+    whole = runner.prefill(0, prompt)
+    cut = [0, 1, len(prompt) // 3, len(prompt) - 1, len(prompt)]
+    for start, end in itertools.pairwise(cut):
+        chunked = runner.prefill(1, prompt[start:end])
+    slot = runner.slots()[1]
+    assert runner.pos_max(slot) == runner.pos_max(runner.slots()[0]) == len(prompt) - 1
+    assert float((chunked - whole).abs().max()) <= PREFILL_TOLERANCE
+    assert int(chunked.argmax()) == int(whole.argmax())
+    # Decoding on from either gives the same next step.
+    token = int(whole.argmax())
+    rows = runner.decode([0, 1], [token, token])
+    assert float((rows[0] - rows[1]).abs().max()) <= PREFILL_TOLERANCE
+    # Broken on purpose: a last chunk that does not see the earlier ones is far off.
+    runner.release(1)
+    lost = runner.prefill(2, prompt[len(prompt) // 3 :])
+    assert float((lost - whole).abs().max()) > 2 * PREFILL_TOLERANCE
+
+
+def test_release_removes_the_sequence_and_frees_its_capacity(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    runner = make_runner(n_seq_max=2, n_ctx_seq=256)
+    prompt = prompts(llamacpp_engine, 1)[0]
+    runner.prefill(10, prompt)
+    runner.prefill(11, prompt[:5])
+    first = runner.slots()[10]
+    assert runner.pos_max(first) == len(prompt) - 1
+    with pytest.raises(EngineError, match="in use"):
+        runner.prefill(12, prompt)
+    runner.release(10)
+    assert runner.pos_max(first) == -1 and 10 not in runner.slots()
+    runner.release(10)  # twice, or an unknown id: nothing happens
+    # The freed sequence id serves a new sequence from position 0, with no trace of the old one.
+    fresh = runner.prefill(12, prompt)
+    assert runner.slots()[12] == first and runner.pos_max(first) == len(prompt) - 1
+    runner.reset()
+    assert runner.slots() == {} and runner.pos_max(first) == runner.pos_max(1 - first) == -1
+    assert float((runner.prefill(13, prompt) - fresh).abs().max()) == 0.0
+
+
+def test_a_sequence_cannot_outgrow_its_window(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    runner = make_runner(n_seq_max=1, n_ctx_seq=256)
+    assert runner.n_ctx_seq == 256
+    with pytest.raises(EngineError, match="holds 256"):
+        runner.prefill(0, [1] * 257)
+    runner.prefill(1, [1] * 255)
+    runner.decode([1], [1])  # position 255, the last cell
+    with pytest.raises(EngineError, match="context window"):
+        runner.decode([1], [1])
+
+
+async def test_a_cancelled_stream_frees_its_sequence(llamacpp_engine: LlamaCppEngine) -> None:
+    runner = llamacpp_engine._runner
+    assert runner is not None and runner.slots() == {}
+    prompt = prompts(llamacpp_engine, 1)[0]
+    stream = llamacpp_engine.generate(prompt, SamplingParams(max_tokens=1000, ignore_eos=True))
+    await anext(stream)
+    (slot,) = runner.slots().values()
+    assert runner.pos_max(slot) >= len(prompt) - 1
+    await stream.aclose()  # the client has gone
+    deadline = time.monotonic() + 10
+    while runner.slots() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert runner.slots() == {} and runner.pos_max(slot) == -1
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    assert sum(d.tokens for d in await collect(llamacpp_engine.generate(prompt, params))) == 4
+
+
+# --- the engine -------------------------------------------------------------------------------
+
+
+async def test_stop_strings_and_seeds_behave_as_on_every_engine(
+    llamacpp_engine: LlamaCppEngine,
+) -> None:
+    prompt = llamacpp_engine.encode_chat(chat("Tell me a story."))
+    params = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, seed=7, ignore_eos=True)
+    first = await reply(llamacpp_engine, prompt, params)
+    assert await reply(llamacpp_engine, prompt, params) == first
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    text = await reply(llamacpp_engine, prompt, greedy)
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    stop_params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=[stop])
+    deltas = await collect(llamacpp_engine.generate(prompt, stop_params))
+    assert "".join(d.text for d in deltas) == text[: text.index(stop)]
+    assert deltas[-1].finish_reason == "stop"
+
+
+def test_engine_reports_the_embedded_model_and_its_window(llamacpp_engine: LlamaCppEngine) -> None:
+    assert llamacpp_engine.model_id == EMBEDDED_MODEL_ID
+    assert llamacpp_engine.context_window == 1024  # LLM_MAX_CONTEXT_LEN of the fixture
+    runner = llamacpp_engine._runner
+    assert runner is not None and runner.n_seq_max == 4 and runner.n_ctx_seq >= 1024
+
+
+def test_context_window_is_the_setting_capped_by_training() -> None:
+    assert context_window(8192, 0) == 8192
+    assert context_window(8192, 1024) == 1024
+    assert context_window(8192, 32768) == 8192
+
+
+def test_model_may_name_any_local_gguf(tmp_path: Path, llamacpp_engine: LlamaCppEngine) -> None:
+    gguf = tmp_path / "my-model.Q4_1.gguf"
+    gguf.symlink_to(embedded_gguf_path())
+    settings = llamacpp_engine.settings.model_copy(
+        update={"model": str(gguf), "max_batch_size": 1, "max_context_len": 256}
+    )
+    engine = LlamaCppEngine(settings)
+    start = time.monotonic()
+    engine.start()
+    try:
+        assert time.monotonic() - start < 10  # no conversion of the weights
+        assert engine.model_id == "my-model.Q4_1" and engine.context_window == 256
+        assert engine.encode_chat(chat("Hi")) == llamacpp_engine.encode_chat(chat("Hi"))
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.parametrize("model", ["HuggingFaceTB/SmolLM2-135M-Instruct", "missing.gguf"])
+def test_model_that_is_not_a_local_gguf_is_refused(model: str) -> None:
+    with pytest.raises(EngineError, match=r"not a local \.gguf file"):
+        LlamaCppEngine(BackendSettings(model=model)).start()
+
+
+def test_a_file_llama_cpp_cannot_read_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.gguf"
+    bogus.write_bytes(b"not a model")
+    with pytest.raises(EngineError, match="could not load"):
+        LlamaModel(bogus)

@@ -1,0 +1,113 @@
+"""The real Ray Serve app with `LLM_ENGINE=llamacpp` on the embedded GGUF, over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from backend.engines.embedded import embedded_gguf_path
+from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.settings import BackendSettings
+from tests.e2e.services import BackendProcess, backend_service, free_port, wait_until
+from tests.sse import sse_payloads
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "/v1/chat/completions"
+RUNNING = "ray_vllm_num_requests_running"
+
+
+@pytest.fixture(scope="module")
+def llamacpp_backend() -> Iterator[BackendProcess]:
+    """One thread: the engine's threads spin-wait for each other, badly on a busy machine."""
+    service = backend_service(
+        free_port(), LLM_ENGINE="llamacpp", LLM_MAX_CONTEXT_LEN="2048", LLM_TORCH_THREADS="1"
+    )
+    service.start()
+    yield service
+    service.stop()
+
+
+def test_model_card_and_a_streamed_reply(llamacpp_backend: BackendProcess) -> None:
+    url = llamacpp_backend.url
+    assert httpx.get(url + "/healthz").json() == {"status": "ok", "model": "SmolLM2-135M-Instruct"}
+    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 2048
+    request = {
+        "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", url + CHAT, json=request, timeout=120) as response:
+        events = sse_payloads("\n".join(response.iter_lines()))
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == 40
+    content = [e["choices"][0]["delta"].get("content") for e in events[1:-2] if e["choices"]]
+    text = "".join(c for c in content if c)
+    assert len([c for c in content if c]) > 10 and text.strip() and "<|im_" not in text
+
+
+async def test_concurrent_streams_share_the_batch(llamacpp_backend: BackendProcess) -> None:
+    """Eight streams at once: all complete, they ran together, prompts are the template's."""
+    tokenizer = load_gguf_tokenizer(embedded_gguf_path(), BackendSettings().cache_dir)
+    conversations = [
+        [{"role": "user", "content": f"Tell me fact number {i} about space."}] for i in range(8)
+    ]
+    seen_running: list[float] = []
+
+    async def one(http: httpx.AsyncClient, messages: list[dict[str, str]], seed: int) -> dict:
+        request = {"messages": messages, "max_tokens": 48, "seed": seed, "ignore_eos": True}
+        request |= {"stream": True, "stream_options": {"include_usage": True}}
+        async with http.stream("POST", llamacpp_backend.url + CHAT, json=request) as response:
+            lines = [line async for line in response.aiter_lines()]
+        return sse_payloads("\n".join(lines))[-2]
+
+    async def watch(done: asyncio.Event) -> None:
+        while not done.is_set():
+            seen_running.append(await asyncio.to_thread(llamacpp_backend.metric, RUNNING) or 0)
+            await asyncio.sleep(0.1)
+
+    done = asyncio.Event()
+    watcher = asyncio.create_task(watch(done))
+    async with httpx.AsyncClient(timeout=180) as http:
+        usages = await asyncio.gather(
+            *(one(http, messages, i) for i, messages in enumerate(conversations))
+        )
+    done.set()
+    await watcher
+    assert [u["usage"]["completion_tokens"] for u in usages] == [48] * 8
+    expected = [
+        len(
+            tokenizer.apply_chat_template(
+                m, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        )
+        for m in conversations
+    ]
+    assert [u["usage"]["prompt_tokens"] for u in usages] == expected
+    assert max(seen_running) >= 2  # decoded in one batch, not one after another
+
+
+def test_client_that_leaves_mid_stream_frees_its_sequence(
+    llamacpp_backend: BackendProcess,
+) -> None:
+    request = {
+        "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
+        "max_tokens": 1500,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", llamacpp_backend.url + CHAT, json=request, timeout=60) as response:
+        lines = response.iter_lines()  # held: dropping it would close the connection now
+        for _ in range(6):
+            next(lines)
+        wait_until(lambda: llamacpp_backend.metric(RUNNING) == 1, 30, "the stream is running")
+    wait_until(lambda: llamacpp_backend.metric(RUNNING) == 0, 30, "its sequence is freed")
+    short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
+    body = httpx.post(llamacpp_backend.url + CHAT, json=short, timeout=60).json()
+    assert body["usage"]["completion_tokens"] == 8
