@@ -20,6 +20,7 @@ from pathlib import Path
 
 import psutil
 
+from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
 from tests.bench import load, raw
@@ -221,8 +222,42 @@ def main() -> None:
         if measured is not None:
             saturated, (ui_ttft, direct_ttft) = measured
             rows += control_rows(engine, saturated, ui_ttft, direct_ttft)
+    if "llamacpp" in served:
+        rows += llamacpp_comparison(served)
     rows.append(("cpu cores", str(os.cpu_count()), "", ""))
     write_report(rows, served)
+
+
+def llamacpp_comparison(served: dict[str, Served]) -> list[tuple[str, str, str, str]]:
+    """Our llamacpp engine against hf, and against llama-cpp-python's own server."""
+    from tests.bench.llamacpp import llamacpp_server
+
+    ours = served["llamacpp"]
+    # That server has no `ignore_eos`: the end tokens are banned instead, for equal lengths.
+    no_end = {"logit_bias": {str(t): -100 for t in (0, 2, 4)}}
+    with llamacpp_server(embedded_gguf_path()) as url:
+        single = asyncio.run(load.single_streams(url, MAX_TOKENS, REPEATS, no_end))
+        burst = asyncio.run(load.burst(url, MAX_TOKENS, CONCURRENCY, no_end))
+    return [
+        (
+            "llamacpp / hf, HTTP 1 stream",
+            f"{ours.single.rate / served['hf'].single.rate:.1f}x",
+            ">= 3x",
+            "",
+        ),
+        (
+            "llama-cpp-python's server, 1 stream / 8 at once",
+            f"{single.rate:.0f} / {burst.rate:.0f} tok/s",
+            "",
+            "",
+        ),
+        (
+            "our llamacpp / llama-cpp-python's server, 1 stream / 8 at once",
+            f"{ours.single.rate / single.rate:.2f} / {ours.burst.rate / burst.rate:.2f}",
+            "",
+            "",
+        ),
+    ]
 
 
 def control_rows(

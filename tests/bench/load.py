@@ -44,10 +44,17 @@ class Reply:
 
 
 async def stream(
-    http: httpx.AsyncClient, url: str, max_tokens: int, seed: int, messages: object = PROMPT
+    http: httpx.AsyncClient,
+    url: str,
+    max_tokens: int,
+    seed: int,
+    messages: object = PROMPT,
+    extra: dict[str, object] | None = None,
 ) -> Reply:
-    """One streamed chat completion of exactly `max_tokens` tokens (`ignore_eos`)."""
+    """One streamed chat completion of exactly `max_tokens` tokens (`ignore_eos`; servers
+    without it get `extra`, e.g. a logit bias against the end tokens)."""
     body = {
+        **(extra or {}),
         "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.7,
@@ -71,23 +78,27 @@ async def stream(
     return Reply(tokens, chunk_times[0] - start, chunk_times)
 
 
-async def single_streams(url: str, max_tokens: int, repeats: int) -> Run:
+async def single_streams(
+    url: str, max_tokens: int, repeats: int, extra: dict[str, object] | None = None
+) -> Run:
     """`repeats` requests one after another, after one warm-up."""
     async with httpx.AsyncClient(timeout=600) as http:
-        await stream(http, url, max_tokens, 0)
+        await stream(http, url, max_tokens, 0, extra=extra)
         start = time.perf_counter()
-        replies = [await stream(http, url, max_tokens, s) for s in range(repeats)]
+        replies = [await stream(http, url, max_tokens, s, extra=extra) for s in range(repeats)]
     return Run(
         sum(r.tokens for r in replies), time.perf_counter() - start, [r.ttft for r in replies]
     )
 
 
-async def burst(url: str, max_tokens: int, concurrency: int) -> Run:
+async def burst(
+    url: str, max_tokens: int, concurrency: int, extra: dict[str, object] | None = None
+) -> Run:
     """`concurrency` requests sent at the same instant."""
     async with httpx.AsyncClient(timeout=600) as http:
         start = time.perf_counter()
         replies = await asyncio.gather(
-            *(stream(http, url, max_tokens, s) for s in range(concurrency))
+            *(stream(http, url, max_tokens, s, extra=extra) for s in range(concurrency))
         )
     return Run(
         sum(r.tokens for r in replies), time.perf_counter() - start, [r.ttft for r in replies]

@@ -2,14 +2,35 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import torch
 
-from backend.engines.embedded import load_embedded_model
+from backend.engines.embedded import embedded_gguf_path, load_embedded_model
 from backend.engines.hf import pick_dtype
 from backend.settings import BackendSettings
 from tests.bench.load import PROMPT, Run
+
+
+def prompt_ids() -> list[int]:
+    """The benchmark prompt through the embedded model's chat template (as every engine sends)."""
+    settings = BackendSettings()
+    _, tokenizer = load_embedded_model(settings.cache_dir, torch.float32)
+    return list(
+        tokenizer.apply_chat_template(
+            PROMPT, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+    )
+
+
+def llamacpp_batch(batch: int, max_tokens: int) -> Run:
+    """llama.cpp's low-level batch API on the embedded GGUF, driven directly (after a warm-up)."""
+    from tests.bench.llamacpp import raw_llamacpp_run
+
+    threads = len(os.sched_getaffinity(0))
+    raw_llamacpp_run(embedded_gguf_path(), prompt_ids(), batch, 8, threads)
+    return Run(*raw_llamacpp_run(embedded_gguf_path(), prompt_ids(), batch, max_tokens, threads))
 
 
 def transformers_generate(batch: int, max_tokens: int) -> Run:
