@@ -205,6 +205,12 @@ def main() -> None:
             raw.transformers_generate(CONCURRENCY, MAX_TOKENS),
         )
     }
+    if "llamacpp" in engines():
+        ceilings["llamacpp"] = (
+            raw.llamacpp_batch(1, MAX_TOKENS),
+            raw.llamacpp_batch(CONCURRENCY, MAX_TOKENS),
+        )
+    print("ceilings:", {e: [f"{r.rate:.0f} tok/s" for r in runs] for e, runs in ceilings.items()})
     rows: list[tuple[str, str, str, str]] = [
         (
             "hf: engine start, cold (GGUF conversion) / cached",
@@ -219,6 +225,7 @@ def main() -> None:
         extra = control_plane_and_ui if engine == default else None
         served[engine], measured = serve(engine, extra)
         rows += rows_for(engine, served[engine], *ceilings[engine])
+        print(*(" | ".join(row) for row in rows), sep="\n", flush=True)  # so far, in case
         if measured is not None:
             saturated, (ui_ttft, direct_ttft) = measured
             rows += control_rows(engine, saturated, ui_ttft, direct_ttft)
