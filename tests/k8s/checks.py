@@ -384,9 +384,15 @@ def hf_token_problems(objects: list[Manifest]) -> list[str]:
 
 def api_key_problems(objects: list[Manifest]) -> list[str]:
     """Every Ray container gets LLM_API_KEY and the UI CHATUI_API_KEY, both from Secret
-    llm-api-key/api-key of their namespace, required (a pod without it must not start open)."""
+    llm-api-key/api-key of their namespace, required (a pod without it must not start open).
+    Init containers (e.g. a model download) serve nothing and need no key."""
     problems = []
-    wanted = [("LLM_API_KEY", c) for obj in find(objects, "RayService") for c in containers(obj)]
+    wanted = [
+        ("LLM_API_KEY", c)
+        for obj in find(objects, "RayService")
+        for _, template in pod_templates(obj)
+        for c in template["spec"]["containers"]
+    ]
     wanted += [
         ("CHATUI_API_KEY", c)
         for obj in find(objects, "Deployment", UI_DEPLOYMENT)
