@@ -77,11 +77,6 @@ class ChunkingRunner(CountingRunner):
 
     chunked_prefill = True
 
-    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
-        self.steps.append(("prefill", len(prompt_ids)))
-        self.state[seq_id] = (prompt_ids[-1], 0)
-        return self._next(seq_id)
-
 
 def make_batcher(
     runner: CountingRunner, max_batch_size: int = 8, prefill_budget: int = 512
