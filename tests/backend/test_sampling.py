@@ -83,14 +83,33 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch() -> None:
 
 def test_unseeded_rows_are_drawn_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    multinomial = torch.multinomial
+    rand = torch.rand
 
-    def counting(probs: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
-        calls.append(probs.shape[0] if probs.dim() == 2 else 1)
-        return multinomial(probs, *args, **kwargs)
+    def counting(*size: int, **kwargs: object) -> torch.Tensor:
+        calls.append(size[0])
+        return rand(*size, **kwargs)
 
-    monkeypatch.setattr(torch, "multinomial", counting)
-    params = [SamplingParams(max_tokens=1, temperature=0.7, top_p=0.9)] * 6
+    monkeypatch.setattr(torch, "rand", counting)
+    params = [SamplingParams(max_tokens=1, temperature=0.7, top_p=p) for p in (0.9, 1.0)] * 3
     tokens = sample_next_tokens(torch.randn(6, 500), params, [None] * 6)
     assert len(tokens) == 6
     assert calls == [6]
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.999])
+def test_draws_follow_the_distribution(top_p: float) -> None:
+    # Both paths (no cut, and a cut that keeps every token) must draw each token in proportion
+    # to its probability; 20000 draws put each frequency within 0.012 (over 4 sigma).
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    params = SamplingParams(max_tokens=1, temperature=1.0, top_p=top_p, seed=3)
+    generator = make_generator(params)
+    logits = torch.log(probs).expand(20_000, -1)
+    tokens = sample_next_tokens(logits, [params] * 20_000, [generator] * 20_000)
+    frequencies = torch.bincount(torch.tensor(tokens), minlength=4) / 20_000
+    assert torch.allclose(frequencies, probs, atol=0.012), frequencies
+
+
+def test_a_zero_probability_token_is_never_drawn() -> None:
+    logits = torch.tensor([[0.0, float("-inf"), 0.0, float("-inf")]]).expand(2000, -1)
+    params = [SamplingParams(max_tokens=1, temperature=1.0)] * 2000
+    assert set(sample_next_tokens(logits, params, [None] * 2000)) == {0, 2}
