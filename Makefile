@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
+# Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
+# loop (+15% tokens/s for one stream here). Direct ingress stays off: it expects a load balancer
+# in front of the ingress replicas, and holds each one open for 30 s when it stops.
+export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
+export RAY_SERVE_ENABLE_DIRECT_INGRESS ?= 0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 

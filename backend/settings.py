@@ -21,10 +21,10 @@ class BackendSettings(BaseSettings):
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="`python -m backend`: Ray's Prometheus metrics port."
     )
-    # The default CPU engine: one word to change once `make bench` has picked between the two.
+    # The default CPU engine, picked by `make bench`: llama.cpp streams several times faster.
     engine: str = Field(
-        "hf",
-        description="Engine: `hf` (transformers, CPU), `llamacpp` (llama.cpp, CPU, GGUF) or "
+        "llamacpp",
+        description="Engine: `llamacpp` (llama.cpp, CPU, GGUF), `hf` (transformers, CPU) or "
         "`neuron` (Inf2); plugins add more.",
     )
     model: str = Field(

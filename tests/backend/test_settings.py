@@ -10,7 +10,7 @@ from backend.settings import BackendSettings
 
 def test_defaults_serve_the_embedded_model_on_cpu() -> None:
     settings = BackendSettings()
-    assert (settings.engine, settings.model, settings.port) == ("hf", "", 8000)
+    assert (settings.engine, settings.model, settings.port) == ("llamacpp", "", 8000)
     assert settings.max_ongoing_requests > settings.max_batch_size  # room to queue beyond a batch
 
 

@@ -75,7 +75,8 @@ async def stream(
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                 chunk_times.append(time.perf_counter())
-    return Reply(tokens, chunk_times[0] - start, chunk_times)
+    # llama-cpp-python's server sends no usage chunk, but one chunk per token.
+    return Reply(tokens or len(chunk_times), chunk_times[0] - start, chunk_times)
 
 
 async def single_streams(

@@ -131,6 +131,8 @@ def backend_service(port: int, **overrides: str) -> BackendProcess:
         "LLM_DEFAULT_MAX_TOKENS": "64",
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_AUTH_MODE": "disabled",
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # as `make serve` runs it (see the Makefile)
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
         "HF_HUB_OFFLINE": "1",
         # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
         "RAY_metrics_report_interval_ms": "500",

