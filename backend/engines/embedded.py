@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,6 +19,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from backend.engines.cache_dir import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -67,15 +66,9 @@ def _convert(gguf: Path, target: Path) -> None:
         quantization_config=GgufConfig(gguf_file=gguf.name, dequantize=True),
     )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target, then rename: an interrupted start never leaves half a model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+
+    write_atomically(target, write, "config.json")

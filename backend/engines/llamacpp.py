@@ -10,14 +10,12 @@ tokenizer out of a GGUF takes seconds, so the converted tokenizer (only) is cach
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from backend.engines.base import register_engine
+from backend.engines.cache_dir import write_atomically
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads, llama
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
@@ -149,19 +147,5 @@ def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
                 f"{gguf.name} has no chat template: set LLM_TOKENIZER to the model's Hugging "
                 "Face tokenizer (a directory or hub id)."
             )
-        _save_atomically(tokenizer, target)
+        write_atomically(target, tokenizer.save_pretrained, "tokenizer_config.json")
     return AutoTokenizer.from_pretrained(target)
-
-
-def _save_atomically(tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target, then renamed: an interrupted start never leaves half of it.
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except OSError:
-        if not (target / "tokenizer_config.json").exists():
-            raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
