@@ -86,15 +86,20 @@ def ask(page: Page, text: str) -> str:
     return texts(page, BOT)[-1]
 
 
-def test_answer_streams_into_the_chat(page: Page) -> None:
-    send(page, "Write a long story about a dragon who learns to bake bread.")
-    seen: list[str] = []
-    wait_until(lambda: len(texts(page, BOT)) == 1)
-    while not idle(page):
-        current = texts(page, BOT)[-1]
-        if current and (not seen or current != seen[-1]):
-            seen.append(current)
-        time.sleep(0.03)
+def test_answer_streams_into_the_chat(page: Page, tap: Tap) -> None:
+    # Long enough to watch it grow on a fast engine (llama.cpp writes 40 tokens in ~0.3 s).
+    tap.extra_body["max_tokens"] = 400
+    try:
+        send(page, "Write a long story about a dragon who learns to bake bread.")
+        seen: list[str] = []
+        wait_until(lambda: len(texts(page, BOT)) == 1)
+        while not idle(page):
+            current = texts(page, BOT)[-1]
+            if current and (not seen or current != seen[-1]):
+                seen.append(current)
+            time.sleep(0.03)
+    finally:
+        del tap.extra_body["max_tokens"]
     assert len(seen) >= 3, "the answer arrived in one piece, not streamed"
     assert all(later.startswith(earlier[:20]) for earlier, later in itertools.pairwise(seen))
     assert "tok/s" in page.locator("#stats").inner_text()
