@@ -63,11 +63,18 @@ class HandleModelClient:
 
     What it learns about the model from the first event of a generation it keeps, so health and
     model info never queue behind generations; a replica's liveness is Ray's `check_health`.
+    It holds at most `max_streams` generations (None: no limit) and refuses more at once, so
+    they can never take the ingress's room for health and model info: Ray's own queue limit
+    lets a burst through beyond it.
     """
 
-    def __init__(self, handle: DeploymentHandle, info_timeout_s: float) -> None:
+    def __init__(
+        self, handle: DeploymentHandle, info_timeout_s: float, max_streams: int | None = None
+    ) -> None:
         self._handle = handle
         self._info_timeout_s = info_timeout_s
+        self._max_streams = max_streams
+        self._streams = 0
         self._known: ModelInfo | None = None
 
     async def info(self) -> ModelInfo:
@@ -84,6 +91,10 @@ class HandleModelClient:
 
     async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events from the model replica; closing this generator cancels the request."""
+        if self._max_streams is not None and self._streams >= self._max_streams:
+            count_rejection(self._known.model_id if self._known else "", "overloaded")
+            raise OverloadedError("The server is at capacity; retry shortly.")
+        self._streams += 1
         stream = None
         try:
             stream = self._handle.options(stream=True).generate.remote(request)
@@ -97,6 +108,7 @@ class HandleModelClient:
                 count_rejection(self._known.model_id if self._known else "", "overloaded")
             raise error from None
         finally:
+            self._streams -= 1
             if stream is not None:
                 # Cancelling a request Ray refused re-raises its refusal: already translated.
                 with contextlib.suppress(Exception):
@@ -123,7 +135,9 @@ class Ingress:
     """HTTP entry point: FastAPI routes over a handle to the model deployment."""
 
     def __init__(self, model: DeploymentHandle, settings: BackendSettings) -> None:
-        self._client = HandleModelClient(model, settings.health_timeout_s)
+        self._client = HandleModelClient(
+            model, settings.health_timeout_s, stream_capacity(settings)
+        )
         self._settings = settings
 
     def __serve_build_asgi_app__(self) -> FastAPI:
@@ -142,13 +156,20 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     ).bind(settings)
     # The ingress only awaits: it takes every request the model replicas can hold or queue,
     # plus room for health checks and model info, which must never wait behind generations.
-    queued = max(settings.max_queued_requests, 0)
-    replicas = settings.max_replicas or settings.num_replicas
-    ingress = Ingress.options(
-        max_ongoing_requests=(settings.max_ongoing_requests + queued) * replicas
-        + _CONTROL_REQUESTS,
-    )
+    streams = stream_capacity(settings) or settings.max_ongoing_requests * _replicas(settings)
+    ingress = Ingress.options(max_ongoing_requests=streams + _CONTROL_REQUESTS)
     return ingress.bind(model, settings)
+
+
+def stream_capacity(settings: BackendSettings) -> int | None:
+    """Generations the model replicas can hold or queue at most (None: the queue is unbounded)."""
+    if settings.max_queued_requests < 0:
+        return None
+    return (settings.max_ongoing_requests + settings.max_queued_requests) * _replicas(settings)
+
+
+def _replicas(settings: BackendSettings) -> int:
+    return settings.max_replicas or settings.num_replicas
 
 
 def replica_options(settings: BackendSettings) -> dict[str, Any]:

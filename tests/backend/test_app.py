@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve._private.config import DeploymentConfig
 from ray.serve.exceptions import BackPressureError
 
-from backend.app import build_app, translate_ray_error
+from backend.app import HandleModelClient, build_app, stream_capacity, translate_ray_error
 from backend.errors import EngineError, InvalidRequestError, OverloadedError
+from backend.generation import PromptAccepted
+from backend.protocol import ChatCompletionRequest
+from backend.settings import BackendSettings
 
 
 def raised_in_replica(cause: Exception) -> RayTaskError:
@@ -68,3 +73,59 @@ def test_max_replicas_turns_on_autoscaling_aimed_at_a_full_batch_per_replica() -
     assert deployments["ingress"].max_ongoing_requests >= 4 * (
         model.max_ongoing_requests + model.max_queued_requests
     )
+
+
+class _EndlessStream:
+    """What `handle.options(stream=True).generate.remote()` returns: events until cancelled."""
+
+    def __init__(self) -> None:
+        self.cancelled = False
+
+    def __aiter__(self) -> _EndlessStream:
+        return self
+
+    async def __anext__(self) -> object:
+        await asyncio.sleep(0)
+        return PromptAccepted(3, "m", 100)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class _StreamingHandle:
+    """A stand-in for the model deployment's handle, as `HandleModelClient` calls it."""
+
+    def __init__(self) -> None:
+        self.started = 0
+        self.generate = self
+
+    def options(self, **_: object) -> _StreamingHandle:
+        return self
+
+    def remote(self, _request: object) -> _EndlessStream:
+        self.started += 1
+        return _EndlessStream()
+
+
+async def test_generations_beyond_the_capacity_are_refused_at_once() -> None:
+    handle = _StreamingHandle()
+    client = HandleModelClient(handle, info_timeout_s=1, max_streams=2)  # type: ignore[arg-type]
+    request = ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}])
+    first, second = client.generate(request), client.generate(request)
+    await anext(first), await anext(second)
+    with pytest.raises(OverloadedError):
+        await anext(client.generate(request))
+    assert handle.started == 2  # the refused one never reached Ray
+    await first.aclose()  # a stream that ends makes room
+    third = client.generate(request)
+    await anext(third)
+    assert handle.started == 3
+    await second.aclose(), await third.aclose()
+
+
+def test_the_ingress_keeps_room_for_control_requests_beyond_every_stream() -> None:
+    settings = BackendSettings(max_ongoing_requests=8, max_queued_requests=4, max_replicas=3)
+    assert stream_capacity(settings) == (8 + 4) * 3
+    ingress = _deployments(settings.model_dump(exclude={"api_key"}))["ingress"]
+    assert ingress.max_ongoing_requests > stream_capacity(settings)
+    assert stream_capacity(BackendSettings(max_queued_requests=-1)) is None
