@@ -30,6 +30,8 @@ _HEALTH_CHECK_PERIOD_S = 10
 _HEALTH_CHECK_TIMEOUT_S = 30
 # Concurrent health and model-info requests the ingress admits beside full generation queues.
 _CONTROL_REQUESTS = 64
+# Why a generation is refused when neither the ingress nor Ray has room for it.
+_AT_CAPACITY = "The server is at capacity; retry shortly."
 # Streams still running when a replica stops get this long to finish.
 _GRACEFUL_SHUTDOWN_S = 20
 # Autoscaling adds a replica after demand stayed high this long (a new inf2 node takes minutes
@@ -92,8 +94,7 @@ class HandleModelClient:
     async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
         """Stream events from the model replica; closing this generator cancels the request."""
         if self._max_streams is not None and self._streams >= self._max_streams:
-            count_rejection(self._known.model_id if self._known else "", "overloaded")
-            raise OverloadedError("The server is at capacity; retry shortly.")
+            raise self._at_capacity()
         self._streams += 1
         stream = None
         try:
@@ -103,16 +104,20 @@ class HandleModelClient:
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
                 yield event
         except Exception as exc:
-            error = translate_ray_error(exc)
             if isinstance(exc, BackPressureError):  # refused by Ray before the replica saw it
-                count_rejection(self._known.model_id if self._known else "", "overloaded")
-            raise error from None
+                raise self._at_capacity() from None
+            raise translate_ray_error(exc) from None
         finally:
             self._streams -= 1
             if stream is not None:
                 # Cancelling a request Ray refused re-raises its refusal: already translated.
                 with contextlib.suppress(Exception):
                     stream.cancel()
+
+    def _at_capacity(self) -> OverloadedError:
+        """The refusal of a generation nobody has room for, counted."""
+        count_rejection(self._known.model_id if self._known else "", "overloaded")
+        return OverloadedError(_AT_CAPACITY)
 
 
 def translate_ray_error(exc: Exception) -> ServiceError:
@@ -123,7 +128,7 @@ def translate_ray_error(exc: Exception) -> ServiceError:
     if isinstance(exc, ServiceError) and not isinstance(exc, RayTaskError):
         return exc
     if isinstance(exc, BackPressureError):
-        return OverloadedError("The server is at capacity; retry shortly.")
+        return OverloadedError(_AT_CAPACITY)
     if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
         return OverloadedError("The model replica is restarting; retry shortly.")
     return EngineError(f"The model deployment failed ({type(exc).__name__}).")

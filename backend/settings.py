@@ -21,7 +21,7 @@ class BackendSettings(BaseSettings):
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="`python -m backend`: Ray's Prometheus metrics port."
     )
-    # The default CPU engine, picked by `make bench`: llama.cpp streams several times faster.
+    # The default CPU engine, picked by `make bench`: llama.cpp streams about 3x as fast as hf.
     engine: str = Field(
         "llamacpp",
         description="Engine: `llamacpp` (llama.cpp, CPU, GGUF), `hf` (transformers, CPU) or "

@@ -76,7 +76,8 @@ def test_max_replicas_turns_on_autoscaling_aimed_at_a_full_batch_per_replica() -
 
 
 class _EndlessStream:
-    """What `handle.options(stream=True).generate.remote()` returns: events until cancelled."""
+    """Ray's `DeploymentResponseGenerator` (ray/serve/handle.py) as the client uses it: async
+    iteration (`__aiter__`/`__anext__`) and `cancel()`; it yields events until cancelled."""
 
     def __init__(self) -> None:
         self.cancelled = False
@@ -96,15 +97,15 @@ class _StreamingHandle:
     """A stand-in for the model deployment's handle, as `HandleModelClient` calls it."""
 
     def __init__(self) -> None:
-        self.started = 0
+        self.streams: list[_EndlessStream] = []
         self.generate = self
 
     def options(self, **_: object) -> _StreamingHandle:
         return self
 
     def remote(self, _request: object) -> _EndlessStream:
-        self.started += 1
-        return _EndlessStream()
+        self.streams.append(_EndlessStream())
+        return self.streams[-1]
 
 
 async def test_generations_beyond_the_capacity_are_refused_at_once() -> None:
@@ -115,11 +116,12 @@ async def test_generations_beyond_the_capacity_are_refused_at_once() -> None:
     await anext(first), await anext(second)
     with pytest.raises(OverloadedError):
         await anext(client.generate(request))
-    assert handle.started == 2  # the refused one never reached Ray
-    await first.aclose()  # a stream that ends makes room
+    assert len(handle.streams) == 2  # the refused one never reached Ray
+    await first.aclose()  # a stream that ends makes room, and is cancelled in Ray
+    assert handle.streams[0].cancelled
     third = client.generate(request)
     await anext(third)
-    assert handle.started == 3
+    assert len(handle.streams) == 3
     await second.aclose(), await third.aclose()
 
 
