@@ -65,14 +65,32 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def has_amx_kernels() -> bool:
+    """Whether this llama.cpp build has ggml's AMX kernels (a native build on an Intel CPU with
+    AMX, e.g. Sapphire Rapids: AWS m7i, c7i)."""
+    return b"AMX_INT8 = 1" in llama.llama_print_system_info()
+
+
+def model_params() -> llama.llama_model_params:
+    """How every GGUF is loaded: on the CPU, and never into ggml's AMX buffers.
+
+    ggml's AMX matrix multiplication segfaults on the first decode (seen here with SmolLM2 Q4_1
+    on a Xeon with AMX; llama.cpp issue 20824, closed unfixed). AMX is one of llama.cpp's "extra
+    buffer types", so builds that have it load weights without them (which also skips the
+    CPU repacking of Q4_0/Q4_K weights); other builds keep them.
+    """
+    params = llama.llama_model_default_params()
+    params.n_gpu_layers = 0
+    params.use_extra_bufts = not has_amx_kernels()
+    return params
+
+
 class LlamaModel:
     """A GGUF file loaded by llama.cpp (weights memory-mapped), and its vocabulary."""
 
     def __init__(self, path: Path) -> None:
         _init_backend()
-        params = llama.llama_model_default_params()
-        params.n_gpu_layers = 0
-        handle = llama.llama_model_load_from_file(str(path).encode(), params)
+        handle = llama.llama_model_load_from_file(str(path).encode(), model_params())
         if not handle:
             raise EngineError(f"llama.cpp could not load {path} (is it a GGUF model file?).")
         self.handle = handle

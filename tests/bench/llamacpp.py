@@ -3,8 +3,8 @@
 `raw_llamacpp_run` drives llama.cpp's low-level API directly, the way our `llamacpp` engine does
 but with nothing of ours in between (no batching loop, no sampling module, no server): it is the
 ceiling our HTTP throughput is compared with. `llamacpp_server` runs the OpenAI server that ships
-with llama-cpp-python (`python -m llama_cpp.server`, the `[server]` extra), the tool a CPU user
-would otherwise pick.
+with llama-cpp-python (`llama_cpp.server`, the `[server]` extra), the tool a CPU user would
+otherwise pick, loading weights as our engine does (`tests.bench.llamacpp_server`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import httpx
 import llama_cpp as llama
 import numpy as np
 
+from backend.engines.llamacpp_runner import model_params
 from tests.e2e.services import ARTIFACTS, REPO, free_port
 
 
@@ -44,9 +45,7 @@ def raw_llamacpp_run(
     """
     llama.llama_log_set(_quiet, ctypes.c_void_p(0))
     llama.llama_backend_init()
-    model_params = llama.llama_model_default_params()
-    model_params.n_gpu_layers = 0
-    model = llama.llama_model_load_from_file(str(gguf_path).encode(), model_params)
+    model = llama.llama_model_load_from_file(str(gguf_path).encode(), model_params())
     if not model:
         raise RuntimeError(f"llama.cpp could not load {gguf_path}")
     n_vocab = llama.llama_vocab_n_tokens(llama.llama_model_get_vocab(model))
@@ -129,7 +128,7 @@ def llamacpp_server(
     command = [
         sys.executable,
         "-m",
-        "llama_cpp.server",
+        "tests.bench.llamacpp_server",
         "--model",
         str(gguf_path),
         "--host",

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from backend.engines import llamacpp_runner
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
 from backend.engines.hf import HFEngine
 from backend.engines.llamacpp import (
@@ -21,7 +22,7 @@ from backend.engines.llamacpp import (
     load_gguf_tokenizer,
     tokenizer_cache_dir,
 )
-from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel
+from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, model_params
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 from backend.settings import BackendSettings
@@ -221,6 +222,23 @@ async def test_batched_greedy_reply_equals_the_reply_alone(llamacpp_engine: Llam
     assert list(together) == alone
     # Alone, four streams of 16 tokens take 60 decode steps (the first comes from prefill).
     assert llamacpp_engine.batcher.stats.decode_steps - steps_before < 60
+
+
+@pytest.mark.parametrize(
+    ("system_info", "extra_buffers"),
+    [
+        (b"CPU : AVX2 = 1 | AVX512 = 1 | AMX_INT8 = 1 | REPACK = 1 | ", False),
+        (b"CPU : AVX2 = 1 | AVX512 = 1 | REPACK = 1 | ", True),
+    ],
+    ids=["amx-build", "other-build"],
+)
+def test_weights_never_go_to_amx_buffers(
+    monkeypatch: pytest.MonkeyPatch, system_info: bytes, extra_buffers: bool
+) -> None:
+    # The real info of this build decides for the other tests; here both kinds are shown.
+    monkeypatch.setattr(llamacpp_runner.llama, "llama_print_system_info", lambda: system_info)
+    params = model_params()
+    assert params.use_extra_bufts is extra_buffers and params.n_gpu_layers == 0
 
 
 def test_runner_declares_chunked_prefill() -> None:
