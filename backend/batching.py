@@ -1,7 +1,9 @@
 """Continuous batching: one loop that shares a model's forward passes across many streams.
 
 New requests join the running batch at the next step (after their own prefill), finished or
-cancelled ones leave at once, and every stream receives its text as soon as its token is sampled.
+cancelled ones leave at once. A stream's first text goes out as soon as it is sampled; after that
+its text goes out at most every `stream_interval_s`, merged (each item crosses Ray, the ingress and
+the proxy, and costs them CPU the model needs).
 Between two decode steps the loop prefills at most `prefill_budget` prompt tokens (in chunks, for
 runners that can extend a prompt), so a burst of long prompts delays running streams' next token
 by a bounded amount instead of freezing them.
@@ -156,9 +158,11 @@ class ContinuousBatcher:
         max_batch_size: int,
         prefill_budget: int = 512,
         observer: BatchObserver | None = None,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self._runner = runner
         self._prefill_budget = prefill_budget
+        self._stream_interval_s = stream_interval_s
         self._observer = observer
         self._occupancy = (0, 0)
         self._observed_at = 0.0
@@ -202,15 +206,19 @@ class ContinuousBatcher:
 
         seq = _Sequence(next(self._ids), prompt_ids, params, self._tokenizer, deliver)
         self._inbox.put(seq)
+        next_send = 0.0  # the first text goes out at once
         try:
             while True:
-                # Everything that arrived meanwhile goes out as one item (one Ray stream item).
                 items = [await deltas.get()]
+                if _open(items[-1]) and (wait := next_send - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                # Everything that arrived meanwhile goes out as one item (one Ray stream item).
                 while _open(items[-1]) and not deltas.empty():
                     items.append(deltas.get_nowait())
                 error = items.pop() if isinstance(items[-1], BaseException) else None
                 if items:
                     delta = _merge(items)  # type: ignore[arg-type]
+                    next_send = loop.time() + self._stream_interval_s
                     yield delta
                     if delta.finish_reason is not None:
                         return

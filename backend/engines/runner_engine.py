@@ -68,6 +68,7 @@ class RunnerEngine(Engine):
             self.settings.max_batch_size,
             prefill_budget=self.settings.prefill_chunk_tokens,
             observer=BatchGauges(self.model_id),
+            stream_interval_s=self.settings.stream_interval_ms / 1000,
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)

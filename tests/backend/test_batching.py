@@ -79,10 +79,18 @@ class ChunkingRunner(CountingRunner):
 
 
 def make_batcher(
-    runner: CountingRunner, max_batch_size: int = 8, prefill_budget: int = 512
+    runner: CountingRunner,
+    max_batch_size: int = 8,
+    prefill_budget: int = 512,
+    stream_interval_s: float = 0.0,
 ) -> ContinuousBatcher:
     batcher = ContinuousBatcher(
-        runner, ByteTokenizer(), frozenset({EOS}), max_batch_size, prefill_budget=prefill_budget
+        runner,
+        ByteTokenizer(),
+        frozenset({EOS}),
+        max_batch_size,
+        prefill_budget=prefill_budget,
+        stream_interval_s=stream_interval_s,
     )
     batcher.start()
     return batcher
@@ -252,6 +260,32 @@ async def test_a_slow_reader_gets_the_tokens_it_missed_as_one_item() -> None:
     assert "".join(d.text for d in items) == "".join(chr(64 + t) for t in range(2, 32))
     assert sum(d.tokens for d in items) == 31  # 30 letters and the end-of-sequence token
     assert len(items) < 31 and items[-1].finish_reason == "stop"
+    batcher.shutdown()
+
+
+async def test_after_the_first_text_a_stream_sends_at_most_once_per_interval() -> None:
+    runner = CountingRunner(length=40)
+    runner.step_delay_s = 0.005  # 40 tokens take >= 0.2 s: about 4 intervals
+    batcher = make_batcher(runner, stream_interval_s=0.05)
+    loop = asyncio.get_running_loop()
+    items, times = [], []
+    async for delta in batcher.stream([1], GREEDY):
+        items.append(delta)
+        times.append(loop.time())
+    assert "".join(d.text for d in items) == "".join(chr(64 + t) for t in range(2, 42))
+    assert sum(d.tokens for d in items) == 41
+    assert items[0].tokens == 1  # the first token is not held back
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert len(items) <= 10 and min(gaps[:-1]) >= 0.045  # the last may end an interval early
+    batcher.shutdown()
+
+
+async def test_without_an_interval_every_token_is_its_own_item() -> None:
+    runner = CountingRunner(length=10)
+    runner.step_delay_s = 0.005  # a reader that keeps up
+    batcher = make_batcher(runner)
+    items = await collect(batcher, [1])
+    assert [d.tokens for d in items] == [1] * 11
     batcher.shutdown()
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import random
 import statistics
 import time
@@ -153,7 +155,11 @@ class Saturation:
 
 
 async def saturation(url: str, streams: int, seconds: float) -> Saturation:
-    """Open `streams` streams at once, then probe `/healthz` and `/v1/models` for `seconds`."""
+    """Open `streams` streams at once, then probe `/healthz` and `/v1/models` for `seconds`.
+
+    The probes run in a process of their own, as a kubelet's do: in this one they would wait
+    behind this event loop reading hundreds of streams, and measure the client, not the server.
+    """
     limits = httpx.Limits(max_connections=streams + 16, max_keepalive_connections=streams + 16)
     refused: list[int] = []
 
@@ -165,7 +171,28 @@ async def saturation(url: str, streams: int, seconds: float) -> Saturation:
             async for _ in response.aiter_lines():
                 pass
 
-    async def probe(http: httpx.AsyncClient, path: str, times: list[float], failures: list[int]):
+    loop = asyncio.get_running_loop()
+    spawn = multiprocessing.get_context("spawn")  # no copy of this process's event loop
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as prober:
+        await loop.run_in_executor(prober, time.sleep, 0)  # started before the streams
+        async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            holders = [asyncio.ensure_future(hold(http, s)) for s in range(streams)]
+            await asyncio.sleep(2.0)  # all of them sent and queued
+            health, models, failures = await loop.run_in_executor(
+                prober, probe_control_routes, url, seconds
+            )
+            for holder in holders:  # the clients leave: their batch slots and queues free up
+                holder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*holders, return_exceptions=True)
+    return Saturation(_p99(health), _p99(models), failures, len(refused))
+
+
+def probe_control_routes(url: str, seconds: float) -> tuple[list[float], list[float], int]:
+    """Seconds of each `/healthz` and `/v1/models` request over `seconds`, and the failures."""
+
+    async def probe(http: httpx.AsyncClient, path: str, times: list[float]) -> int:
+        failures = 0
         deadline = time.perf_counter() + seconds
         while time.perf_counter() < deadline:
             start = time.perf_counter()
@@ -174,25 +201,20 @@ async def saturation(url: str, streams: int, seconds: float) -> Saturation:
             except httpx.HTTPError:
                 ok = False
             times.append(time.perf_counter() - start)
-            failures.append(0 if ok else 1)
+            failures += not ok
             await asyncio.sleep(0.05)
+        return failures
 
-    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        holders = [asyncio.ensure_future(hold(http, s)) for s in range(streams)]
-        await asyncio.sleep(2.0)  # all of them sent and queued
+    async def both() -> tuple[list[float], list[float], int]:
         health: list[float] = []
         models: list[float] = []
-        failures: list[int] = []
-        async with httpx.AsyncClient(timeout=10) as control:
-            await asyncio.gather(
-                probe(control, "/healthz", health, failures),
-                probe(control, "/v1/models", models, failures),
+        async with httpx.AsyncClient(timeout=10) as http:
+            failed = await asyncio.gather(
+                probe(http, "/healthz", health), probe(http, "/v1/models", models)
             )
-        for holder in holders:  # the clients leave: their batch slots and queue places free up
-            holder.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(*holders, return_exceptions=True)
-    return Saturation(_p99(health), _p99(models), sum(failures), len(refused))
+        return health, models, sum(failed)
+
+    return asyncio.run(both())
 
 
 def _p99(values: list[float]) -> float:
