@@ -25,7 +25,7 @@ from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
 from tests.bench import load, raw
 from tests.bench.load import Run, Saturation
-from tests.bench.ui import ui_overhead
+from tests.bench.ui import UITimes, ui_overhead
 from tests.e2e.services import ARTIFACTS, backend_service, free_port
 
 MAX_TOKENS = 128
@@ -120,8 +120,8 @@ def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Se
         service.stop()
 
 
-def control_plane_and_ui(url: str) -> tuple[Saturation, tuple[float, float]]:
-    """Health and model info under saturation, then the UI's own share of time to first token."""
+def control_plane_and_ui(url: str) -> tuple[Saturation, UITimes]:
+    """Health and model info under saturation, then the UI's share of time to first token."""
     saturated = asyncio.run(load.saturation(url, SATURATING_STREAMS, seconds=10))
     return saturated, ui_overhead(url)
 
@@ -227,8 +227,8 @@ def main() -> None:
         rows += rows_for(engine, served[engine], *ceilings[engine])
         print(*(" | ".join(row) for row in rows), sep="\n", flush=True)  # so far, in case
         if measured is not None:
-            saturated, (ui_ttft, direct_ttft) = measured
-            rows += control_rows(engine, saturated, ui_ttft, direct_ttft)
+            saturated, ui_times = measured
+            rows += control_rows(engine, saturated, ui_times)
     if "llamacpp" in served:
         rows += llamacpp_comparison(served)
     rows.append(("cpu cores", str(os.cpu_count()), "", ""))
@@ -268,7 +268,7 @@ def llamacpp_comparison(served: dict[str, Served]) -> list[tuple[str, str, str, 
 
 
 def control_rows(
-    engine: str, saturated: Saturation, ui_ttft: float, direct_ttft: float
+    engine: str, saturated: Saturation, ui: UITimes
 ) -> list[tuple[str, str, str, str]]:
     """Rows of the saturation and UI figures."""
     return [
@@ -281,15 +281,22 @@ def control_rows(
         ),
         (
             "TTFT: browser (Enter to text shown) / backend over HTTP, median",
-            f"{ui_ttft * 1000:.0f} / {direct_ttft * 1000:.0f} ms",
+            f"{ui.browser_s * 1000:.0f} / {ui.direct_s * 1000:.0f} ms",
             "",
             "",
         ),
         (
-            "UI overhead on time to first token",
-            f"{(ui_ttft - direct_ttft) * 1000:.0f} ms",
+            "UI overhead on time to first token: browser less backend over HTTP",
+            f"{(ui.browser_s - ui.direct_s) * 1000:.0f} ms",
             "<= 100 ms",
             PREVIOUS["ui_overhead"],
+        ),
+        (
+            "... of it the UI's own: browser less the UI's own wait for its first token "
+            "(its stats line; the rest is the model slowed by Chromium and Gradio on its cores)",
+            f"{ui.own_s * 1000:.0f} ms",
+            "<= 100 ms",
+            "",
         ),
     ]
 

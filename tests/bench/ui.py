@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
+from dataclasses import dataclass
 
 import httpx
 
@@ -12,6 +14,8 @@ from tests.e2e.services import BOT, ServiceProcess, free_port, launch_chromium, 
 
 UI_PROMPT = "What is the capital of France?"
 UI_REPEATS = 5
+# The stats line under an answer: the UI's own time from starting the reply to its first token.
+_UI_TTFT = re.compile(r"⏱ ([0-9.]+) s to first token")
 # Marks the moment Enter goes down in the message box, and the moment the first text of a new
 # answer appears in the chat, both on the page's own clock.
 _FIRST_TOKEN_PROBE = """
@@ -50,8 +54,9 @@ async def backend_ttft(url: str) -> float:
     raise RuntimeError("no content arrived")
 
 
-def browser_ttft(ui: ServiceProcess) -> list[float]:
-    """Seconds from pressing Enter to the first token shown in Chromium, one per repeat."""
+def browser_ttft(ui: ServiceProcess) -> list[tuple[float, float]]:
+    """Per repeat: seconds from pressing Enter to the first token shown in Chromium, and the
+    UI's own time from starting the reply to receiving that token (its stats line)."""
     from playwright.sync_api import expect, sync_playwright
 
     times = []
@@ -67,14 +72,28 @@ def browser_ttft(ui: ServiceProcess) -> list[float]:
             page.locator("#msg textarea").fill(UI_PROMPT)
             page.locator("#msg textarea").press("Enter")
             page.wait_for_function("window.__first !== null", timeout=120_000)
-            times.append(page.evaluate("(window.__first - window.__sent) / 1000"))
+            shown = page.evaluate("(window.__first - window.__sent) / 1000")
             expect(page.locator("#stop")).to_be_disabled(timeout=120_000)  # answer done
+            stats = _UI_TTFT.search(page.locator("#stats").inner_text())
+            if stats is None:
+                raise RuntimeError("the stats line shows no time to first token")
+            times.append((shown, float(stats.group(1))))
         browser.close()
     return times[1:]
 
 
-def ui_overhead(backend_url: str) -> tuple[float, float]:
-    """Median time to first token through the UI in a browser, and straight from the backend."""
+@dataclass
+class UITimes:
+    """Medians: time to first token in the browser and straight from the backend, and the UI's
+    own share of the first (the browser's time less the UI's own wait for its backend)."""
+
+    browser_s: float
+    direct_s: float
+    own_s: float
+
+
+def ui_overhead(backend_url: str) -> UITimes:
+    """Time to first token through the UI in a browser, and straight from the backend."""
     ui = ui_service(free_port(), backend_url, temperature="0", max_tokens="32")
     ui.start()
     try:
@@ -82,4 +101,8 @@ def ui_overhead(backend_url: str) -> tuple[float, float]:
         through_ui = browser_ttft(ui)
     finally:
         ui.stop()
-    return statistics.median(through_ui), statistics.median(direct)
+    return UITimes(
+        statistics.median(shown for shown, _ in through_ui),
+        statistics.median(direct),
+        statistics.median(shown - backend for shown, backend in through_ui),
+    )
