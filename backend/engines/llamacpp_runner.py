@@ -65,7 +65,7 @@ def cpu_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def has_amx_kernels() -> bool:
+def _has_amx_kernels() -> bool:
     """Whether this llama.cpp build has ggml's AMX kernels (a native build on an Intel CPU with
     AMX, e.g. Sapphire Rapids: AWS m7i, c7i)."""
     return b"AMX_INT8 = 1" in llama.llama_print_system_info()
@@ -81,7 +81,7 @@ def model_params() -> llama.llama_model_params:
     """
     params = llama.llama_model_default_params()
     params.n_gpu_layers = 0
-    params.use_extra_bufts = not has_amx_kernels()
+    params.use_extra_bufts = not _has_amx_kernels()
     return params
 
 

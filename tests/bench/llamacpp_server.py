@@ -2,9 +2,10 @@
 our engine does.
 
 Its `Llama` class has no option for llama.cpp's extra buffer types, and a build with ggml's AMX
-kernels segfaults in them (see `backend.engines.llamacpp_runner.model_params`). Its server reads
-the model's load parameters from `llama_model_default_params()`, so this replaces that one
-function with our rule, then runs the server unchanged.
+kernels segfaults in them (see `backend.engines.llamacpp_runner.model_params`). `Llama.__init__`
+(llama_cpp/llama.py, 0.3.36) starts from `llama_cpp.llama_cpp.llama_model_default_params()`,
+looked up at call time, so this replaces that one function with our rule, then runs the server
+unchanged.
 """
 
 from __future__ import annotations
