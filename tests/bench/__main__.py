@@ -46,11 +46,33 @@ PREVIOUS = {
 }
 
 
+Ceiling = Callable[[], tuple[Run, Run]]
+
+
+def hf_ceiling() -> tuple[Run, Run]:
+    """transformers' own generation at batch 1 and at batch CONCURRENCY."""
+    return (
+        raw.transformers_generate(1, MAX_TOKENS),
+        raw.transformers_generate(CONCURRENCY, MAX_TOKENS),
+    )
+
+
+def llamacpp_ceiling() -> tuple[Run, Run]:
+    """llama.cpp's low-level batch API at batch 1 and at batch CONCURRENCY."""
+    return raw.llamacpp_batch(1, MAX_TOKENS), raw.llamacpp_batch(CONCURRENCY, MAX_TOKENS)
+
+
+CEILINGS: dict[str, Ceiling] = {"hf": hf_ceiling, "llamacpp": llamacpp_ceiling}
+
+
 @dataclass
 class Served:
     """What one engine achieves through the real HTTP backend."""
 
     start_s: float
+    # The engine's raw rates measured in this process while the backend is up and idle: what is
+    # left of the two cores beside Ray's own processes (GCS, raylet, controller, agents).
+    beside_idle: tuple[Run, Run]
     single: Run
     burst: Run
     conversations: Run
@@ -106,6 +128,7 @@ def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Se
     service.start()
     start_s = time.perf_counter() - started
     try:
+        beside_idle = CEILINGS[engine]()
         with PeakMemory(service.pid) as memory:
             single = asyncio.run(load.single_streams(service.url, MAX_TOKENS, REPEATS))
             alone_s = single.seconds / REPEATS
@@ -114,7 +137,7 @@ def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Se
                 load.conversations(service.url, MAX_TOKENS, CONCURRENCY, TURNS, alone_s)
             )
             itl = asyncio.run(load.stall_under_long_prompts(service.url, LONG_PROMPT_WORDS, 4))
-        served = Served(start_s, single, burst, talks, *itl, memory.peak_bytes)
+        served = Served(start_s, beside_idle, single, burst, talks, *itl, memory.peak_bytes)
         return served, extra(service.url) if extra else None
     finally:
         service.stop()
@@ -161,11 +184,13 @@ def rows_for(name: str, served: Served, raw1: Run, raw8: Run) -> list[tuple[str,
             PREVIOUS["http8/raw8"] if name == "hf" else "",
         ),
         (
-            f"{name}: {CONCURRENCY} at once / one at a time",
-            f"{s.burst.rate / s.single.rate:.1f}x",
+            f"{name}: {CONCURRENCY} at once / one at a time (the engine's own: raw batch "
+            f"{CONCURRENCY} / batch 1)",
+            f"{s.burst.rate / s.single.rate:.1f}x ({raw8.rate / raw1.rate:.1f}x)",
             ">= 5x",
             PREVIOUS["8/one"] if name == "hf" else "",
         ),
+        *idle_share_rows(name, served, raw1, raw8),
         (f"{name}: TTFT p50, 1 stream", f"{s.single.ttft_p50 * 1000:.0f} ms", "", ""),
         (
             f"{name}: TTFT p50, {CONCURRENCY} users chatting ({TURNS} turns each, staggered)",
@@ -196,20 +221,34 @@ def rows_for(name: str, served: Served, raw1: Run, raw8: Run) -> list[tuple[str,
     ]
 
 
+def idle_share_rows(
+    name: str, served: Served, raw1: Run, raw8: Run
+) -> list[tuple[str, str, str, str]]:
+    """The HTTP/raw gap split in two: the cores Ray's idle processes take, and the request path."""
+    idle1, idle8 = served.beside_idle
+    return [
+        (
+            f"{name}: raw in-process beside the idle backend, batch 1 / {CONCURRENCY} "
+            "(share of raw alone)",
+            f"{idle1.rate:.0f} / {idle8.rate:.0f} tok/s "
+            f"({idle1.rate / raw1.rate:.2f} / {idle8.rate / raw8.rate:.2f})",
+            "",
+            "",
+        ),
+        (
+            f"{name}: HTTP / raw beside the idle backend, 1 stream / {CONCURRENCY} "
+            "(the request path's own cost)",
+            f"{served.single.rate / idle1.rate:.2f} / {served.burst.rate / idle8.rate:.2f}",
+            "",
+            "",
+        ),
+    ]
+
+
 def main() -> None:
     """Run every measurement and write the report."""
     cold, cached = time_engine_starts()
-    ceilings = {
-        "hf": (
-            raw.transformers_generate(1, MAX_TOKENS),
-            raw.transformers_generate(CONCURRENCY, MAX_TOKENS),
-        )
-    }
-    if "llamacpp" in engines():
-        ceilings["llamacpp"] = (
-            raw.llamacpp_batch(1, MAX_TOKENS),
-            raw.llamacpp_batch(CONCURRENCY, MAX_TOKENS),
-        )
+    ceilings = {engine: CEILINGS[engine]() for engine in engines()}
     print("ceilings:", {e: [f"{r.rate:.0f} tok/s" for r in runs] for e, runs in ceilings.items()})
     rows: list[tuple[str, str, str, str]] = [
         (
