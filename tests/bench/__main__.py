@@ -319,6 +319,13 @@ def control_rows(
             PREVIOUS["control_p99"],
         ),
         (
+            f"{engine}: slowest /healthz or /v1/models probe while the {SATURATING_STREAMS} "
+            "streams are admitted (their first 2 s)",
+            f"{saturated.admission_max * 1000:.0f} ms",
+            "",
+            "",
+        ),
+        (
             "TTFT: browser (Enter to text shown) / backend over HTTP, median",
             f"{ui.browser_s * 1000:.0f} / {ui.direct_s * 1000:.0f} ms",
             "",

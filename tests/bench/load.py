@@ -152,10 +152,15 @@ class Saturation:
     models_p99: float
     health_failures: int
     refused: int  # streams answered 503 (more than the replicas and the ingress hold)
+    admission_max: float  # the slowest probe of either route while the streams were admitted
 
 
-async def saturation(url: str, streams: int, seconds: float) -> Saturation:
-    """Open `streams` streams at once, then probe `/healthz` and `/v1/models` for `seconds`.
+async def saturation(
+    url: str, streams: int, seconds: float, admission_s: float = 2.0
+) -> Saturation:
+    """Open `streams` streams at once and probe `/healthz` and `/v1/models` from that moment on:
+    the slowest probe of the first `admission_s` (the streams being admitted), then the p99 of
+    the next `seconds` (all of them held: running, queued or refused).
 
     The probes run in a process of their own, as a kubelet's do: in this one they would wait
     behind this event loop reading hundreds of streams, and measure the client, not the server.
@@ -176,38 +181,46 @@ async def saturation(url: str, streams: int, seconds: float) -> Saturation:
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as prober:
         await loop.run_in_executor(prober, time.sleep, 0)  # started before the streams
         async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+            probes = loop.run_in_executor(prober, probe_control_routes, url, admission_s + seconds)
             holders = [asyncio.ensure_future(hold(http, s)) for s in range(streams)]
-            await asyncio.sleep(2.0)  # all of them sent and queued
-            health, models, failures = await loop.run_in_executor(
-                prober, probe_control_routes, url, seconds
-            )
+            health, models, failures = await probes
             for holder in holders:  # the clients leave: their batch slots and queues free up
                 holder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*holders, return_exceptions=True)
-    return Saturation(_p99(health), _p99(models), failures, len(refused))
+    admitting = [t for start, t in health + models if start < admission_s]
+    held = {
+        route: [t for start, t in samples if start >= admission_s]
+        for route, samples in (("health", health), ("models", models))
+    }
+    return Saturation(
+        _p99(held["health"]), _p99(held["models"]), failures, len(refused), max(admitting)
+    )
 
 
-def probe_control_routes(url: str, seconds: float) -> tuple[list[float], list[float], int]:
-    """Seconds of each `/healthz` and `/v1/models` request over `seconds`, and the failures."""
+Probe = tuple[float, float]  # (seconds since probing began, seconds the request took)
 
-    async def probe(http: httpx.AsyncClient, path: str, times: list[float]) -> int:
+
+def probe_control_routes(url: str, seconds: float) -> tuple[list[Probe], list[Probe], int]:
+    """Each `/healthz` and `/v1/models` request over `seconds`, and the failures."""
+
+    async def probe(http: httpx.AsyncClient, path: str, times: list[Probe]) -> int:
         failures = 0
-        deadline = time.perf_counter() + seconds
-        while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
             start = time.perf_counter()
             try:
                 ok = (await http.get(url + path, timeout=10)).status_code == 200
             except httpx.HTTPError:
                 ok = False
-            times.append(time.perf_counter() - start)
+            times.append((start - began, time.perf_counter() - start))
             failures += not ok
             await asyncio.sleep(0.05)
         return failures
 
-    async def both() -> tuple[list[float], list[float], int]:
-        health: list[float] = []
-        models: list[float] = []
+    async def both() -> tuple[list[Probe], list[Probe], int]:
+        health: list[Probe] = []
+        models: list[Probe] = []
         async with httpx.AsyncClient(timeout=10) as http:
             failed = await asyncio.gather(
                 probe(http, "/healthz", health), probe(http, "/v1/models", models)
