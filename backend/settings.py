@@ -112,7 +112,9 @@ class BackendSettings(BaseSettings):
         64, ge=1, description="Concurrent requests a model replica accepts (queue beyond batch)."
     )
     max_queued_requests: int = Field(
-        256, ge=-1, description="Requests waiting for a replica before HTTP 503 (-1 = no limit)."
+        256,
+        ge=-1,
+        description="Requests waiting for a replica before HTTP 503 (-1 = no limit; else >= 1).",
     )
     num_replicas: int = Field(
         1, ge=1, description="Model deployment replicas (with max_replicas: the minimum)."
@@ -138,6 +140,14 @@ class BackendSettings(BaseSettings):
         # An empty variable (e.g. an empty Secret) must not pass for a key nobody can send.
         if value is None or not _split_keys(value.get_secret_value()):
             return None
+        return value
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue_length(cls, value: int) -> int:
+        # Ray Serve refuses a zero-length queue at deploy time, far from the setting.
+        if value == 0:
+            raise ValueError("must be -1 (no limit) or at least 1: Ray Serve has no empty queue")
         return value
 
     @model_validator(mode="after")

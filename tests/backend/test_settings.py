@@ -22,7 +22,10 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.engine, settings.max_batch_size, settings.dtype) == ("neuron", 16, "bfloat16")
 
 
-@pytest.mark.parametrize(("name", "value"), [("LLM_MAX_BATCH_SIZE", "0"), ("LLM_DTYPE", "int3")])
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("LLM_MAX_BATCH_SIZE", "0"), ("LLM_DTYPE", "int3"), ("LLM_MAX_QUEUED_REQUESTS", "0")],
+)
 def test_invalid_values_are_rejected_naming_the_field(
     monkeypatch: pytest.MonkeyPatch, name: str, value: str
 ) -> None:
