@@ -202,13 +202,6 @@ class ChatHandlers:
         reply = [assistant_message(answer)] if answer else []
         yield [*history, *reply], _lines(stats.to_markdown(), note)
 
-    def add_message(self, message: str, history: History) -> tuple[Any, ...]:
-        """Append the typed message and lock the input; an empty message changes nothing."""
-        if not message.strip():
-            return (SKIP,) * 6
-        msg, *rest = _controls(busy=True)
-        return [*history, user_message(message)], {**msg, "value": ""}, *rest
-
     def regenerate(self, history: History) -> tuple[Any, ...]:
         """Drop the last answer (and any notice after it) so the last question is asked again."""
         last = _last_user_index(history)

@@ -195,19 +195,6 @@ async def test_stopping_closes_the_backend_stream(
     assert client.closed == 1
 
 
-def test_add_message_appends_clears_and_locks(handlers: ChatHandlers) -> None:
-    history, msg, send, stop, regenerate, undo = handlers.add_message("Hi", [])
-    assert history == [user_message("Hi")]
-    assert msg == {**gr.update(interactive=False), "value": ""}
-    assert (send["interactive"], stop["interactive"], regenerate["interactive"]) == (
-        False,
-        True,
-        False,
-    )
-    assert undo["interactive"] is False
-    assert handlers.add_message("   ", history) == (SKIP,) * 6
-
-
 def test_regenerate_drops_the_answer_and_notices(handlers: ChatHandlers) -> None:
     history = [
         user_message("q1"),

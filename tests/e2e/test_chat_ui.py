@@ -106,6 +106,25 @@ def test_answer_streams_into_the_chat(page: Page, tap: Tap) -> None:
     page.screenshot(path=str(ARTIFACTS / "chat-ui.png"), full_page=True)
 
 
+def test_enter_shows_the_message_and_locks_the_input_until_the_answer(page: Page, tap: Tap) -> None:
+    box = page.locator("#msg textarea")
+    exchanges = len(tap.exchanges)
+    send(page, "   ")
+    time.sleep(0.5)
+    assert texts(page, USER) == [] and len(tap.exchanges) == exchanges and box.is_enabled()
+    tap.extra_body["max_tokens"] = 200  # a reply long enough to look at the locked input
+    try:
+        send(page, "Tell me about bread.")
+        wait_until(lambda: texts(page, USER) == ["Tell me about bread."])
+        assert box.input_value() == "" and box.is_disabled()
+        assert page.locator("#send").is_disabled() and page.locator("#stop").is_enabled()
+        wait_until(lambda: idle(page))
+    finally:
+        del tap.extra_body["max_tokens"]
+    assert box.is_enabled() and len(tap.exchanges) == exchanges + 1
+    assert tap.last().messages == [{"role": "user", "content": "Tell me about bread."}]
+
+
 def test_second_turn_sends_the_whole_conversation(page: Page, tap: Tap) -> None:
     ask(page, "My name is Ada. Remember it.")
     first = tap.last()
