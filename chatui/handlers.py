@@ -134,7 +134,7 @@ def status_markdown(status: BackendStatus) -> str:
     return f"🔴 Backend unreachable: {status.detail}"
 
 
-def _controls(busy: bool) -> tuple[dict[str, Any], ...]:
+def control_updates(busy: bool) -> tuple[dict[str, Any], ...]:
     """Updates for (msg, send, stop, regenerate, undo): typing and sending wait for the reply."""
     idle = not busy
     return (
@@ -207,16 +207,16 @@ class ChatHandlers:
         last = _last_user_index(history)
         if last is None:
             return (SKIP,) * 6
-        return history[: last + 1], *_controls(busy=True)
+        return history[: last + 1], *control_updates(busy=True)
 
     def edit(self, history: History, edit: gr.EditData) -> tuple[Any, ...]:
         """Replace an edited user message and forget everything after it."""
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
-        return [*history[:index], user_message(text_of(edit.value))], *_controls(busy=True)
+        return [*history[:index], user_message(text_of(edit.value))], *control_updates(busy=True)
 
     def example(self, example: gr.SelectData) -> tuple[Any, ...]:
         """Start a chat with the example prompt that was clicked."""
-        return [user_message(text_of(example.value))], *_controls(busy=True)
+        return [user_message(text_of(example.value))], *control_updates(busy=True)
 
     def undo(self, history: History) -> tuple[Any, Any]:
         """Remove the last question and its answer, and put the question back in the textbox."""
@@ -242,7 +242,7 @@ class ChatHandlers:
                 saved, to_record(history, title, system_prompt), conversation_id
             )
         view = self._view(saved, conversation_id, _session(request))
-        return *view, *_controls(busy=False)
+        return *view, *control_updates(busy=False)
 
     def new_chat(self, saved_raw: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
         """An empty chat; the saved ones stay in the list."""
