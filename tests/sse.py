@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from backend.settings import BackendSettings
+
 
 def sse_payloads(body: str) -> list[Any]:
     """The `data:` payloads of an SSE body, JSON-decoded; `[DONE]` stays a string."""
@@ -14,3 +16,13 @@ def sse_payloads(body: str) -> list[Any]:
             data = line.removeprefix("data: ")
             payloads.append(data if data == "[DONE]" else json.loads(data))
     return payloads
+
+
+def fewest_chunks(seconds: float, tokens: int) -> float:
+    """The fewest content chunks a stream of `tokens` tokens lasting `seconds` may send.
+
+    The backend sends a chunk per stream interval (per token, if tokens come slower), so the
+    count follows the machine's speed; a third of it leaves room for a busy machine.
+    """
+    interval_s = BackendSettings().stream_interval_ms / 1000
+    return min(tokens, seconds / interval_s) / 3
