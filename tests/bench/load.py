@@ -212,12 +212,15 @@ async def saturation(
 def _run_first() -> None:
     """Put this process first in line for the CPU, if the OS lets us (root, or CAP_SYS_NICE).
     It sleeps between probes, so it takes little CPU from anyone."""
-    with contextlib.suppress(PermissionError):
+    with contextlib.suppress(OSError, AttributeError):  # refused, or not Linux
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
 
 
 def _runs_first() -> bool:
-    return os.sched_getscheduler(0) == os.SCHED_FIFO
+    try:
+        return os.sched_getscheduler(0) == os.SCHED_FIFO
+    except (OSError, AttributeError):
+        return False
 
 
 Probe = tuple[float, float]  # (seconds since probing began, seconds the request took)

@@ -44,10 +44,12 @@ def test_model_card_and_a_streamed_reply(llamacpp_backend: BackendProcess) -> No
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    start = time.monotonic()
     with httpx.stream("POST", url + CHAT, json=request, timeout=120) as response:
-        events = sse_payloads("\n".join(response.iter_lines()))
-    seconds = time.monotonic() - start
+        lines = response.iter_lines()
+        first = next(lines)  # the role chunk: the prompt is accepted, generation starts
+        accepted = time.monotonic()
+        events = sse_payloads("\n".join([first, *lines]))
+    seconds = time.monotonic() - accepted
     assert events[-1] == "[DONE]"
     assert events[-2]["usage"]["completion_tokens"] == 40
     content = [e["choices"][0]["delta"].get("content") for e in events[1:-2] if e["choices"]]
