@@ -21,8 +21,10 @@ def sse_payloads(body: str) -> list[Any]:
 def fewest_chunks(seconds: float, tokens: int) -> float:
     """The fewest content chunks a stream of `tokens` tokens lasting `seconds` may send.
 
-    The backend sends a chunk per stream interval (per token, if tokens come slower), so the
-    count follows the machine's speed; a third of it leaves room for a busy machine.
+    The backend sends a chunk per stream interval (per token, if tokens come slower, or if the
+    interval is 0), so the count follows the machine's speed; a third of it leaves room for a
+    busy machine.
     """
     interval_s = BackendSettings().stream_interval_ms / 1000
-    return min(tokens, seconds / interval_s) / 3
+    intervals = seconds / interval_s if interval_s else tokens
+    return min(tokens, intervals) / 3
