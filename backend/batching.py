@@ -7,6 +7,9 @@ the proxy, and costs them CPU the model needs).
 Between two decode steps the loop prefills at most `prefill_budget` prompt tokens (in chunks, for
 runners that can extend a prompt), so a burst of long prompts delays running streams' next token
 by a bounded amount instead of freezing them.
+Runners with prefix caching keep a finished sequence's KV: a new request first `resume`s from the
+longest token prefix the runner still holds (the previous turn of its conversation, a shared
+system prompt), and only the rest is prefilled and charged to the budget.
 The loop runs in one background thread (torch releases the GIL inside kernels); callers consume
 their stream from asyncio. The model itself is behind `BatchRunner`, so the same loop drives the
 CPU engine and the Neuron engine.
@@ -47,6 +50,17 @@ class BatchRunner(Protocol):
     # True: `prefill` may be called again for the same sequence with the next chunk of its
     # prompt. False: it gets the whole prompt in one call.
     chunked_prefill: ClassVar[bool]
+    # True: finished sequences' KV stays with the runner and `resume` reuses it. False: the loop
+    # never calls `resume`, every prompt is prefilled from its first token.
+    prefix_caching: bool
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        """Start a sequence from the longest prefix of `prompt_ids` the runner holds.
+
+        Returns how many leading prompt tokens are already computed, at most `len(prompt_ids) - 1`
+        (the last prompt token is always computed, for its logits); `prefill` gets the rest.
+        """
+        ...
 
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
         """Add (a chunk of) a sequence's prompt; return the logits ([vocab]) after its last token.
@@ -56,11 +70,14 @@ class BatchRunner(Protocol):
         ...
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
-        """Feed one token per sequence; return next-token logits, [len(seq_ids), vocab]."""
+        """Feed one token per sequence; return next-token logits, [len(seq_ids), vocab].
+
+        `seq_ids` is every sequence that has finished its prefill and not been released.
+        """
         ...
 
     def release(self, seq_id: int) -> None:
-        """Remove a finished sequence from the batch."""
+        """Remove a finished sequence from the batch (a prefix-caching runner may keep its KV)."""
         ...
 
     def reset(self) -> None:
@@ -83,6 +100,8 @@ class BatcherStats:
     prefills: int = 0
     decode_steps: int = 0
     decoded_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens resumed from the runner's KV, not prefilled
 
     @property
     def mean_batch_size(self) -> float:
@@ -103,7 +122,8 @@ class _Sequence:
     ) -> None:
         self.id = seq_id
         self.prompt_ids = prompt_ids
-        self.prefilled = 0  # prompt tokens the runner has seen
+        self.prefilled = 0  # prompt tokens the runner holds
+        self.started = False  # resumed (or not) by the runner: `prefilled` counts from here
         self.params = params
         self.generator = make_generator(params)
         self.next_token = -1
@@ -113,6 +133,12 @@ class _Sequence:
         self._stops = StopSequenceFilter(params.stop)
         self._generated = 0
         self._unreported = 0
+        self._cached = 0  # reported with the first delta
+
+    def start_at(self, cached: int) -> None:
+        """The runner already holds the prompt's first `cached` tokens."""
+        self.prefilled = self._cached = cached
+        self.started = True
 
     def accept(self, token_id: int, eos_ids: frozenset[int]) -> bool:
         """Take the sampled token, deliver any finished text; return True when done."""
@@ -143,8 +169,10 @@ class _Sequence:
         self._emit(text, "stop" if stopped else reason)
 
     def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
-        self._deliver(Delta(text=text, tokens=self._unreported, finish_reason=finish_reason))
-        self._unreported = 0
+        self._deliver(
+            Delta(text, self._unreported, finish_reason=finish_reason, cached_tokens=self._cached)
+        )
+        self._unreported = self._cached = 0
 
 
 class ContinuousBatcher:
@@ -289,10 +317,15 @@ class ContinuousBatcher:
                 self._prefilling.append(seq)
 
     def _prefill_within_budget(self) -> None:
-        """Prefill waiting prompts, oldest first, up to the budget of tokens per decode step."""
+        """Prefill waiting prompts, oldest first, up to the budget of tokens per decode step.
+
+        Only tokens the runner computes are charged: a resumed prefix is free.
+        """
         budget = self._prefill_budget
         while self._prefilling and budget > 0:
             seq = self._prefilling[0]
+            if not seq.started and not self._start(seq):
+                continue
             left = len(seq.prompt_ids) - seq.prefilled
             if self._runner.chunked_prefill:
                 left = min(left, budget)
@@ -300,6 +333,21 @@ class ContinuousBatcher:
                 return  # a whole prompt that does not fit waits for the next step
             budget -= left
             self._prefill(seq, seq.prompt_ids[seq.prefilled : seq.prefilled + left])
+
+    def _start(self, seq: _Sequence) -> bool:
+        """Resume the sequence from the runner's longest matching prefix; False if that failed."""
+        try:
+            cached = self._runner.resume(seq.id, seq.prompt_ids) if self._runner.prefix_caching else 0
+        except Exception as exc:
+            logger.exception("resuming a prefix failed")
+            self._prefilling.popleft()
+            self._runner.release(seq.id)
+            seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
+            return False
+        seq.start_at(cached)
+        self.stats.prompt_tokens += len(seq.prompt_ids)
+        self.stats.cached_tokens += cached
+        return True
 
     def _prefill(self, seq: _Sequence, chunk: list[int]) -> None:
         try:
@@ -361,4 +409,5 @@ def _merge(deltas: list[Delta]) -> Delta:
         text="".join(d.text for d in deltas),
         tokens=sum(d.tokens for d in deltas),
         finish_reason=deltas[-1].finish_reason,
+        cached_tokens=sum(d.cached_tokens for d in deltas),
     )

@@ -25,11 +25,16 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class Delta:
-    """A piece of generated text, the number of tokens it took, and the finish reason at the end."""
+    """A piece of generated text, the number of tokens it took, and the finish reason at the end.
+
+    The stream's first delta also says how many prompt tokens were not computed again because the
+    engine still held them (`cached_tokens`, a reused prefix); later deltas carry 0.
+    """
 
     text: str
     tokens: int
     finish_reason: FinishReason | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)

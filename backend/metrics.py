@@ -77,17 +77,36 @@ class RequestMetrics:
         self.generation_tokens = Counter(
             "vllm_generation_tokens", description="Tokens generated.", tag_keys=_MODEL
         )
+        self.prefix_queries = Counter(
+            "vllm_prefix_cache_queries",
+            description="Prompt tokens looked up in the prefix cache (every accepted prompt).",
+            tag_keys=_MODEL,
+        )
+        self.prefix_hits = Counter(
+            "vllm_prefix_cache_hits",
+            description="Prompt tokens resumed from the prefix cache instead of being computed.",
+            tag_keys=_MODEL,
+        )
         self.finished = Counter(
             "vllm_request_success",
             description="Finished requests by reason: stop, length, abort (the client left).",
             tag_keys=(*_MODEL, "finished_reason"),
         )
-        for metric in (self.ttft, self.itl, self.e2e, self.prompt_tokens, self.generation_tokens):
+        for metric in (
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.prefix_queries,
+            self.prefix_hits,
+        ):
             metric.set_default_tags({"model_name": model_name})
 
     def track(self, prompt_tokens: int) -> RequestTracker:
         """Start timing one accepted request."""
         self.prompt_tokens.inc(prompt_tokens)
+        self.prefix_queries.inc(prompt_tokens)
         return RequestTracker(self)
 
     def reject(self, reason: str) -> None:
@@ -120,6 +139,11 @@ class RequestTracker:
         self._metrics = metrics
         self._start = self._last = time.monotonic()
         self._first_seen = False
+
+    def cached(self, count: int) -> None:
+        """`count` prompt tokens were resumed from the prefix cache."""
+        if count > 0:
+            self._metrics.prefix_hits.inc(count)
 
     def tokens(self, count: int) -> None:
         """`count` tokens arrived together (a coalesced delta): the gap is shared among them."""

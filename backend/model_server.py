@@ -72,6 +72,7 @@ class ModelServer:
             async with aclosing(self._engine.generate(prompt_ids, params)) as deltas:
                 async for delta in deltas:
                     if tracker is not None:
+                        tracker.cached(delta.cached_tokens)
                         tracker.tokens(delta.tokens)
                     reason = delta.finish_reason or reason
                     yield delta

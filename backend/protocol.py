@@ -93,12 +93,21 @@ class ChatCompletionRequest(BaseModel):
         )
 
 
+class PromptTokensDetails(BaseModel):
+    """OpenAI's breakdown of the prompt tokens."""
+
+    cached_tokens: int = Field(
+        0, description="Prompt tokens resumed from the KV cache instead of being computed."
+    )
+
+
 class Usage(BaseModel):
     """Token counts of one request."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ResponseMessage(BaseModel):

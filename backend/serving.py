@@ -21,6 +21,7 @@ from backend.protocol import (
     Choice,
     ChunkChoice,
     DeltaMessage,
+    PromptTokensDetails,
     ResponseMessage,
     Usage,
     completion_id,
@@ -77,12 +78,13 @@ class ChatService:
         self, model_id: str, prompt_tokens: int, events: AsyncIterator[GenerationEvent]
     ) -> ChatCompletionResponse:
         parts: list[str] = []
-        tokens = 0
+        tokens = cached = 0
         finish_reason = None
         async with aclosing(events):
             async for delta in _deltas(events):
                 parts.append(delta.text)
                 tokens += delta.tokens
+                cached += delta.cached_tokens
                 finish_reason = delta.finish_reason or finish_reason
         return ChatCompletionResponse(
             id=completion_id(),
@@ -91,7 +93,7 @@ class ChatService:
             choices=[
                 Choice(message=ResponseMessage(content="".join(parts)), finish_reason=finish_reason)
             ],
-            usage=_usage(prompt_tokens, tokens),
+            usage=_usage(prompt_tokens, tokens, cached),
         )
 
     async def _stream(
@@ -102,17 +104,18 @@ class ChatService:
         events: AsyncIterator[GenerationEvent],
     ) -> AsyncIterator[str]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
-        tokens = 0
+        tokens = cached = 0
         try:
             yield chunk.delta(DeltaMessage(role="assistant", content=""))
             async for delta in _deltas(events):
                 tokens += delta.tokens
+                cached += delta.cached_tokens
                 if delta.text:
                     yield chunk.delta(DeltaMessage(content=delta.text))
                 if delta.finish_reason:
                     yield chunk.delta(DeltaMessage(), delta.finish_reason)
             if request.wants_usage_chunk():
-                yield chunk.usage(_usage(prompt_tokens, tokens))
+                yield chunk.usage(_usage(prompt_tokens, tokens, cached))
         except ServiceError as exc:
             yield sse_event(json.dumps(exc.to_dict()))
         except Exception as exc:  # the stream has started: report the failure in-band
@@ -129,11 +132,12 @@ async def _deltas(events: AsyncIterator[GenerationEvent]) -> AsyncIterator[Delta
             yield event
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 

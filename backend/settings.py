@@ -51,6 +51,25 @@ class BackendSettings(BaseSettings):
         ge=0,
         description="Context window in tokens (prompt + reply); 0 = the model's own limit.",
     )
+    prefix_caching: bool = Field(
+        True,
+        description="Keep finished turns' KV and start a request from the longest token prefix "
+        "an engine still holds (`llamacpp`, `hf`; `neuron` has none); `false` = prefill every "
+        "prompt from its first token.",
+    )
+    kv_cache_gib: float = Field(
+        0,
+        ge=0,
+        description="`llamacpp`: memory of the KV cache of all sequences, in GiB (each gets an "
+        "equal window, capped by the context length); 0 = a quarter of this machine's memory, "
+        "at most 2 GiB.",
+    )
+    prompt_cache_gib: float = Field(
+        1,
+        ge=0,
+        description="Host memory, in GiB, for finished conversations' KV beyond what the "
+        "engine's sequences hold (least recently used dropped first); 0 = none.",
+    )
     prefill_chunk_tokens: int = Field(
         256,
         ge=16,

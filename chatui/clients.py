@@ -65,6 +65,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # prompt tokens the backend reused from its KV cache
 
 
 @dataclass(frozen=True)
@@ -345,13 +346,21 @@ class _Choice(BaseModel):
     finish_reason: str | None = None
 
 
+class _PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0
+
+
 class _Usage(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: _PromptTokensDetails | None = None
 
     def to_usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens, self.total_tokens)
+        details = self.prompt_tokens_details or _PromptTokensDetails()
+        return Usage(
+            self.prompt_tokens, self.completion_tokens, self.total_tokens, details.cached_tokens
+        )
 
 
 class _ErrorBody(BaseModel):

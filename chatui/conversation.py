@@ -249,6 +249,8 @@ class AnswerStats:
     total_s: float
     completion_tokens: int | None
     finish_reason: str | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int = 0  # of the prompt's tokens, reused from the backend's KV cache
 
     def tokens_per_s(self) -> float | None:
         """Decoding speed: tokens after the first one over the time after the first one."""
@@ -258,7 +260,8 @@ class AnswerStats:
         return (self.completion_tokens - 1) / decoding_s if decoding_s > 0 else None
 
     def to_markdown(self) -> str:
-        """One line such as `⏱ 0.42 s to first token · 23.1 tok/s · 87 tokens`."""
+        """One line such as `⏱ 0.42 s to first token · 23.1 tok/s · 87 tokens · prompt 950
+        tokens, 900 reused · 4.10 s in all`."""
         parts = []
         if self.ttft_s is not None:
             parts.append(f"⏱ {self.ttft_s:.2f} s to first token")
@@ -266,6 +269,8 @@ class AnswerStats:
             parts.append(f"{rate:.1f} tok/s")
         if self.completion_tokens is not None:
             parts.append(f"{self.completion_tokens} tokens")
+        if self.prompt_tokens:
+            parts.append(f"prompt {self.prompt_tokens} tokens, {self.cached_tokens} reused")
         parts.append(f"{self.total_s:.2f} s in all")
         if self.finish_reason == "length":
             parts.append("stopped at the max tokens limit")

@@ -198,6 +198,8 @@ class ChatHandlers:
             total_s=time.monotonic() - started,
             completion_tokens=finished.usage.completion_tokens if finished.usage else None,
             finish_reason=finished.finish_reason,
+            prompt_tokens=finished.usage.prompt_tokens if finished.usage else None,
+            cached_tokens=finished.usage.cached_tokens if finished.usage else 0,
         )
         reply = [assistant_message(answer)] if answer else []
         yield [*history, *reply], _lines(stats.to_markdown(), note)

@@ -90,6 +90,15 @@ class BatchKVCache(Cache):
         self._start = min(self._start, first)
         self.rows += 1
 
+    def row_layers(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of one row's keys and values without its padding, [1, heads, length, dim]."""
+        length = int(self._mask[row, self._start : self._end].sum())
+        tokens = slice(self._end - length, self._end)  # left-padded: a row ends at the window's end
+        return [
+            (k[row : row + 1, :, tokens].clone(), v[row : row + 1, :, tokens].clone())
+            for k, v in zip(self._keys, self._values, strict=True)
+        ]
+
     def remove_row(self, row: int) -> None:
         """Drop a row: the last row moves into its place (callers renumber it)."""
         last = self.rows - 1

@@ -16,6 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from backend.engines.base import register_engine
 from backend.engines.batch_cache import BatchKVCache
 from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
+from backend.engines.kv_budget import GIB
+from backend.engines.prefix_store import PrefixStore
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
 
 logger = logging.getLogger(__name__)
@@ -36,26 +38,54 @@ def pick_dtype(requested: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> torch.d
     return torch.bfloat16 if flags & _BF16_CPU_FLAGS else torch.float32
 
 
+_Layers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [1, heads, n, dim]
+
+
 class PaddedBatchRunner:
     """`BatchRunner` over one left-padded `BatchKVCache` shared by every sequence in the batch.
 
     A prompt is prefilled alone into its own cache, in as many chunks as the loop sends; it joins
-    the shared cache at its first decode step.
+    the shared cache at its first decode step. With prefix caching, a finished sequence's KV
+    (its row, trimmed of padding) is parked in host memory under a byte budget, and a prompt that
+    begins with the same tokens resumes from a copy of it instead of from position 0.
     """
 
     chunked_prefill: ClassVar[bool] = True
 
-    def __init__(self, model: PreTrainedModel, max_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        max_batch_size: int = 8,
+        prefix_caching: bool = True,
+        host_cache_bytes: int = 0,
+    ) -> None:
         self._model = model
+        self.prefix_caching = prefix_caching
         self._cache = BatchKVCache(model.config.num_hidden_layers, expected_rows=max_batch_size)
+        self.parked: PrefixStore[_Layers] = PrefixStore(host_cache_bytes)
         self.reset()
 
     @torch.inference_mode()  # the buffers are inference tensors: only changed in this mode
     def reset(self) -> None:
-        """Forget every sequence."""
+        """Forget every sequence (parked prefixes are copies and stay valid)."""
         self._order: list[int] = []  # seq id of each row of the shared cache
         self._prefilling: dict[int, DynamicCache] = {}  # prompts not yet decoding
+        self._tokens: dict[int, list[int]] = {}  # what each sequence's KV holds
         self._cache.reset()
+
+    @torch.inference_mode()
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        """Start from a copy of the parked prefix sharing the most tokens with the prompt."""
+        shared, entry = self.parked.best(prompt_ids)
+        keep = min(shared, len(prompt_ids) - 1)
+        if entry is None or keep == 0:
+            return 0
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(entry.payload):
+            cache.update(keys[:, :, :keep], values[:, :, :keep], index)
+        self._prefilling[seq_id] = cache
+        self._tokens[seq_id] = prompt_ids[:keep]
+        return keep
 
     @torch.inference_mode()
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
@@ -64,6 +94,7 @@ class PaddedBatchRunner:
         out = self._model(
             input_ids=torch.tensor([prompt_ids]), cache=cache, use_cache=True, logits_to_keep=1
         )
+        self._tokens.setdefault(seq_id, []).extend(prompt_ids)
         return out.logits[0, -1]
 
     @torch.inference_mode()
@@ -72,7 +103,7 @@ class PaddedBatchRunner:
         for seq_id in seq_ids:
             if seq_id in self._prefilling:
                 prompt = self._prefilling.pop(seq_id)
-                self._cache.append_row([(layer.keys, layer.values) for layer in prompt.layers])
+                self._cache.append_row(_layers(prompt))
                 self._order.append(seq_id)
         rows = [self._order.index(seq_id) for seq_id in seq_ids]
         tokens = torch.empty(len(self._order), 1, dtype=torch.long)
@@ -86,18 +117,34 @@ class PaddedBatchRunner:
             use_cache=True,
         )
         self._cache.advance(1)
+        for seq_id, token in zip(seq_ids, token_ids, strict=True):
+            self._tokens[seq_id].append(token)
         return out.logits[rows, -1]
 
     @torch.inference_mode()
     def release(self, seq_id: int) -> None:
-        """Drop a sequence; the last row takes its place."""
-        self._prefilling.pop(seq_id, None)
+        """Drop a sequence (parking its KV first); the last row takes its place."""
+        tokens = self._tokens.pop(seq_id, [])
+        prompt = self._prefilling.pop(seq_id, None)
+        if prompt is not None:
+            self._park(tokens, _layers(prompt))
         if seq_id not in self._order:
             return
         row = self._order.index(seq_id)
+        self._park(tokens, self._cache.row_layers(row))
         self._cache.remove_row(row)
         self._order[row] = self._order[-1]
         self._order.pop()
+
+    def _park(self, tokens: list[int], layers: _Layers) -> None:
+        if not self.prefix_caching or not tokens or layers[0][0].shape[2] != len(tokens):
+            return  # a sequence whose cache does not hold exactly its tokens is not reused
+        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        self.parked.put(tokens, layers, nbytes)
+
+
+def _layers(cache: DynamicCache) -> _Layers:
+    return [(layer.keys, layer.values) for layer in cache.layers]
 
 
 @register_engine
@@ -122,7 +169,12 @@ class HFEngine(RunnerEngine):
         return LoadedModel(
             model_id=model_id,
             tokenizer=tokenizer,
-            runner=PaddedBatchRunner(model, self.settings.max_batch_size),
+            runner=PaddedBatchRunner(
+                model,
+                self.settings.max_batch_size,
+                prefix_caching=self.settings.prefix_caching,
+                host_cache_bytes=int(self.settings.prompt_cache_gib * GIB),
+            ),
             context_window=_context_window(model, self.settings.max_context_len),
             eos_ids=_eos_ids(model, tokenizer),
         )

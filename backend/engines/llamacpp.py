@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from backend.engines.base import register_engine
 from backend.engines.cache_dir import write_atomically
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from backend.engines.kv_budget import GIB, check_fits, kv_budget_bytes, machine_memory_bytes
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads, llama
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import EngineError
@@ -24,6 +25,7 @@ from backend.errors import EngineError
 logger = logging.getLogger(__name__)
 
 _KV_BYTES = 2  # llama.cpp's default KV cache type is f16
+_KV_BLOCK = 256  # llama.cpp pads each sequence's KV stream to a multiple of this many cells
 
 
 @register_engine
@@ -43,17 +45,29 @@ class LlamaCppEngine(RunnerEngine):
             else load_gguf_tokenizer(path, self.settings.cache_dir)
         )
         eos_ids = check_vocab(self._llama, tokenizer)
-        window = context_window(self._llama.n_ctx_train, self.settings.max_context_len)
         threads = self.settings.torch_threads or cpu_threads()
         batch = self.settings.max_batch_size
-        self._runner = LlamaCppRunner(self._llama, batch, window, threads)
+        window = self._window(batch)
+        self._runner = LlamaCppRunner(
+            self._llama,
+            batch,
+            window,
+            threads,
+            prefix_caching=self.settings.prefix_caching,
+            host_cache_bytes=int(self.settings.prompt_cache_gib * GIB),
+        )
+        reserved = batch * self._runner.n_ctx_seq
         logger.info(
-            "loaded %s with llama.cpp: %d sequences x %d tokens (KV cache %.2f GiB), %d threads",
+            "loaded %s with llama.cpp, %d threads; KV cache: %d sequences x %d tokens = %d tokens, "
+            "%.2f GiB; prefix caching %s, host prompt cache up to %.2f GiB",
             path.name,
+            self._runner.n_threads,
             batch,
             self._runner.n_ctx_seq,
-            kv_cache_bytes(self._llama, batch * self._runner.n_ctx_seq) / 2**30,
-            self._runner.n_threads,
+            reserved,
+            kv_cache_bytes(self._llama, reserved) / GIB,
+            "on" if self.settings.prefix_caching else "off",
+            self.settings.prompt_cache_gib,
         )
         return LoadedModel(
             model_id=model_id,
@@ -72,6 +86,26 @@ class LlamaCppEngine(RunnerEngine):
             self._runner.close()
         if self._llama is not None:
             self._llama.close()
+
+    def _window(self, sequences: int) -> int:
+        """Tokens per sequence: the context length, capped by an equal share of the KV budget
+        (whole 256-token blocks, as llama.cpp allocates them)."""
+        assert self._llama is not None
+        memory = machine_memory_bytes()
+        budget = kv_budget_bytes(self.settings.kv_cache_gib, memory)
+        per_token = kv_cache_bytes(self._llama, 1)
+        share = budget // per_token // sequences // _KV_BLOCK * _KV_BLOCK
+        if share < _KV_BLOCK:
+            raise EngineError(
+                f"A KV cache of {budget / GIB:.2f} GiB holds {budget // per_token} tokens "
+                f"({per_token / 1024:.0f} KiB each): fewer than {_KV_BLOCK} for each of "
+                f"{sequences} sequences. Raise LLM_KV_CACHE_GIB or lower LLM_MAX_BATCH_SIZE."
+            )
+        window = min(context_window(self._llama.n_ctx_train, self.settings.max_context_len), share)
+        check_fits(
+            sequences * window * per_token, int(self.settings.prompt_cache_gib * GIB), memory
+        )
+        return window
 
     def _gguf(self) -> tuple[Path, str]:
         if not self.settings.model:

@@ -3,9 +3,17 @@
 One llama.cpp context holds `n_seq_max` sequences, each in its own KV stream (`kv_unified` off:
 a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every decode step
 is one `llama_batch` with one token of every running sequence, each under its own sequence id and
-position; a prefill puts a prompt (or a chunk of it) into its sequence's stream; release removes
-the sequence's memory. The loop's sequence ids grow without end, llama.cpp's must stay below
-`n_seq_max`: the runner maps one to the other ("slots").
+position; a prefill puts a prompt (or a chunk of it) into its sequence's stream. The loop's
+sequence ids grow without end, llama.cpp's must stay below `n_seq_max`: the runner maps one to the
+other ("slots").
+
+Prefix caching follows llama.cpp's own server (tools/server, ggml-org/llama.cpp): a released
+slot keeps its KV and the tokens it holds; a new request takes the idle slot sharing the longest
+token prefix with its prompt, else the least recently used one (`get_available_slot`), cuts what
+differs with `llama_memory_seq_rm(seq, n_past, -1)` and prefills the rest (`cache_prompt`). Before
+a slot's conversation is replaced, its state is copied to host memory
+(`llama_state_seq_get_data`, the server's RAM prompt cache) and restored into a slot
+(`llama_state_seq_set_data`) when a later prompt matches it better than any slot does.
 
 ctypes releases the GIL during every llama.cpp call, so the event loop keeps running meanwhile.
 """
@@ -13,8 +21,10 @@ ctypes releases the GIL during every llama.cpp call, so the event loop keeps run
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
         "(or `pip install 'llama-cpp-python==0.3.36'`)."
     ) from exc
 
+from backend.engines.prefix_store import Parked, PrefixStore, common_prefix
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -36,6 +47,10 @@ _llama_log = logging.getLogger("llama.cpp")
 
 # Tokens one llama_decode call takes (n_batch = n_ubatch): longer prompts go in several calls.
 PREFILL_CHUNK = 512
+# A follow-up turn re-tokenizes the previous reply, which may differ from the generated tokens
+# near its end: cutting that many tokens off a slot is its own conversation going on, not another
+# one taking the slot (which first copies the slot to host memory).
+_REWORDED_TAIL = 8
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 1 debug, 2 info, 5 cont
 
 
@@ -114,14 +129,33 @@ class LlamaModel:
             self.handle = None
 
 
+@dataclass
+class _Slot:
+    """One llama.cpp sequence: its KV stream and the tokens that memory holds, in order."""
+
+    index: int
+    tokens: list[int] = field(default_factory=list)
+    owner: int | None = None  # the loop's sequence id; None while idle (its KV stays parked)
+    used_at: int = 0  # when it was last taken (a counter): the least recently used goes first
+
+
 class LlamaCppRunner:
     """`BatchRunner` over one llama.cpp context with one KV stream per sequence."""
 
     # The loop may prefill a prompt in consecutive chunks: positions continue in the same stream.
     chunked_prefill: ClassVar[bool] = True
 
-    def __init__(self, model: LlamaModel, n_seq_max: int, n_ctx_seq: int, n_threads: int) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        n_seq_max: int,
+        n_ctx_seq: int,
+        n_threads: int,
+        prefix_caching: bool = True,
+        host_cache_bytes: int = 0,
+    ) -> None:
         self._model = model
+        self.prefix_caching = prefix_caching
         params = llama.llama_context_default_params()
         params.n_seq_max = n_seq_max
         params.kv_unified = False  # own stream per sequence: its cells, its attention
@@ -133,7 +167,7 @@ class LlamaCppRunner:
         if not ctx:
             raise EngineError(
                 f"llama.cpp could not create a context of {n_seq_max} x {n_ctx_seq} tokens: "
-                "lower LLM_MAX_BATCH_SIZE or LLM_MAX_CONTEXT_LEN."
+                "lower LLM_MAX_BATCH_SIZE, LLM_MAX_CONTEXT_LEN or LLM_KV_CACHE_GIB."
             )
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
@@ -147,6 +181,8 @@ class LlamaCppRunner:
         self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._capacity,))
         self._outputs = np.ctypeslib.as_array(self._batch.logits, shape=(self._capacity,))
         self._n_seq_id[:] = 1
+        self._clock = itertools.count(1)
+        self.parked: PrefixStore[ctypes.Array[ctypes.c_uint8]] = PrefixStore(host_cache_bytes)
         self.reset()
 
     @property
@@ -155,72 +191,92 @@ class LlamaCppRunner:
         return int(llama.llama_n_threads(self._ctx))
 
     def reset(self) -> None:
-        """Forget every sequence: all KV memory cleared."""
+        """Forget every sequence: all KV memory cleared (host copies stay valid and are kept)."""
         llama.llama_memory_clear(self._memory, False)
-        self._slots: dict[int, int] = {}  # loop's seq id -> llama.cpp seq id (its KV stream)
-        self._next_pos = [0] * self.n_seq_max  # next position of each slot
-        self._free = list(range(self.n_seq_max))
+        self._slots = [_Slot(i) for i in range(self.n_seq_max)]
+        self._owned: dict[int, _Slot] = {}  # loop's seq id -> its slot
 
     def slots(self) -> dict[int, int]:
         """The sequences in the runner: the loop's id -> llama.cpp's sequence id (a copy)."""
-        return dict(self._slots)
+        return {seq_id: slot.index for seq_id, slot in self._owned.items()}
+
+    def held_tokens(self) -> list[list[int]]:
+        """The tokens each llama.cpp sequence's memory holds (running or parked), by sequence id."""
+        return [list(slot.tokens) for slot in self._slots]
 
     def pos_max(self, slot: int) -> int:
         """The largest position in a slot's memory, -1 when it is empty (llama.cpp's own view)."""
         return int(llama.llama_memory_seq_pos_max(self._memory, slot))
 
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        """Give the sequence the slot (or host copy) sharing the longest prefix with its prompt;
+        cut what differs; return the prompt tokens it already holds (< len(prompt_ids))."""
+        slot, shared = self._pick_slot(prompt_ids)
+        stored, entry = self.parked.best(prompt_ids)
+        if entry is not None and stored > shared:
+            self.parked.take(entry)  # before saving the slot, whose copy may push it out
+            self._save(slot)
+            shared = stored if self._restore(slot, entry) else 0
+        elif len(slot.tokens) - shared > _REWORDED_TAIL:  # it holds another conversation
+            self._save(slot)
+        keep = self._trim(slot, min(shared, len(prompt_ids) - 1))
+        self._own(slot, seq_id)
+        return keep
+
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
         """Put a prompt, or the next chunk of one, into the sequence; next-token logits [vocab]."""
         if not prompt_ids:
             raise EngineError("Cannot prefill an empty prompt.")
-        slot = self._slots.get(seq_id)
-        start = 0 if slot is None else self._next_pos[slot]
+        slot = self._owned.get(seq_id)
+        start = 0 if slot is None else len(slot.tokens)
         if start + len(prompt_ids) > self.n_ctx_seq:
             raise EngineError(
                 f"The prompt needs {start + len(prompt_ids)} tokens of context; a sequence holds "
                 f"{self.n_ctx_seq}."
             )
-        if slot is None:
-            slot = self._take_slot(seq_id)
+        if slot is None:  # not resumed: a slot of its own, emptied
+            slot, _ = self._pick_slot([])
+            self._trim(slot, 0)
+            self._own(slot, seq_id)
         for offset in range(0, len(prompt_ids), self._capacity):
             chunk = prompt_ids[offset : offset + self._capacity]
             n = len(chunk)
             self._tokens[:n] = chunk
             self._pos[:n] = np.arange(start + offset, start + offset + n)
             for i in range(n):
-                self._batch.seq_id[i][0] = slot
+                self._batch.seq_id[i][0] = slot.index
             self._outputs[:n] = 0
             last = offset + n == len(prompt_ids)
             self._outputs[n - 1] = last  # logits of the prompt's last token only
             self._run(n)
-            self._next_pos[slot] = start + offset + n
+            slot.tokens.extend(chunk)
         return self._logits(1)[0]
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One token of every sequence in one batch; logits [len(seq_ids), vocab] in that order."""
         n = len(seq_ids)
-        slots = [self._slots[s] for s in seq_ids]
+        slots = [self._owned[s] for s in seq_ids]
         for i, slot in enumerate(slots):
-            if self._next_pos[slot] >= self.n_ctx_seq:
+            if len(slot.tokens) >= self.n_ctx_seq:
                 raise EngineError(f"A sequence reached the context window ({self.n_ctx_seq}).")
-            self._batch.seq_id[i][0] = slot
+            self._batch.seq_id[i][0] = slot.index
         self._tokens[:n] = token_ids
-        self._pos[:n] = [self._next_pos[slot] for slot in slots]
+        self._pos[:n] = [len(slot.tokens) for slot in slots]
         self._outputs[:n] = 1
         self._run(n)
-        for slot in slots:
-            self._next_pos[slot] += 1
+        for slot, token in zip(slots, token_ids, strict=True):
+            slot.tokens.append(token)
         return self._logits(n)
 
     def release(self, seq_id: int) -> None:
-        """Remove a sequence's memory and free its slot; unknown ids are ignored."""
-        slot = self._slots.pop(seq_id, None)
+        """The sequence is done: its slot is free, its KV stays for a later prompt (prefix
+        caching) or is removed; unknown ids are ignored."""
+        slot = self._owned.pop(seq_id, None)
         if slot is None:
             return
-        llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
-        self._next_pos[slot] = 0
-        self._free.append(slot)
-        self._free.sort()
+        slot.owner = None
+        if not self.prefix_caching:
+            self._trim(slot, 0)
 
     def close(self) -> None:
         """Free the batch and the context (the runner is unusable afterwards)."""
@@ -229,12 +285,52 @@ class LlamaCppRunner:
             llama.llama_free(self._ctx)
             self._ctx = None
 
-    def _take_slot(self, seq_id: int) -> int:
-        if not self._free:
+    def _pick_slot(self, prompt_ids: list[int]) -> tuple[_Slot, int]:
+        """The idle slot sharing the longest prefix with the prompt, else the least recently
+        used one; and the tokens it shares."""
+        idle = [slot for slot in self._slots if slot.owner is None]
+        if not idle:
             raise EngineError(f"All {self.n_seq_max} llama.cpp sequences are in use.")
-        slot = self._free.pop(0)
-        self._slots[seq_id] = slot
-        return slot
+        shared = [common_prefix(slot.tokens, prompt_ids) for slot in idle]
+        best = max(range(len(idle)), key=lambda i: (shared[i], -idle[i].used_at))
+        if shared[best] == 0:
+            best = min(range(len(idle)), key=lambda i: idle[i].used_at)
+        return idle[best], shared[best]
+
+    def _own(self, slot: _Slot, seq_id: int) -> None:
+        slot.owner, slot.used_at = seq_id, next(self._clock)
+        self._owned[seq_id] = slot
+
+    def _trim(self, slot: _Slot, keep: int) -> int:
+        """Remove every position from `keep` on; returns what is kept (0 if llama.cpp cannot
+        cut this sequence partially, in which case all of it goes, as the server does)."""
+        if keep < len(slot.tokens) or keep == 0:
+            if not llama.llama_memory_seq_rm(self._memory, slot.index, keep, -1):
+                llama.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
+                keep = 0
+        del slot.tokens[keep:]
+        return keep
+
+    def _save(self, slot: _Slot) -> None:
+        """Copy what the slot holds to host memory (if the budget allows one copy of it)."""
+        if not slot.tokens or self.parked.budget_bytes == 0:
+            return
+        size = llama.llama_state_seq_get_size(self._ctx, slot.index)
+        if size > self.parked.budget_bytes:
+            return
+        state = (ctypes.c_uint8 * size)()
+        written = llama.llama_state_seq_get_data(self._ctx, state, size, slot.index)
+        if written:
+            self.parked.put(slot.tokens, state, int(written))
+
+    def _restore(self, slot: _Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
+        """Load a host copy into the slot instead of what it held; False if llama.cpp refused."""
+        self._trim(slot, 0)
+        if not llama.llama_state_seq_set_data(self._ctx, entry.payload, entry.nbytes, slot.index):
+            logger.warning("llama.cpp could not restore a saved sequence; prefilling it again")
+            return False
+        slot.tokens = list(entry.tokens)
+        return True
 
     def _run(self, n: int) -> None:
         self._batch.n_tokens = n

@@ -63,6 +63,14 @@ class NeuronSlotRunner:
     # A prompt is encoded by one context-encoding call of its bucket; 0.13 has no way to extend a
     # slot's prompt except token by token.
     chunked_prefill: ClassVar[bool] = False
+    # No prefix caching: 0.13 takes a multi-token call as context encoding only when its
+    # positions start at 0 (base.py `_prepare_for_continuous_batching`), so a prompt cannot
+    # resume from a slot's earlier tokens. The loop never calls `resume`.
+    prefix_caching = False
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        """Nothing is ever reused: every prompt is encoded from position 0."""
+        return 0
 
     def __init__(self, model: Any, slots: int) -> None:
         self._model = model

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from backend.batching import ContinuousBatcher
+from backend.engines.prefix_store import common_prefix
 from backend.errors import EngineError
 from backend.generation import SamplingParams
 
@@ -29,6 +30,7 @@ class CountingRunner:
     """Each sequence emits prompt[-1]+1, +2, ... then EOS after `length` tokens; records steps."""
 
     chunked_prefill = False
+    prefix_caching = False
 
     def __init__(self, length: int = 5, fail_on_step: int | None = None) -> None:
         self.steps: list[tuple[str, int]] = []  # ("prefill", prompt tokens) or ("decode", batch)
@@ -50,6 +52,9 @@ class CountingRunner:
         token = EOS if emitted >= self.length else last + 1
         self.state[seq_id] = (token, emitted + 1)
         return self._logits(token)
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        raise AssertionError("the loop resumed on a runner without prefix caching")
 
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
         self.steps.append(("prefill", len(prompt_ids)))
@@ -76,6 +81,39 @@ class ChunkingRunner(CountingRunner):
     """Accepts a prompt in chunks; only the last chunk's logits count."""
 
     chunked_prefill = True
+
+
+class PrefixRunner(ChunkingRunner):
+    """Remembers released sequences' tokens and resumes a prompt from the longest shared prefix
+    (as the real runners do), recording what it resumed."""
+
+    prefix_caching = True
+
+    def __init__(self, length: int = 5) -> None:
+        super().__init__(length)
+        self.held: dict[int, list[int]] = {}  # seq id -> tokens its KV holds
+        self.parked: list[list[int]] = []
+        self.resumed: list[int] = []
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        shared = max((common_prefix(p, prompt_ids) for p in self.parked), default=0)
+        keep = min(shared, len(prompt_ids) - 1)
+        self.held[seq_id] = prompt_ids[:keep]
+        self.resumed.append(keep)
+        return keep
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        self.held.setdefault(seq_id, []).extend(prompt_ids)
+        return super().prefill(seq_id, prompt_ids)
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        for seq_id, token in zip(seq_ids, token_ids, strict=True):
+            self.held[seq_id].append(token)
+        return super().decode(seq_ids, token_ids)
+
+    def release(self, seq_id: int) -> None:
+        self.parked.append(self.held.pop(seq_id, []))
+        super().release(seq_id)
 
 
 def make_batcher(
@@ -338,4 +376,51 @@ async def test_a_prompt_longer_than_the_budget_still_goes_in_whole() -> None:
     deltas = await collect(batcher, [1, 2, 3, 4, 5])
     assert "".join(d.text for d in deltas) == "FG"
     assert runner.steps[0] == ("prefill", 5)
+    batcher.shutdown()
+
+
+async def test_a_follow_up_prompt_prefills_only_what_the_runner_does_not_hold() -> None:
+    runner = PrefixRunner(length=3)
+    batcher = make_batcher(runner, prefill_budget=4)
+    first = await collect(batcher, [1, 2, 3])
+    assert first[0].cached_tokens == 0
+    # The runner holds 1 2 3 and the reply's tokens it was fed, 4 5 6 (never the last sampled
+    # one). The next turn's prompt re-tokenizes the reply differently at its end: 1 2 3 4 5 9 9.
+    follow_up = [1, 2, 3, 4, 5, 9, 9]
+    deltas = await collect(batcher, follow_up)
+    assert runner.resumed == [0, 5]
+    assert deltas[0].cached_tokens == 5 and sum(d.cached_tokens for d in deltas) == 5
+    assert runner.steps.count(("prefill", 2)) == 1  # only the two new tokens were computed
+    assert batcher.stats.prompt_tokens == 10 and batcher.stats.cached_tokens == 5
+    batcher.shutdown()
+
+
+async def test_a_prompt_the_runner_holds_whole_still_computes_its_last_token() -> None:
+    runner = PrefixRunner(length=2)
+    batcher = make_batcher(runner)
+    await collect(batcher, [1, 2, 3, 4])
+    before = len(runner.steps)
+    deltas = await collect(batcher, [1, 2, 3, 4])  # "regenerate": the same prompt again
+    assert runner.resumed[-1] == 3 and deltas[0].cached_tokens == 3
+    assert runner.steps[before] == ("prefill", 1)  # the last token, for its logits
+    batcher.shutdown()
+
+
+async def test_the_prefill_budget_charges_only_computed_tokens() -> None:
+    runner = PrefixRunner(length=10)
+    batcher = make_batcher(runner, prefill_budget=4)
+    await collect(batcher, [1] * 12 + [2])
+    runner.step_delay_s = 0.05  # both follow-ups arrive during one decode step
+    before = len(runner.steps)
+    running = asyncio.ensure_future(collect(batcher, [7]))
+    await eventually(lambda: ("decode", 1) in runner.steps[before:])
+    before = len(runner.steps)
+    # Two follow-ups of the long prompt: each computes 1 token, so both fit one step's budget
+    # of 4, which their whole 14-token prompts never would.
+    await asyncio.gather(*(collect(batcher, [1] * 12 + [2, 5 + i]) for i in range(2)))
+    assert runner.resumed[2:] == [13, 13]
+    kinds = [kind for kind, _ in runner.steps[before:]]
+    first = kinds.index("prefill")
+    assert kinds[first : first + 3] == ["prefill", "prefill", "decode"]
+    await running
     batcher.shutdown()

@@ -77,10 +77,20 @@ def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., Llama
     """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
     runners: list[LlamaCppRunner] = []
 
-    def make(n_seq_max: int = 6, n_ctx_seq: int = 1024) -> LlamaCppRunner:
+    def make(
+        n_seq_max: int = 6, n_ctx_seq: int = 1024, prefix_caching: bool = False, host_bytes: int = 0
+    ) -> LlamaCppRunner:
         assert llamacpp_engine._llama is not None
-        runners.append(LlamaCppRunner(llamacpp_engine._llama, n_seq_max, n_ctx_seq, n_threads=1))
-        return runners[-1]
+        runner = LlamaCppRunner(
+            llamacpp_engine._llama,
+            n_seq_max,
+            n_ctx_seq,
+            n_threads=1,
+            prefix_caching=prefix_caching,
+            host_cache_bytes=host_bytes,
+        )
+        runners.append(runner)
+        return runner
 
     yield make
     for runner in runners:
@@ -152,12 +162,13 @@ def teacher_forced_alone(
 
 def shift_positions(runner: LlamaCppRunner, seq_id: int) -> None:
     """Broken on purpose: the sequence's positions start at 5 instead of 0."""
-    runner._next_pos[runner._take_slot(seq_id)] = 5
+    runner.resume(seq_id, [1])
+    runner._owned[seq_id].tokens = [0] * 5
 
 
 def swap_sequences(runner: LlamaCppRunner, a: int, b: int) -> None:
     """Broken on purpose: each of two sequences' tokens goes to the other's sequence id."""
-    runner._slots[a], runner._slots[b] = runner._slots[b], runner._slots[a]
+    runner._owned[a], runner._owned[b] = runner._owned[b], runner._owned[a]
 
 
 def batched_deviation(
@@ -305,7 +316,7 @@ def test_a_sequence_cannot_outgrow_its_window(
         runner.decode([1], [1])
 
 
-async def test_a_cancelled_stream_frees_its_sequence(llamacpp_engine: LlamaCppEngine) -> None:
+async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(llamacpp_engine: LlamaCppEngine) -> None:
     runner = llamacpp_engine._runner
     assert runner is not None and runner.slots() == {}
     prompt = prompts(llamacpp_engine, 1)[0]
@@ -317,9 +328,13 @@ async def test_a_cancelled_stream_frees_its_sequence(llamacpp_engine: LlamaCppEn
     deadline = time.monotonic() + 10
     while runner.slots() and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
-    assert runner.slots() == {} and runner.pos_max(slot) == -1
+    # The slot is free; its KV stays parked for a prompt that begins the same way.
+    held = runner.held_tokens()[slot]
+    assert runner.slots() == {} and held[: len(prompt)] == prompt
+    assert runner.pos_max(slot) == len(held) - 1
     params = SamplingParams(max_tokens=4, ignore_eos=True)
-    assert sum(d.tokens for d in await collect(llamacpp_engine.generate(prompt, params))) == 4
+    deltas = await collect(llamacpp_engine.generate(prompt, params))
+    assert sum(d.tokens for d in deltas) == 4 and deltas[0].cached_tokens == len(prompt) - 1
 
 
 # --- the engine -------------------------------------------------------------------------------

@@ -1,0 +1,99 @@
+"""Prefix caching in `PaddedBatchRunner` (the `hf` engine) on the real embedded model."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from backend.engines.hf import HFEngine, PaddedBatchRunner
+from tests.backend.engines.test_hf import BATCH_TOLERANCE
+
+# The resumed prompt's tail is computed in one call instead of as part of the whole prompt:
+# matmuls of other shapes round differently, as in chunked prefill, so the same bound applies
+# (mean |difference| over the vocabulary; bf16's largest single one reached 0.63 here).
+BUDGET = 64 * 2**20
+
+
+def model_of(engine: HFEngine) -> PreTrainedModel:
+    runner = engine._model().runner
+    assert isinstance(runner, PaddedBatchRunner)
+    return runner._model
+
+
+def turn(
+    runner: PaddedBatchRunner, seq_id: int, prompt: list[int], steps: int, partner: bool = False
+) -> tuple[int, list[int], torch.Tensor]:
+    """Resume, prefill the rest, decode greedily (beside a second sequence if `partner`, so the
+    row is left-padded in the shared cache), release. Returns tokens resumed, reply, logits."""
+    cached = runner.resume(seq_id, prompt) if runner.prefix_caching else 0
+    logits = [runner.prefill(seq_id, prompt[cached:])]
+    if partner:  # longer, so that this sequence's row is the padded one
+        runner.prefill(seq_id + 1000, prompt + prompt[:8])
+    reply: list[int] = []
+    for _ in range(steps):
+        reply.append(int(logits[-1].argmax()))
+        ids, tokens = [seq_id], [reply[-1]]
+        if partner:
+            ids, tokens = [seq_id + 1000, seq_id], [1, reply[-1]]
+        logits.append(runner.decode(ids, tokens)[-1])
+    runner.release(seq_id)
+    if partner:
+        runner.release(seq_id + 1000)
+    return cached, reply, torch.stack(logits)
+
+
+def follow_up(engine: HFEngine, question: str, reply: list[int], then: str) -> list[int]:
+    text = engine._model().tokenizer.decode(reply, skip_special_tokens=True)
+    messages = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": then},
+    ]
+    return engine.encode_chat(messages)
+
+
+def test_a_follow_up_resumes_from_the_parked_row_and_matches_a_full_prefill(
+    hf_engine: HFEngine,
+) -> None:
+    model = model_of(hf_engine)
+    cached_runner = PaddedBatchRunner(model, 2, prefix_caching=True, host_cache_bytes=BUDGET)
+    fresh = PaddedBatchRunner(model, 2, prefix_caching=False)
+    question = "Tell me about the sea."
+    first = hf_engine.encode_chat([{"role": "user", "content": question}])
+    _, reply, _ = turn(cached_runner, 0, first, 10, partner=True)  # parked trimmed of padding
+    prompt = follow_up(hf_engine, question, reply, "And the ships?")
+    cached, _, resumed = turn(cached_runner, 1, prompt, 6)
+    assert len(first) < cached < len(prompt)
+    _, _, whole = turn(fresh, 0, prompt, 6)
+    assert float((resumed - whole).float().abs().mean()) <= BATCH_TOLERANCE[model.dtype]
+    assert len(fresh.parked) == 0
+
+
+def test_an_edited_conversation_never_sees_the_old_suffix(hf_engine: HFEngine) -> None:
+    model = model_of(hf_engine)
+    runner = PaddedBatchRunner(model, 2, prefix_caching=True, host_cache_bytes=BUDGET)
+    fresh = PaddedBatchRunner(model, 2, prefix_caching=False)
+    texts = ["Name a color.", "Blue.", "Why is the sky blue? Answer in one long sentence."]
+    roles = ["user", "assistant", "user"]
+    original = hf_engine.encode_chat([{"role": r, "content": t} for r, t in zip(roles, texts)])
+    turn(runner, 0, original, 4, partner=True)
+    texts[2] = "What is 2 + 2?"
+    edited = hf_engine.encode_chat([{"role": r, "content": t} for r, t in zip(roles, texts)])
+    cached, _, resumed = turn(runner, 1, edited, 6)
+    shared = next(i for i, (a, b) in enumerate(zip(original, edited, strict=False)) if a != b)
+    assert cached == shared
+    _, _, whole = turn(fresh, 0, edited, 6)
+    assert float((resumed - whole).float().abs().mean()) <= BATCH_TOLERANCE[model.dtype]
+
+
+def test_parked_rows_stay_within_the_byte_budget(hf_engine: HFEngine) -> None:
+    model = model_of(hf_engine)
+    prompts = [hf_engine.encode_chat([{"role": "user", "content": q}]) for q in ["Hi", "Bye"]]
+    runner = PaddedBatchRunner(model, 2, prefix_caching=True, host_cache_bytes=BUDGET)
+    turn(runner, 0, prompts[0], 4)
+    one_row = runner.parked.nbytes
+    small = PaddedBatchRunner(model, 2, prefix_caching=True, host_cache_bytes=one_row * 3 // 2)
+    for i, prompt in enumerate(prompts):
+        turn(small, i, prompt, 4)
+    assert len(small.parked) == 1 and small.parked.nbytes <= small.parked.budget_bytes
+    assert small.resume(5, prompts[1]) == len(prompts[1]) - 1  # the most recent stayed

@@ -1,0 +1,196 @@
+"""Prefix caching in `LlamaCppRunner`, on the real embedded GGUF: reuse, trimming, host copies."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+
+from backend.engines.llamacpp import LlamaCppEngine
+from backend.engines.llamacpp_runner import LlamaCppRunner
+
+# Logits of a prompt resumed from a cached prefix against the same prompt prefilled whole: the
+# resumed one computes its tail in a call of another size, so llama.cpp's kernels round
+# differently (up to 0.84 measured for chunked prefill, see test_llamacpp.PREFILL_TOLERANCE).
+# A runner that leaves the old suffix in the KV is off by 5 and more.
+TOLERANCE = 1.5
+STATE_BYTES = 23_040  # one token of SmolLM2-135M's KV: 30 layers x 3 heads x 64 x 2 x f16
+
+
+@pytest.fixture
+def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
+    runners: list[LlamaCppRunner] = []
+
+    def make(n_seq_max: int = 2, host_bytes: int = 0, caching: bool = True) -> LlamaCppRunner:
+        assert llamacpp_engine._llama is not None
+        runner = LlamaCppRunner(
+            llamacpp_engine._llama,
+            n_seq_max,
+            1024,
+            n_threads=1,
+            prefix_caching=caching,
+            host_cache_bytes=host_bytes,
+        )
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.close()
+
+
+def turn(
+    runner: LlamaCppRunner, seq_id: int, prompt: list[int], steps: int
+) -> tuple[int, list[int], torch.Tensor]:
+    """One request as the loop runs it: resume, prefill the rest, decode greedily, release.
+    Returns the tokens resumed, the reply and the logits before each reply token."""
+    cached = runner.resume(seq_id, prompt) if runner.prefix_caching else 0
+    logits = [runner.prefill(seq_id, prompt[cached:])]
+    reply: list[int] = []
+    for _ in range(steps):
+        reply.append(int(logits[-1].argmax()))
+        logits.append(runner.decode([seq_id], [reply[-1]])[0])
+    runner.release(seq_id)
+    return cached, reply, torch.stack(logits)
+
+
+def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+def conversation(engine: LlamaCppEngine, *turns: str) -> list[dict[str, str]]:
+    """User and assistant messages alternating, starting with the user."""
+    roles = ["user", "assistant"]
+    return [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
+
+
+def detok(engine: LlamaCppEngine, tokens: list[int]) -> str:
+    return engine._model().tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def test_a_follow_up_turn_resumes_its_conversation_and_matches_a_full_prefill(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    cached_runner, fresh = make_runner(), make_runner(caching=False)
+    first = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me about the sea."))
+    _, reply, _ = turn(cached_runner, 0, first, 12)
+    follow = llamacpp_engine.encode_chat(
+        conversation(
+            llamacpp_engine,
+            "Tell me about the sea.",
+            detok(llamacpp_engine, reply),
+            "And the ships?",
+        )
+    )
+    cached, _, resumed = turn(cached_runner, 1, follow, 8)
+    # Everything up to the reply's re-tokenized end is reused (the template adds its own end).
+    assert len(first) < cached < len(follow)
+    _, _, whole = turn(fresh, 0, follow, 8)
+    assert deviation(resumed, whole) <= TOLERANCE
+
+
+def test_an_edited_conversation_never_sees_the_old_suffix(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """The UI's edit: turn 2 is rewritten, so only turn 1 is shared with what the slot holds."""
+    runner, fresh = make_runner(n_seq_max=1), make_runner(caching=False)
+    texts = ["Name a color.", "Blue.", "Why is the sky blue? Answer in one long sentence."]
+    original = llamacpp_engine.encode_chat(conversation(llamacpp_engine, *texts))
+    turn(runner, 0, original, 4)
+    edited = llamacpp_engine.encode_chat(
+        conversation(llamacpp_engine, *texts[:2], "What is 2 + 2?")
+    )
+    cached, _, resumed = turn(runner, 1, edited, 8)
+    shared = next(i for i, (a, b) in enumerate(zip(original, edited, strict=False)) if a != b)
+    assert cached == shared
+    assert runner.pos_max(0) == len(edited) + 8 - 1  # the old suffix's cells are gone
+    _, _, whole = turn(fresh, 0, edited, 8)
+    assert deviation(resumed, whole) <= TOLERANCE
+
+
+def test_with_caching_off_nothing_is_kept(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    runner = make_runner(caching=False)
+    prompt = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Hi"))
+    turn(runner, 0, prompt, 3)
+    assert runner.held_tokens() == [[], []] and runner.pos_max(0) == runner.pos_max(1) == -1
+
+
+def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    runner, fresh = make_runner(n_seq_max=1, host_bytes=64 * 2**20), make_runner(caching=False)
+    a = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me a story about a cat."))
+    b = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Count to ten, please."))
+    _, a_reply, _ = turn(runner, 0, a, 10)
+    turn(runner, 1, b, 10)  # the only slot goes to B: A is copied to host memory first
+    assert len(runner.parked) == 1
+    follow = llamacpp_engine.encode_chat(
+        conversation(
+            llamacpp_engine,
+            "Tell me a story about a cat.",
+            detok(llamacpp_engine, a_reply),
+            "What was its name?",
+        )
+    )
+    cached, _, restored = turn(runner, 2, follow, 8)
+    assert cached > len(a)
+    _, _, whole = turn(fresh, 0, follow, 8)
+    assert deviation(restored, whole) <= TOLERANCE
+    # B went to host memory in its turn; A's extended conversation now holds the slot.
+    assert len(runner.parked) == 1 and runner.parked.nbytes <= runner.parked.budget_bytes
+
+
+def test_the_host_budget_keeps_the_most_recent_conversations(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    questions = ["Name a color.", "Name a fruit.", "Name a city."]
+    chats = [llamacpp_engine.encode_chat(conversation(llamacpp_engine, q)) for q in questions]
+    # Room for one saved conversation of ~40 tokens, not two.
+    runner = make_runner(n_seq_max=1, host_bytes=70 * STATE_BYTES)
+    for i, prompt in enumerate(chats):
+        turn(runner, i, prompt, 4)
+    assert len(runner.parked) == 1  # A was dropped for B, the least recently used first
+    assert runner.resume(10, chats[1]) == len(chats[1]) - 1  # B: back from host memory
+    runner.release(10)
+    shared_template = runner.resume(11, chats[0])
+    assert shared_template < len(chats[0]) - 2  # A: only what every chat shares (the template)
+    tiny = make_runner(n_seq_max=1, host_bytes=STATE_BYTES)  # not even one conversation fits
+    for i, prompt in enumerate(chats[:2]):
+        turn(tiny, i, prompt, 4)
+    assert len(tiny.parked) == 0
+
+
+def test_after_many_mixed_requests_only_parked_prefixes_remain(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """1000 requests (shared starts, edits, cancels mid-prefill, interleaved): no slot leaks,
+    llama.cpp's memory holds exactly the tokens the runner believes, the host stays in budget."""
+    runner = make_runner(n_seq_max=3, host_bytes=200 * STATE_BYTES)
+    rng = random.Random(0)
+    stems = [[rng.randrange(100, 5000) for _ in range(rng.randrange(4, 12))] for _ in range(6)]
+    live: dict[int, int] = {}  # seq id -> decode steps left
+    for seq_id in range(1000):
+        if len(live) == 3:
+            done = rng.choice(list(live))
+            runner.release(done)
+            del live[done]
+        prompt = rng.choice(stems) + [rng.randrange(100, 5000) for _ in range(rng.randrange(1, 6))]
+        cached = runner.resume(seq_id, prompt)
+        assert 0 <= cached < len(prompt)
+        runner.prefill(seq_id, prompt[cached:])
+        live[seq_id] = rng.randrange(0, 4)
+        ready = [s for s, left in live.items() if left > 0]
+        if ready:
+            runner.decode(ready, [rng.randrange(100, 5000) for _ in ready])
+            for s in ready:
+                live[s] -= 1
+    for seq_id in list(live):
+        runner.release(seq_id)
+    assert runner.slots() == {}
+    for index, tokens in enumerate(runner.held_tokens()):
+        assert runner.pos_max(index) == len(tokens) - 1
+    assert runner.parked.nbytes <= runner.parked.budget_bytes
