@@ -189,6 +189,7 @@ class ContinuousBatcher:
         stream_interval_s: float = 0.0,
     ) -> None:
         self._runner = runner
+        self._caching = runner.prefix_caching
         self._prefill_budget = prefill_budget
         self._stream_interval_s = stream_interval_s
         self._observer = observer
@@ -337,7 +338,7 @@ class ContinuousBatcher:
     def _start(self, seq: _Sequence) -> bool:
         """Resume the sequence from the runner's longest matching prefix; False if that failed."""
         try:
-            cached = self._runner.resume(seq.id, seq.prompt_ids) if self._runner.prefix_caching else 0
+            cached = self._runner.resume(seq.id, seq.prompt_ids) if self._caching else 0
         except Exception as exc:
             logger.exception("resuming a prefix failed")
             self._prefilling.popleft()

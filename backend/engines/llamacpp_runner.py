@@ -47,9 +47,13 @@ _llama_log = logging.getLogger("llama.cpp")
 
 # Tokens one llama_decode call takes (n_batch = n_ubatch): longer prompts go in several calls.
 PREFILL_CHUNK = 512
-# A follow-up turn re-tokenizes the previous reply, which may differ from the generated tokens
-# near its end: cutting that many tokens off a slot is its own conversation going on, not another
-# one taking the slot (which first copies the slot to host memory).
+# A slot is picked for what it shares only above this fraction of the new prompt, else the least
+# recently used one is (the server's `slot_prompt_similarity`, default 0.1).
+_MIN_SIMILARITY = 0.1
+# The server copies a slot to host memory when it keeps less than half of it; here, whenever
+# more than a re-tokenized tail is cut, so chats that share a long system prompt are not lost to
+# each other. (A follow-up turn re-tokenizes the previous reply, which may differ from the
+# generated tokens near its end: cutting that much is the slot's own conversation going on.)
 _REWORDED_TAIL = 8
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 1 debug, 2 info, 5 cont
 
@@ -293,7 +297,7 @@ class LlamaCppRunner:
             raise EngineError(f"All {self.n_seq_max} llama.cpp sequences are in use.")
         shared = [common_prefix(slot.tokens, prompt_ids) for slot in idle]
         best = max(range(len(idle)), key=lambda i: (shared[i], -idle[i].used_at))
-        if shared[best] == 0:
+        if shared[best] <= _MIN_SIMILARITY * len(prompt_ids):
             best = min(range(len(idle)), key=lambda i: idle[i].used_at)
         return idle[best], shared[best]
 
@@ -304,10 +308,10 @@ class LlamaCppRunner:
     def _trim(self, slot: _Slot, keep: int) -> int:
         """Remove every position from `keep` on; returns what is kept (0 if llama.cpp cannot
         cut this sequence partially, in which case all of it goes, as the server does)."""
-        if keep < len(slot.tokens) or keep == 0:
-            if not llama.llama_memory_seq_rm(self._memory, slot.index, keep, -1):
-                llama.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
-                keep = 0
+        cut = keep < len(slot.tokens) or keep == 0
+        if cut and not llama.llama_memory_seq_rm(self._memory, slot.index, keep, -1):
+            llama.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
+            keep = 0
         del slot.tokens[keep:]
         return keep
 

@@ -32,7 +32,12 @@ async def test_non_streaming_reply_has_text_finish_reason_and_usage(
     assert body["model"] == "scripted-model"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
     assert body["choices"][0]["finish_reason"] == "stop"
-    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert body["usage"] == {
+        "prompt_tokens": 2,
+        "completion_tokens": 3,
+        "total_tokens": 5,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_stream_order_role_deltas_finish_usage_done(

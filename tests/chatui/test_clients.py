@@ -32,7 +32,12 @@ BASE = "http://backend.test"
 CHAT = "/v1/chat/completions"
 OPTIONS = ChatOptions(temperature=0.5, top_p=0.8, max_tokens=64)
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
-USAGE = {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+USAGE = {
+    "prompt_tokens": 5,
+    "completion_tokens": 3,
+    "total_tokens": 8,
+    "prompt_tokens_details": {"cached_tokens": 4},
+}
 # Multi-byte characters (2, 3 and 4 bytes in UTF-8) so that some splits fall inside one.
 PIECES = ["Hé", "llo 世界", " 🌍!"]
 
@@ -130,7 +135,7 @@ async def test_stream_yields_deltas_then_finish_with_usage(router: respx.Router)
     events, error = await collect(make_client(router))
     assert error is None
     assert [e for e in events if isinstance(e, TextDelta)] == [TextDelta(p) for p in PIECES]
-    assert events[-1] == Finished("stop", Usage(5, 3, 8))
+    assert events[-1] == Finished("stop", Usage(5, 3, 8, cached_tokens=4))
     sent = json.loads(route.calls.last.request.content)
     assert sent["messages"] == HELLO
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
@@ -147,7 +152,7 @@ async def test_every_split_point_gives_the_same_reply(router: respx.Router, newl
         events, error = await collect(make_client(router))
         assert error is None, cut
         assert text(events) == "".join(PIECES), cut
-        assert events[-1] == Finished("stop", Usage(5, 3, 8)), cut
+        assert events[-1] == Finished("stop", Usage(5, 3, 8, cached_tokens=4)), cut
 
 
 async def test_one_byte_at_a_time(router: respx.Router) -> None:

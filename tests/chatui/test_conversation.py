@@ -226,6 +226,11 @@ def test_stats_line_reports_ttft_rate_and_tokens() -> None:
     )
 
 
+def test_stats_line_reports_the_prompt_tokens_the_backend_reused() -> None:
+    stats = AnswerStats(0.5, 2.5, 41, prompt_tokens=950, cached_tokens=900)
+    assert "· prompt 950 tokens, 900 reused ·" in stats.to_markdown()
+
+
 def test_stats_line_without_usage_or_tokens_and_at_the_length_limit() -> None:
     assert AnswerStats(1.0, 1.0, None).to_markdown() == "⏱ 1.00 s to first token · 1.00 s in all"
     assert AnswerStats(None, 0.3, 0).to_markdown() == "0 tokens · 0.30 s in all"

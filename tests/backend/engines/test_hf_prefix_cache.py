@@ -75,10 +75,14 @@ def test_an_edited_conversation_never_sees_the_old_suffix(hf_engine: HFEngine) -
     fresh = PaddedBatchRunner(model, 2, prefix_caching=False)
     texts = ["Name a color.", "Blue.", "Why is the sky blue? Answer in one long sentence."]
     roles = ["user", "assistant", "user"]
-    original = hf_engine.encode_chat([{"role": r, "content": t} for r, t in zip(roles, texts)])
+
+    def chat() -> list[dict[str, str]]:
+        return [{"role": r, "content": t} for r, t in zip(roles, texts, strict=True)]
+
+    original = hf_engine.encode_chat(chat())
     turn(runner, 0, original, 4, partner=True)
     texts[2] = "What is 2 + 2?"
-    edited = hf_engine.encode_chat([{"role": r, "content": t} for r, t in zip(roles, texts)])
+    edited = hf_engine.encode_chat(chat())
     cached, _, resumed = turn(runner, 1, edited, 6)
     shared = next(i for i, (a, b) in enumerate(zip(original, edited, strict=False)) if a != b)
     assert cached == shared

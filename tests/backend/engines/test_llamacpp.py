@@ -316,7 +316,9 @@ def test_a_sequence_cannot_outgrow_its_window(
         runner.decode([1], [1])
 
 
-async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(llamacpp_engine: LlamaCppEngine) -> None:
+async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(
+    llamacpp_engine: LlamaCppEngine,
+) -> None:
     runner = llamacpp_engine._runner
     assert runner is not None and runner.slots() == {}
     prompt = prompts(llamacpp_engine, 1)[0]
