@@ -218,8 +218,7 @@ class LlamaCppRunner:
         slot, shared = self._pick_slot(prompt_ids)
         stored, entry = self.parked.best(prompt_ids)
         if entry is not None and stored > shared:
-            self.parked.take(entry)  # before saving the slot, whose copy may push it out
-            self._save(slot)
+            self._save(slot)  # (`entry` stays loadable even if this copy pushes it out)
             shared = stored if self._restore(slot, entry) else 0
         elif len(slot.tokens) - shared > _REWORDED_TAIL:  # it holds another conversation
             self._save(slot)
@@ -328,7 +327,11 @@ class LlamaCppRunner:
             self.parked.put(slot.tokens, state, int(written))
 
     def _restore(self, slot: _Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
-        """Load a host copy into the slot instead of what it held; False if llama.cpp refused."""
+        """Load a host copy into the slot instead of what it held; False if llama.cpp refused.
+
+        The copy stays in host memory: the slot may keep only part of it. Once the slot's own
+        conversation goes on and is copied back, the older copy is dropped as its prefix."""
+        self.parked.touch(entry)
         self._trim(slot, 0)
         if not llama.llama_state_seq_set_data(self._ctx, entry.payload, entry.nbytes, slot.index):
             logger.warning("llama.cpp could not restore a saved sequence; prefilling it again")

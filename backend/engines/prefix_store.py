@@ -74,10 +74,10 @@ class PrefixStore(Generic[Payload]):
                 found, longest = entry, shared
         return longest, found
 
-    def take(self, entry: Parked[Payload]) -> Payload:
-        """Remove an entry (it goes back to the engine) and return its payload."""
-        self._drop(entry.tokens)
-        return entry.payload
+    def touch(self, entry: Parked[Payload]) -> None:
+        """The entry was used: it becomes the most recent (if it is still here)."""
+        if entry.tokens in self._entries:
+            self._entries.move_to_end(entry.tokens)
 
     def clear(self) -> None:
         """Forget every entry."""

@@ -12,6 +12,7 @@ import random
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -44,6 +45,9 @@ class Reply:
     tokens: int
     ttft: float
     chunk_times: list[float]
+    text: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, reused from the backend's KV cache
 
 
 async def stream(
@@ -67,19 +71,29 @@ async def stream(
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    tokens, chunk_times = 0, []
+    chunk_times: list[float] = []
+    pieces: list[str] = []
+    usage: dict[str, Any] = {}
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+            usage = chunk.get("usage") or usage
+            if chunk["choices"] and (content := chunk["choices"][0]["delta"].get("content")):
                 chunk_times.append(time.perf_counter())
-    # llama-cpp-python's server sends no usage chunk, but one chunk per token.
-    return Reply(tokens or len(chunk_times), chunk_times[0] - start, chunk_times)
+                pieces.append(content)
+    details = usage.get("prompt_tokens_details") or {}
+    return Reply(
+        # llama-cpp-python's server sends no usage chunk, but one chunk per token.
+        usage.get("completion_tokens") or len(chunk_times),
+        chunk_times[0] - start,
+        chunk_times,
+        "".join(pieces),
+        usage.get("prompt_tokens", 0),
+        details.get("cached_tokens", 0),
+    )
 
 
 async def single_streams(

@@ -140,8 +140,11 @@ def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
     assert cached > len(a)
     _, _, whole = turn(fresh, 0, follow, 8)
     assert deviation(restored, whole) <= TOLERANCE
-    # B went to host memory in its turn; A's extended conversation now holds the slot.
-    assert len(runner.parked) == 1 and runner.parked.nbytes <= runner.parked.budget_bytes
+    # Host memory keeps B and A's first turn (the slot keeps what it loaded, and more);
+    # A's copy goes when the slot's longer conversation is copied out in its place.
+    assert len(runner.parked) == 2 and runner.parked.nbytes <= runner.parked.budget_bytes
+    turn(runner, 3, b, 2)  # B again: the slot's A goes to host memory, A's first turn with it
+    assert len(runner.parked) == 2 and runner.parked.best(follow)[0] == len(follow)
 
 
 def test_the_host_budget_keeps_the_most_recent_conversations(
