@@ -16,10 +16,36 @@ import httpx
 
 from tests.bench.load import Reply, stream
 
-_WORDS = (
-    "lighthouse keeper harbour storm lantern ship rope tide gull beacon cliff fog night wave "
-    "island captain boat oil glass stairs bell coast rock sailor wind salt map journal"
-).split()
+_WORDS = [
+    "lighthouse",
+    "keeper",
+    "harbour",
+    "storm",
+    "lantern",
+    "ship",
+    "rope",
+    "tide",
+    "gull",
+    "beacon",
+    "cliff",
+    "fog",
+    "night",
+    "wave",
+    "island",
+    "captain",
+    "boat",
+    "oil",
+    "glass",
+    "stairs",
+    "bell",
+    "coast",
+    "rock",
+    "sailor",
+    "wind",
+    "salt",
+    "map",
+    "journal",
+]
 
 
 @dataclass
