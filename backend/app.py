@@ -9,15 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.config import RequestRouterConfig
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from backend.api import build_api
+from backend.engines.base import engine_class
 from backend.errors import EngineError, OverloadedError, ServiceError
 from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
 from backend.metrics import count_rejection
@@ -25,6 +28,12 @@ from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 
+# `ray.serve.llm.request_router.PrefixCacheAffinityRouter` is this class, re-exported; that
+# public module imports all of Ray Serve LLM, which requires vLLM or SGLang to be installed.
+PREFIX_ROUTER = (
+    "ray.llm._internal.serve.routing_policies.prefix_aware.prefix_aware_router."
+    "PrefixCacheAffinityRouter"
+)
 # Ray probes replicas with `check_health`; a broken engine is replaced after a few failures.
 _HEALTH_CHECK_PERIOD_S = 10
 _HEALTH_CHECK_TIMEOUT_S = 30
@@ -56,8 +65,27 @@ class ModelDeployment(ModelServer):
         super().__init__(settings)
         await self.start()
 
+    async def generate_routed(self, routed: RoutedChat) -> AsyncIterator[GenerationEvent]:
+        """`generate`, called through the handle with what the request router reads."""
+        async with contextlib.aclosing(self.generate(routed.request)) as events:
+            async for event in events:
+                yield event
+
     def __del__(self) -> None:
         self.shutdown()
+
+
+@dataclass(frozen=True)
+class RoutedChat:
+    """A chat request as Ray Serve's prefix-aware router reads it: the router takes the text of
+    `.messages` of the handle call's first argument, from dicts or strings only."""
+
+    request: ChatCompletionRequest
+
+    @property
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as role/content dicts."""
+        return self.request.chat()
 
 
 class HandleModelClient:
@@ -98,7 +126,8 @@ class HandleModelClient:
         self._streams += 1
         stream = None
         try:
-            stream = self._handle.options(stream=True).generate.remote(request)
+            handle = self._handle.options(stream=True)
+            stream = handle.generate_routed.remote(RoutedChat(request))
             async for event in stream:
                 if isinstance(event, PromptAccepted) and self._known is None:
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
@@ -155,6 +184,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     resources = {"neuron_cores": settings.num_neuron_cores} if settings.num_neuron_cores else {}
     model = ModelDeployment.options(
         **replica_options(settings),
+        **routing_options(settings),
         max_ongoing_requests=settings.max_ongoing_requests,
         max_queued_requests=settings.max_queued_requests,
         ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
@@ -175,6 +205,22 @@ def stream_capacity(settings: BackendSettings) -> int | None:
 
 def _replicas(settings: BackendSettings) -> int:
     return settings.max_replicas or settings.num_replicas
+
+
+def routing_options(settings: BackendSettings) -> dict[str, Any]:
+    """With prefix caching and room for more than one replica, Ray Serve's prefix-aware router:
+    a conversation's next turn goes to the replica that served its last one (it holds the
+    conversation's KV), unless that replica is a full batch busier than another."""
+    if not settings.prefix_caching or _replicas(settings) < 2:
+        return {}
+    if not engine_class(settings.engine).prefix_caching:
+        return {}
+    router = RequestRouterConfig(
+        request_router_class=PREFIX_ROUTER,
+        # A replica a full batch busier than another gets no new conversation by prefix.
+        request_router_kwargs={"imbalanced_threshold": settings.max_batch_size},
+    )
+    return {"request_router_config": router}
 
 
 def replica_options(settings: BackendSettings) -> dict[str, Any]:

@@ -27,6 +27,9 @@ class Engine(ABC):
     """One model behind one small interface: load, template, stream, health, shutdown."""
 
     name: ClassVar[str]
+    # Whether the engine can start a request from a prefix it still holds (`LLM_PREFIX_CACHING`):
+    # then several replicas are worth routing by prefix.
+    prefix_caching: ClassVar[bool] = False
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings

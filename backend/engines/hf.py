@@ -152,6 +152,7 @@ class HFEngine(RunnerEngine):
     """transformers on the CPU; `LLM_MODEL` empty serves the embedded SmolLM2-135M-Instruct."""
 
     name = "hf"
+    prefix_caching = True
 
     def _load(self) -> LoadedModel:
         if self.settings.torch_threads:

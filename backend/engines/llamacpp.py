@@ -33,6 +33,7 @@ class LlamaCppEngine(RunnerEngine):
     """llama.cpp on the CPU; `LLM_MODEL` names a GGUF file, empty = the embedded SmolLM2."""
 
     name = "llamacpp"
+    prefix_caching = True
     _llama: LlamaModel | None = None
     _runner: LlamaCppRunner | None = None
 

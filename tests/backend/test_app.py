@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
+from ray._common.utils import import_attr
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve._private.config import DeploymentConfig
 from ray.serve.exceptions import BackPressureError
+from ray.serve.request_router import RequestRouter
 
-from backend.app import HandleModelClient, build_app, stream_capacity, translate_ray_error
+from backend.app import (
+    PREFIX_ROUTER,
+    HandleModelClient,
+    RoutedChat,
+    build_app,
+    routing_options,
+    stream_capacity,
+    translate_ray_error,
+)
 from backend.errors import EngineError, InvalidRequestError, OverloadedError
 from backend.generation import PromptAccepted
 from backend.protocol import ChatCompletionRequest
@@ -98,7 +109,7 @@ class _StreamingHandle:
 
     def __init__(self) -> None:
         self.streams: list[_EndlessStream] = []
-        self.generate = self
+        self.generate_routed = self
 
     def options(self, **_: object) -> _StreamingHandle:
         return self
@@ -131,3 +142,30 @@ def test_the_ingress_keeps_room_for_control_requests_beyond_every_stream() -> No
     ingress = _deployments(settings.model_dump(exclude={"api_key"}))["ingress"]
     assert ingress.max_ongoing_requests > stream_capacity(settings)
     assert stream_capacity(BackendSettings(max_queued_requests=-1)) is None
+
+
+def test_several_replicas_with_prefix_caching_are_routed_by_prefix() -> None:
+    routed = routing_options(BackendSettings(engine="llamacpp", num_replicas=2))
+    assert routed["request_router_config"].request_router_class == PREFIX_ROUTER
+    autoscaled = BackendSettings(engine="hf", num_replicas=1, max_replicas=3)
+    assert "request_router_config" in routing_options(autoscaled)
+    for alone in (
+        BackendSettings(engine="llamacpp"),  # one replica: nothing to choose
+        BackendSettings(engine="llamacpp", num_replicas=2, prefix_caching=False),
+        BackendSettings(engine="neuron", num_replicas=2),  # no prefix to keep
+    ):
+        assert routing_options(alone) == {}
+
+
+def test_the_prefix_router_reads_the_conversation_of_a_routed_chat() -> None:
+    """Ray's router takes the text of `.messages` of the call's first argument (dicts only)."""
+    router_class = import_attr(PREFIX_ROUTER)
+    assert issubclass(router_class, RequestRouter)
+    router = router_class.__new__(router_class)
+    request = ChatCompletionRequest(
+        messages=[{"role": "system", "content": "Be brief. "}, {"role": "user", "content": "Hi"}]
+    )
+    pending = SimpleNamespace(args=[RoutedChat(request)])
+    assert router._extract_text_from_request(pending) == "Be brief. Hi"
+    # The request alone (pydantic messages) would give the router no text at all.
+    assert router._extract_text_from_request(SimpleNamespace(args=[request])) == ""

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -23,8 +24,9 @@ import psutil
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
-from tests.bench import load, raw
+from tests.bench import load, multiturn, raw
 from tests.bench.load import Run, Saturation
+from tests.bench.multiturn import MultiTurn
 from tests.bench.ui import UITimes, ui_overhead
 from tests.e2e.services import ARTIFACTS, backend_service, free_port
 
@@ -34,6 +36,11 @@ REPEATS = 3  # requests averaged per single-stream figure
 TURNS = 3  # questions per user in the concurrent-conversations figure
 SATURATING_STREAMS = 400
 LONG_PROMPT_WORDS = 1500
+CHAT_USERS = 2  # multi-turn: users chatting at once, turns interleaved
+CHAT_TURNS = 8  # ~200 new prompt tokens and a 48-token reply each: ~1900 tokens at turn 8
+ROUND_ROBIN_USERS = 6  # conversations taking turns over ...
+ROUND_ROBIN_SEQUENCES = 2  # ... this many llama.cpp sequences (LLM_MAX_BATCH_SIZE)
+ROUND_ROBIN_TURNS = 6
 
 # Measured before the serving work (issue 8, same machine kind, bf16), for comparison.
 PREVIOUS = {
@@ -249,8 +256,92 @@ def idle_share_rows(
     ]
 
 
+def multi_turn(engine: str) -> tuple[MultiTurn, MultiTurn]:
+    """The same conversations with prefix caching and without, each on a fresh backend."""
+    runs = []
+    for caching in ("true", "false"):
+        service = backend_service(free_port(), LLM_ENGINE=engine, LLM_PREFIX_CACHING=caching)
+        service.start()
+        try:
+            runs.append(asyncio.run(multiturn.chat(service.url, CHAT_USERS, CHAT_TURNS)))
+        finally:
+            service.stop()
+    return runs[0], runs[1]
+
+
+def round_robin() -> MultiTurn:
+    """More llamacpp conversations than sequences: the host-memory copies must serve them."""
+    service = backend_service(
+        free_port(), LLM_ENGINE="llamacpp", LLM_MAX_BATCH_SIZE=str(ROUND_ROBIN_SEQUENCES)
+    )
+    service.start()
+    try:
+        return asyncio.run(multiturn.round_robin(service.url, ROUND_ROBIN_USERS, ROUND_ROBIN_TURNS))
+    finally:
+        service.stop()
+
+
+def multi_turn_rows() -> list[tuple[str, str, str, str]]:
+    """Time to first token as conversations grow, with and without prefix caching."""
+    rows = []
+    for engine in engines():
+        cached, uncached = multi_turn(engine)
+        last = CHAT_TURNS
+        rows += [
+            (
+                f"{engine}: multi-turn, {CHAT_USERS} users, turns interleaved: TTFT turn {last} / "
+                f"turn 1 (prompt {cached.prompt_tokens(1)} -> {cached.prompt_tokens(last)} "
+                "tokens), prefix caching on",
+                f"{_growth(cached)}; hit rate {cached.hit_rate():.2f}, "
+                f"{cached.reuse():.2f} of each previous turn reused",
+                "<= 1.3",
+                "",
+            ),
+            (
+                "... the same conversations with LLM_PREFIX_CACHING=false",
+                _growth(uncached),
+                "",
+                "",
+            ),
+        ]
+        if engine == "llamacpp":
+            new = cached.prompt_tokens(last) - min(r.cached_tokens for r in cached.turns[last - 1])
+            floor = multiturn.llamacpp_prefill_floor(new, cached.prompt_tokens(last) - new, 2)
+            rows.append(
+                (
+                    f"llamacpp: compute floor, in-process: {new} new tokens prefilled after "
+                    f"{cached.prompt_tokens(last) - new} cached / from position 0 (attention "
+                    "over the history, which no cache saves)",
+                    f"{floor:.2f}",
+                    "",
+                    "",
+                )
+            )
+    many = round_robin()
+    rows.append(
+        (
+            f"llamacpp: {ROUND_ROBIN_USERS} conversations taking turns over "
+            f"{ROUND_ROBIN_SEQUENCES} sequences, {ROUND_ROBIN_TURNS} turns (prompt "
+            f"{many.prompt_tokens(1)} -> {many.prompt_tokens(ROUND_ROBIN_TURNS)} tokens): share "
+            "of each previous turn reused (host-memory copies) / hit rate",
+            f"{many.reuse():.2f} / {many.hit_rate():.2f}",
+            ">= 0.9",
+            "",
+        )
+    )
+    return rows
+
+
+def _growth(run: MultiTurn) -> str:
+    first, last = run.ttft(1), run.ttft(len(run.turns))
+    return f"{last / first:.2f} ({first * 1000:.0f} -> {last * 1000:.0f} ms)"
+
+
 def main() -> None:
-    """Run every measurement and write the report."""
+    """Run every measurement and write the report (`multiturn`: that section only)."""
+    if sys.argv[1:] == ["multiturn"]:
+        write_report([*multi_turn_rows(), ("cpu cores", str(os.cpu_count()), "", "")], {})
+        return
     cold, cached = time_engine_starts()
     ceilings = {engine: CEILINGS[engine]() for engine in engines()}
     print("ceilings:", {e: [f"{r.rate:.0f} tok/s" for r in runs] for e, runs in ceilings.items()})
@@ -273,6 +364,7 @@ def main() -> None:
             rows += control_rows(engine, *measured)
     if "llamacpp" in served:
         rows += llamacpp_comparison(served)
+    rows += multi_turn_rows()
     rows.append(("cpu cores", str(os.cpu_count()), "", ""))
     write_report(rows, served)
 
@@ -383,6 +475,8 @@ def write_report(rows: list[tuple[str, str, str, str]], served: dict[str, Served
     ]
     (ARTIFACTS / "bench.md").write_text("\n".join(table) + "\n")
     print("\n".join(table))
+    if not served:
+        return
     bars = {
         f"{engine}, {label}": run.rate
         for engine, s in served.items()

@@ -117,3 +117,22 @@ def test_client_that_leaves_mid_stream_frees_its_sequence(
     short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
     body = httpx.post(llamacpp_backend.url + CHAT, json=short, timeout=60).json()
     assert body["usage"]["completion_tokens"] == 8
+
+
+def test_a_follow_up_turn_reports_the_prompt_tokens_it_reused(
+    llamacpp_backend: BackendProcess,
+) -> None:
+    """OpenAI's `usage.prompt_tokens_details.cached_tokens`, non-streamed and streamed."""
+    url = llamacpp_backend.url
+    history = [{"role": "user", "content": "Name three colors of the sea, one per line."}]
+    request = {"messages": history, "max_tokens": 12, "temperature": 0}
+    first = httpx.post(url + CHAT, json=request, timeout=120).json()
+    history += [
+        first["choices"][0]["message"],
+        {"role": "user", "content": "And of the sky?"},
+    ]
+    body = {**request, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", url + CHAT, json=body, timeout=120) as response:
+        usage = sse_payloads("\n".join(response.iter_lines()))[-2]["usage"]
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] < cached < usage["prompt_tokens"]
