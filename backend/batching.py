@@ -84,12 +84,18 @@ class BatchRunner(Protocol):
         """Forget every sequence (after a failed step)."""
         ...
 
+    def kv_usage(self) -> float:
+        """Share (0 to 1) of the KV cache holding running sequences' tokens (parked prefixes,
+        which give way to new requests, count as free, as in vLLM's `kv_cache_usage_perc`)."""
+        ...
+
 
 class BatchObserver(Protocol):
     """Told the loop's occupancy when it changes, and again every half second (metrics)."""
 
-    def batch_changed(self, running: int, waiting: int) -> None:
-        """`running` streams in the batch, `waiting` submitted and not yet admitted."""
+    def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
+        """`running` streams in the batch, `waiting` submitted and not yet admitted, and the
+        runner's KV cache usage."""
         ...
 
 
@@ -194,6 +200,7 @@ class ContinuousBatcher:
         self._stream_interval_s = stream_interval_s
         self._observer = observer
         self._occupancy = (0, 0)
+        self._kv_usage = 0.0
         self._observed_at = 0.0
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
@@ -292,12 +299,14 @@ class ContinuousBatcher:
 
     def _observe(self) -> None:
         occupancy = (self._running(), self._inbox.qsize())
+        kv_usage = round(self._runner.kv_usage(), 2)  # a new figure per percent, not per token
         now = time.monotonic()
-        if occupancy == self._occupancy and now - self._observed_at < _OBSERVE_EVERY_S:
+        changed = (occupancy, kv_usage) != (self._occupancy, self._kv_usage)
+        if not changed and now - self._observed_at < _OBSERVE_EVERY_S:
             return
-        self._occupancy, self._observed_at = occupancy, now
+        self._occupancy, self._kv_usage, self._observed_at = occupancy, kv_usage, now
         if self._observer is not None:
-            self._observer.batch_changed(*occupancy)
+            self._observer.batch_changed(*occupancy, kv_usage)
 
     def _running(self) -> int:
         return len(self._prefilling) + len(self._active)

@@ -39,13 +39,19 @@ class BatchGauges:
             description="Requests accepted by the replica, waiting for a batch slot.",
             tag_keys=_MODEL,
         )
-        for gauge in (self._running, self._waiting):
+        self._kv_usage = Gauge(
+            "vllm_kv_cache_usage_perc",
+            description="KV-cache usage by running requests: 1 means 100 percent.",
+            tag_keys=_MODEL,
+        )
+        for gauge in (self._running, self._waiting, self._kv_usage):
             gauge.set_default_tags({"model_name": model_name})
 
-    def batch_changed(self, running: int, waiting: int) -> None:
+    def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
         """The batching loop's occupancy (re-set periodically: Ray expires idle gauges)."""
         self._running.set(running)
         self._waiting.set(waiting)
+        self._kv_usage.set(kv_usage)
 
 
 class RequestMetrics:

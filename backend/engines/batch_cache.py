@@ -115,6 +115,11 @@ class BatchKVCache(Cache):
         used = self._mask[: self.rows, window].any(dim=0)
         self._start += int(used.long().argmax())  # padding nobody attends to is dropped
 
+    def filled(self) -> float:
+        """Share of the allocated cells that hold a row's token."""
+        cells = self._mask.numel()
+        return float(self._mask.sum()) / cells if cells else 0.0
+
     def reset(self) -> None:
         """Forget every row (buffers are kept for reuse)."""
         self._mask.zero_()

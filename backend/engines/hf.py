@@ -19,6 +19,7 @@ from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
 from backend.engines.kv_budget import GIB
 from backend.engines.prefix_store import PrefixStore
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ class PaddedBatchRunner:
                 self._cache.append_row(_layers(prompt))
                 self._order.append(seq_id)
         rows = [self._order.index(seq_id) for seq_id in seq_ids]
+        if len(rows) != len(self._order):  # the other rows would decode garbage tokens
+            raise EngineError(f"decode got {len(rows)} of the {len(self._order)} live sequences")
         tokens = torch.empty(len(self._order), 1, dtype=torch.long)
         tokens[rows, 0] = torch.tensor(token_ids)
         positions = self._cache.positions().unsqueeze(1)
@@ -135,6 +138,11 @@ class PaddedBatchRunner:
         self._cache.remove_row(row)
         self._order[row] = self._order[-1]
         self._order.pop()
+
+    def kv_usage(self) -> float:
+        """Tokens of running sequences over the cells the shared cache has allocated (it grows
+        with the batch; a prompt being prefilled joins it at its first decode step)."""
+        return self._cache.filled()
 
     def _park(self, tokens: list[int], layers: _Layers) -> None:
         if not self.prefix_caching or not tokens or layers[0][0].shape[2] != len(tokens):

@@ -281,6 +281,11 @@ class LlamaCppRunner:
         if not self.prefix_caching:
             self._trim(slot, 0)
 
+    def kv_usage(self) -> float:
+        """Tokens of running sequences over every sequence's cells."""
+        live = sum(len(slot.tokens) for slot in self._owned.values())
+        return live / (self.n_seq_max * self.n_ctx_seq)
+
     def close(self) -> None:
         """Free the batch and the context (the runner is unusable afterwards)."""
         if self._ctx:

@@ -72,9 +72,10 @@ class NeuronSlotRunner:
         """Nothing is ever reused: every prompt is encoded from position 0."""
         return 0
 
-    def __init__(self, model: Any, slots: int) -> None:
+    def __init__(self, model: Any, slots: int, window: int) -> None:
         self._model = model
         self._slots = slots
+        self._window = window  # positions each slot's cache holds
         self.reset()
 
     def reset(self) -> None:
@@ -115,6 +116,10 @@ class NeuronSlotRunner:
             self._position[seq_id] += 1
         return logits
 
+    def kv_usage(self) -> float:
+        """Running sequences' positions over every slot's window."""
+        return sum(self._position.values()) / (self._slots * self._window)
+
     def release(self, seq_id: int) -> None:
         """Free the slot; stale cache is masked by position and overwritten by its next user."""
         slot = self._slot.pop(seq_id, None)
@@ -142,7 +147,7 @@ class NeuronEngine(RunnerEngine):
         return LoadedModel(
             model_id=model_id,
             tokenizer=tokenizer,
-            runner=NeuronSlotRunner(model, self.settings.max_batch_size),
+            runner=NeuronSlotRunner(model, self.settings.max_batch_size, context),
             context_window=context,
             eos_ids=frozenset({tokenizer.eos_token_id}),
         )

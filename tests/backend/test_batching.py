@@ -76,6 +76,9 @@ class CountingRunner:
     def reset(self) -> None:
         self.state.clear()
 
+    def kv_usage(self) -> float:
+        return len(self.state) / 10  # a cache of ten sequences' room
+
 
 class ChunkingRunner(CountingRunner):
     """Accepts a prompt in chunks; only the last chunk's logits count."""
@@ -223,13 +226,15 @@ async def test_ignore_eos_generates_to_max_tokens() -> None:
 
 
 class RecordingObserver:
-    """Every (running, waiting) the loop reports."""
+    """Every (running, waiting) the loop reports, and the KV usage with it."""
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, int]] = []
+        self.kv_usage: list[float] = []
 
-    def batch_changed(self, running: int, waiting: int) -> None:
+    def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
         self.seen.append((running, waiting))
+        self.kv_usage.append(kv_usage)
 
 
 async def test_occupancy_reports_running_and_waiting_streams() -> None:
@@ -242,6 +247,7 @@ async def test_occupancy_reports_running_and_waiting_streams() -> None:
     await asyncio.sleep(0.05)
     assert (2, 1) in observer.seen  # a full batch and one request queued behind it
     assert observer.seen[-1] == (0, 0) == batcher.occupancy()
+    assert 0.2 in observer.kv_usage and observer.kv_usage[-1] == 0.0  # the runner's own figure
     batcher.shutdown()
 
 

@@ -104,6 +104,7 @@ async def chat(
             replies[turn, index] = reply
 
     async with httpx.AsyncClient(timeout=600) as http:
+        await warm_up(http, url)
         await asyncio.gather(*(user(i, http) for i in range(users)))
     return MultiTurn([[replies[t, u] for u in range(users)] for t in range(turns)])
 
@@ -118,6 +119,7 @@ async def round_robin(
     texts = random.Random(1)
     results: list[list[Reply]] = []
     async with httpx.AsyncClient(timeout=600) as http:
+        await warm_up(http, url)
         for turn in range(turns):
             results.append([])
             for index in range(users):
@@ -127,6 +129,12 @@ async def round_robin(
                 histories[index].append({"role": "assistant", "content": reply.text})
                 results[turn].append(reply)
     return MultiTurn(results)
+
+
+async def warm_up(http: httpx.AsyncClient, url: str) -> None:
+    """One request first: a fresh backend's first is slower (lazy initialisation on its path),
+    which would flatter every later turn's ratio to turn 1."""
+    await stream(http, url, 8, 0, messages=[{"role": "user", "content": "Hello."}])
 
 
 def llamacpp_prefill_floor(new_tokens: int, history_tokens: int, threads: int) -> float:

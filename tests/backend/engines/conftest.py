@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -16,6 +16,7 @@ from backend.settings import BackendSettings
 
 if TYPE_CHECKING:
     from backend.engines.llamacpp import LlamaCppEngine
+    from backend.engines.llamacpp_runner import LlamaCppRunner
 
 STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 
@@ -51,3 +52,30 @@ def neuronx() -> ModuleType:
     """The transformers-neuronx stand-in, importable as `transformers_neuronx`."""
     sys.path.insert(0, str(STAND_IN))
     return importlib.import_module("transformers_neuronx")
+
+
+@pytest.fixture
+def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
+    """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
+    from backend.engines.llamacpp_runner import LlamaCppRunner
+
+    runners: list[LlamaCppRunner] = []
+
+    def make(
+        n_seq_max: int = 6, n_ctx_seq: int = 1024, prefix_caching: bool = False, host_bytes: int = 0
+    ) -> LlamaCppRunner:
+        assert llamacpp_engine._llama is not None
+        runner = LlamaCppRunner(
+            llamacpp_engine._llama,
+            n_seq_max,
+            n_ctx_seq,
+            n_threads=1,
+            prefix_caching=prefix_caching,
+            host_cache_bytes=host_bytes,
+        )
+        runners.append(runner)
+        return runner
+
+    yield make
+    for runner in runners:
+        runner.close()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import PreTrainedModel
 
 from backend.engines.hf import HFEngine, PaddedBatchRunner
+from backend.errors import EngineError
 from tests.backend.engines.test_hf import BATCH_TOLERANCE
 
 # The resumed prompt's tail is computed in one call instead of as part of the whole prompt:
@@ -101,3 +103,12 @@ def test_parked_rows_stay_within_the_byte_budget(hf_engine: HFEngine) -> None:
         turn(small, i, prompt, 4)
     assert len(small.parked) == 1 and small.parked.nbytes <= small.parked.budget_bytes
     assert small.resume(5, prompts[1]) == len(prompts[1]) - 1  # the most recent stayed
+
+
+def test_decode_refuses_a_batch_without_every_live_sequence(hf_engine: HFEngine) -> None:
+    runner = PaddedBatchRunner(model_of(hf_engine), 2)
+    runner.prefill(0, [1, 2, 3])
+    runner.prefill(1, [4, 5])
+    runner.decode([0, 1], [6, 7])
+    with pytest.raises(EngineError, match="1 of the 2 live sequences"):
+        runner.decode([1], [8])

@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -70,31 +70,6 @@ async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
 
 async def reply(engine: LlamaCppEngine, prompt: list[int], params: SamplingParams) -> str:
     return "".join(d.text for d in await collect(engine.generate(prompt, params)))
-
-
-@pytest.fixture
-def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
-    """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
-    runners: list[LlamaCppRunner] = []
-
-    def make(
-        n_seq_max: int = 6, n_ctx_seq: int = 1024, prefix_caching: bool = False, host_bytes: int = 0
-    ) -> LlamaCppRunner:
-        assert llamacpp_engine._llama is not None
-        runner = LlamaCppRunner(
-            llamacpp_engine._llama,
-            n_seq_max,
-            n_ctx_seq,
-            n_threads=1,
-            prefix_caching=prefix_caching,
-            host_cache_bytes=host_bytes,
-        )
-        runners.append(runner)
-        return runner
-
-    yield make
-    for runner in runners:
-        runner.close()
 
 
 def prompts(engine: LlamaCppEngine, n: int) -> list[list[int]]:

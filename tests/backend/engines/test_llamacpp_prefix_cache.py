@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-import pytest
 import torch
 
 from backend.engines.llamacpp import LlamaCppEngine
@@ -17,28 +16,6 @@ from backend.engines.llamacpp_runner import LlamaCppRunner
 # A runner that leaves the old suffix in the KV is off by 5 and more.
 TOLERANCE = 1.5
 STATE_BYTES = 23_040  # one token of SmolLM2-135M's KV: 30 layers x 3 heads x 64 x 2 x f16
-
-
-@pytest.fixture
-def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
-    runners: list[LlamaCppRunner] = []
-
-    def make(n_seq_max: int = 2, host_bytes: int = 0, caching: bool = True) -> LlamaCppRunner:
-        assert llamacpp_engine._llama is not None
-        runner = LlamaCppRunner(
-            llamacpp_engine._llama,
-            n_seq_max,
-            1024,
-            n_threads=1,
-            prefix_caching=caching,
-            host_cache_bytes=host_bytes,
-        )
-        runners.append(runner)
-        return runner
-
-    yield make
-    for runner in runners:
-        runner.close()
 
 
 def turn(
@@ -73,7 +50,7 @@ def detok(engine: LlamaCppEngine, tokens: list[int]) -> str:
 def test_a_follow_up_turn_resumes_its_conversation_and_matches_a_full_prefill(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
-    cached_runner, fresh = make_runner(), make_runner(caching=False)
+    cached_runner, fresh = make_runner(n_seq_max=2, prefix_caching=True), make_runner(n_seq_max=2)
     first = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me about the sea."))
     _, reply, _ = turn(cached_runner, 0, first, 12)
     follow = llamacpp_engine.encode_chat(
@@ -95,7 +72,7 @@ def test_an_edited_conversation_never_sees_the_old_suffix(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
     """The UI's edit: turn 2 is rewritten, so only turn 1 is shared with what the slot holds."""
-    runner, fresh = make_runner(n_seq_max=1), make_runner(caching=False)
+    runner, fresh = make_runner(n_seq_max=1, prefix_caching=True), make_runner(n_seq_max=2)
     texts = ["Name a color.", "Blue.", "Why is the sky blue? Answer in one long sentence."]
     original = llamacpp_engine.encode_chat(conversation(llamacpp_engine, *texts))
     turn(runner, 0, original, 4)
@@ -113,7 +90,7 @@ def test_an_edited_conversation_never_sees_the_old_suffix(
 def test_with_caching_off_nothing_is_kept(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
-    runner = make_runner(caching=False)
+    runner = make_runner(n_seq_max=2)
     prompt = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Hi"))
     turn(runner, 0, prompt, 3)
     assert runner.held_tokens() == [[], []] and runner.pos_max(0) == runner.pos_max(1) == -1
@@ -122,7 +99,10 @@ def test_with_caching_off_nothing_is_kept(
 def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
-    runner, fresh = make_runner(n_seq_max=1, host_bytes=64 * 2**20), make_runner(caching=False)
+    runner, fresh = (
+        make_runner(n_seq_max=1, prefix_caching=True, host_bytes=64 * 2**20),
+        make_runner(n_seq_max=2),
+    )
     a = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me a story about a cat."))
     b = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Count to ten, please."))
     _, a_reply, _ = turn(runner, 0, a, 10)
@@ -153,7 +133,7 @@ def test_the_host_budget_keeps_the_most_recent_conversations(
     questions = ["Name a color.", "Name a fruit.", "Name a city."]
     chats = [llamacpp_engine.encode_chat(conversation(llamacpp_engine, q)) for q in questions]
     # Room for one saved conversation of ~40 tokens, not two.
-    runner = make_runner(n_seq_max=1, host_bytes=70 * STATE_BYTES)
+    runner = make_runner(n_seq_max=1, prefix_caching=True, host_bytes=70 * STATE_BYTES)
     for i, prompt in enumerate(chats):
         turn(runner, i, prompt, 4)
     assert len(runner.parked) == 1  # A was dropped for B, the least recently used first
@@ -161,7 +141,9 @@ def test_the_host_budget_keeps_the_most_recent_conversations(
     runner.release(10)
     shared_template = runner.resume(11, chats[0])
     assert shared_template < len(chats[0]) - 2  # A: only what every chat shares (the template)
-    tiny = make_runner(n_seq_max=1, host_bytes=STATE_BYTES)  # not even one conversation fits
+    tiny = make_runner(
+        n_seq_max=1, prefix_caching=True, host_bytes=STATE_BYTES
+    )  # not even one conversation fits
     for i, prompt in enumerate(chats[:2]):
         turn(tiny, i, prompt, 4)
     assert len(tiny.parked) == 0
@@ -172,7 +154,7 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
 ) -> None:
     """1000 requests (shared starts, edits, cancels mid-prefill, interleaved): no slot leaks,
     llama.cpp's memory holds exactly the tokens the runner believes, the host stays in budget."""
-    runner = make_runner(n_seq_max=3, host_bytes=200 * STATE_BYTES)
+    runner = make_runner(n_seq_max=3, prefix_caching=True, host_bytes=200 * STATE_BYTES)
     rng = random.Random(0)
     stems = [[rng.randrange(100, 5000) for _ in range(rng.randrange(4, 12))] for _ in range(6)]
     live: dict[int, int] = {}  # seq id -> decode steps left
@@ -186,6 +168,7 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
         assert 0 <= cached < len(prompt)
         runner.prefill(seq_id, prompt[cached:])
         live[seq_id] = rng.randrange(0, 4)
+        assert runner.kv_usage() > 0
         ready = [s for s, left in live.items() if left > 0]
         if ready:
             runner.decode(ready, [rng.randrange(100, 5000) for _ in ready])
@@ -193,7 +176,7 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
                 live[s] -= 1
     for seq_id in list(live):
         runner.release(seq_id)
-    assert runner.slots() == {}
+    assert runner.slots() == {} and runner.kv_usage() == 0.0  # parked KV counts as free
     for index, tokens in enumerate(runner.held_tokens()):
         assert runner.pos_max(index) == len(tokens) - 1
     assert runner.parked.nbytes <= runner.parked.budget_bytes

@@ -104,7 +104,7 @@ def test_a_live_slot_left_out_of_a_decode_call_loses_its_cache(engine: NeuronEng
 
 
 def test_released_slot_is_reused_and_a_full_batch_is_an_error(engine: NeuronEngine) -> None:
-    runner = NeuronSlotRunner(model_of(engine), slots=1)
+    runner = NeuronSlotRunner(model_of(engine), slots=1, window=64)
     runner.prefill(1, [1, 2])
     with pytest.raises(EngineError, match="batch is full"):
         runner.prefill(2, [1, 2])
@@ -115,7 +115,7 @@ def test_released_slot_is_reused_and_a_full_batch_is_an_error(engine: NeuronEngi
 def test_one_token_prompt_is_refused(engine: NeuronEngine) -> None:
     """The library would take it down the decode path and overwrite every other slot."""
     with pytest.raises(EngineError, match="two tokens"):
-        NeuronSlotRunner(model_of(engine), slots=1).prefill(1, [1])
+        NeuronSlotRunner(model_of(engine), slots=1, window=64).prefill(1, [1])
 
 
 async def test_batched_streams_equal_single_streams(engine: NeuronEngine) -> None:
