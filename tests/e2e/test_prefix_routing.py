@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.services import BackendProcess, backend_service, free_port
+from tests.e2e.services import BackendProcess, backend_service, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -28,7 +28,9 @@ def two_replicas() -> Iterator[BackendProcess]:
         LLM_MAX_BATCH_SIZE="2",
         LLM_MAX_CONTEXT_LEN="2048",
     )
-    service.start()
+    service.start()  # ready when one replica answers: wait for the other as well
+    healthy = "ray_serve_deployment_replica_healthy"
+    wait_until(lambda: service.metric(healthy, deployment="model") == 2, 120, "two replicas")
     yield service
     service.stop()
 
@@ -47,8 +49,8 @@ def test_turns_stay_with_their_replica_and_conversations_spread(
                 assert usage["prompt_tokens_details"]["cached_tokens"] >= previous[index], turn
             previous[index] = usage["prompt_tokens"]
             history += [body["choices"][0]["message"], {"role": "user", "content": "Go on."}]
-    served = replica_requests(two_replicas)
-    assert len(served) == 2 and all(count >= 3 for count in served.values()), served
+    wait_until(lambda: sum(replica_requests(two_replicas).values()) == 6, 10, "6 exported")
+    assert sorted(replica_requests(two_replicas).values()) == [3, 3]  # one conversation each
 
 
 def replica_requests(backend: BackendProcess) -> dict[str, float]:
@@ -57,9 +59,12 @@ def replica_requests(backend: BackendProcess) -> dict[str, float]:
     counts: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "ray_serve_deployment_request_counter_total" and (
-                sample.labels.get("deployment") == "model"
+            labels = sample.labels
+            if (
+                sample.name == "ray_serve_deployment_request_counter_total"
+                and labels.get("deployment") == "model"
+                and labels.get("route") == CHAT
             ):
-                replica = sample.labels["replica"]
+                replica = labels["replica"]
                 counts[replica] = counts.get(replica, 0.0) + sample.value
     return counts
