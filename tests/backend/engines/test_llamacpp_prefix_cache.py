@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import torch
 
 from backend.engines.llamacpp import LlamaCppEngine
 from backend.engines.llamacpp_runner import LlamaCppRunner
+from backend.generation import Delta, SamplingParams
 
 # Logits of a prompt resumed from a cached prefix against the same prompt prefilled whole: the
 # resumed one computes its tail in a call of another size, so llama.cpp's kernels round
@@ -180,3 +182,34 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
     for index, tokens in enumerate(runner.held_tokens()):
         assert runner.pos_max(index) == len(tokens) - 1
     assert runner.parked.nbytes <= runner.parked.budget_bytes
+
+
+async def test_more_streams_than_sequences_beside_parked_conversations(
+    llamacpp_engine: LlamaCppEngine,
+) -> None:
+    """Through the loop: four conversations parked, then their follow-ups and four new ones at
+    once on four sequences. Every stream gets its tokens, follow-ups resume, nothing leaks."""
+    runner = llamacpp_engine._runner
+    assert runner is not None
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    questions = [f"Question {i}: name a color, a fruit and a city." for i in range(8)]
+    firsts = [llamacpp_engine.encode_chat(conversation(llamacpp_engine, q)) for q in questions]
+    replies = [await collect(llamacpp_engine.generate(p, params)) for p in firsts[:4]]
+    follow_ups = [
+        llamacpp_engine.encode_chat(
+            conversation(llamacpp_engine, q, "".join(d.text for d in r), "And another?")
+        )
+        for q, r in zip(questions, replies, strict=False)
+    ]
+    results = await asyncio.gather(
+        *(collect(llamacpp_engine.generate(p, params)) for p in [*follow_ups, *firsts[4:]])
+    )
+    assert [sum(d.tokens for d in r) for r in results] == [6] * 8
+    assert all(r[0].cached_tokens > len(f) for r, f in zip(results, firsts, strict=False))
+    assert runner.slots() == {} and runner.kv_usage() == 0.0
+    for index, tokens in enumerate(runner.held_tokens()):
+        assert runner.pos_max(index) == len(tokens) - 1
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
+    return [d async for d in deltas]
