@@ -299,8 +299,8 @@ def multi_turn_rows() -> list[tuple[str, str, str, str]]:
         rows += [
             (
                 f"{engine} (1 thread): multi-turn, {CHAT_USERS} users, turns interleaved: "
-                f"TTFT turn {last} / turn 1 (prompt {cached.prompt_tokens(1)} -> {cached.prompt_tokens(last)} "
-                "tokens), prefix caching on",
+                f"TTFT turn {last} / turn 1 (prompt {cached.prompt_tokens(1)} -> "
+                f"{cached.prompt_tokens(last)} tokens), prefix caching on",
                 f"{_growth(cached)}; hit rate {cached.hit_rate():.2f}, "
                 f"{cached.reuse():.2f} of each previous turn reused",
                 "<= 1.3",
@@ -319,8 +319,8 @@ def multi_turn_rows() -> list[tuple[str, str, str, str]]:
             rows.append(
                 (
                     f"llamacpp: compute floor, in-process, 1 thread: {new} new tokens "
-                    f"prefilled after {cached.prompt_tokens(last) - new} cached / from position 0 (attention "
-                    "over the history, which no cache saves)",
+                    f"prefilled after {cached.prompt_tokens(last) - new} cached / from position 0 "
+                    "(attention over the history, which no cache saves)",
                     f"{floor:.2f}",
                     "",
                     "",
