@@ -32,7 +32,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
-from backend.errors import EngineError
+from backend.errors import EngineError, SequencesFailed
 from backend.generation import Delta, FinishReason, SamplingParams
 from backend.sampling import make_generator, sample_next_tokens
 
@@ -392,19 +392,46 @@ class ContinuousBatcher:
         batch = list(self._active)
         try:
             logits = self._runner.decode([s.id for s in batch], [s.next_token for s in batch])
-            tokens = sample_next_tokens(
-                logits, [s.params for s in batch], [s.generator for s in batch]
-            )
+        except SequencesFailed as exc:  # the others were not touched: they go on next step
+            for seq in [s for s in batch if s.id in exc.seq_ids]:
+                self._end(seq, EngineError(f"Generation failed: {exc}"))
+            return
         except Exception as exc:
             logger.exception("decode step failed")
             self._fail_active(EngineError(f"Generation failed: {exc}"))
             return
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
-        for seq, token in zip(batch, tokens, strict=True):
+        for seq, token in zip(batch, self._sample(batch, logits), strict=True):
+            if token is None:
+                continue  # that stream has ended with an error
             if seq.accept(token, self._eos_ids):
                 self._runner.release(seq.id)
                 self._active.remove(seq)
+
+    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
+        """The next token of each sequence; a row the sampler cannot take (its logits or its
+        parameters) ends that stream alone."""
+        try:
+            params, generators = [s.params for s in batch], [s.generator for s in batch]
+            return list(sample_next_tokens(logits, params, generators))
+        except Exception:
+            logger.exception("sampling a batch failed; sampling its rows one by one")
+        tokens: list[int | None] = []
+        for row, seq in enumerate(batch):
+            try:
+                one = logits[row : row + 1]
+                tokens.append(sample_next_tokens(one, [seq.params], [seq.generator])[0])
+            except Exception as exc:
+                self._end(seq, EngineError(f"Generation failed while sampling: {exc}"))
+                tokens.append(None)
+        return tokens
+
+    def _end(self, seq: _Sequence, error: EngineError) -> None:
+        """One running stream ends with an error; the batch goes on without it."""
+        self._runner.release(seq.id)
+        self._active.remove(seq)
+        seq.fail(error)
 
 
 def _open(item: Delta | BaseException) -> bool:

@@ -40,7 +40,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from backend.engines.prefix_store import Parked, PrefixStore, common_prefix
-from backend.errors import EngineError
+from backend.errors import EngineError, SequencesFailed
 
 logger = logging.getLogger(__name__)
 _llama_log = logging.getLogger("llama.cpp")
@@ -259,9 +259,14 @@ class LlamaCppRunner:
         """One token of every sequence in one batch; logits [len(seq_ids), vocab] in that order."""
         n = len(seq_ids)
         slots = [self._owned[s] for s in seq_ids]
+        full = [
+            s for s, slot in zip(seq_ids, slots, strict=True) if len(slot.tokens) >= self.n_ctx_seq
+        ]
+        if full:
+            raise SequencesFailed(
+                f"The sequence reached its context window ({self.n_ctx_seq}).", full
+            )
         for i, slot in enumerate(slots):
-            if len(slot.tokens) >= self.n_ctx_seq:
-                raise EngineError(f"A sequence reached the context window ({self.n_ctx_seq}).")
             self._batch.seq_id[i][0] = slot.index
         self._tokens[:n] = token_ids
         self._pos[:n] = [len(slot.tokens) for slot in slots]

@@ -10,10 +10,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from backend import batching
 from backend.batching import ContinuousBatcher
 from backend.engines.prefix_store import common_prefix
-from backend.errors import EngineError
+from backend.errors import EngineError, SequencesFailed
 from backend.generation import SamplingParams
+from backend.sampling import sample_next_tokens
 
 VOCAB = 50
 EOS = 0
@@ -429,4 +431,62 @@ async def test_the_prefill_budget_charges_only_computed_tokens() -> None:
     first = kinds.index("prefill")
     assert kinds[first : first + 3] == ["prefill", "prefill", "decode"]
     await running
+    batcher.shutdown()
+
+
+class OneSequenceFails(CountingRunner):
+    """At its fourth decode step, refuses one sequence (as a runner does for a sequence at its
+    window) and touches none."""
+
+    def __init__(self, victim_prompt: int) -> None:
+        super().__init__(length=12)
+        self.victim_prompt = victim_prompt
+        self.victim: int | None = None
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        if prompt_ids[-1] == self.victim_prompt:
+            self.victim = seq_id
+        return super().prefill(seq_id, prompt_ids)
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        if len(self.batch_sizes) == 3 and self.victim in seq_ids:
+            self.batch_sizes.append(0)
+            raise SequencesFailed("at its window", [self.victim])
+        return super().decode(seq_ids, token_ids)
+
+
+async def test_a_sequence_the_runner_refuses_fails_alone() -> None:
+    runner = OneSequenceFails(victim_prompt=20)
+    runner.step_delay_s = 0.01
+    batcher = make_batcher(runner)
+    others = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 2)]
+    with pytest.raises(EngineError, match="at its window"):
+        await collect(batcher, [20])
+    for deltas in await asyncio.gather(*others):
+        assert sum(d.tokens for d in deltas) == 13 and deltas[-1].finish_reason == "stop"
+    assert runner.victim in runner.released
+    batcher.shutdown()
+
+
+async def test_a_row_the_sampler_cannot_take_fails_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls_with_13 = []
+
+    def refuse_seed_13(logits: torch.Tensor, params: list[SamplingParams], gens: list) -> list:
+        if any(p.seed == 13 for p in params):
+            calls_with_13.append(len(params))
+            if len(calls_with_13) > 1:  # its prefill's token passes; its decode rows do not
+                raise ValueError("bad row")
+        return sample_next_tokens(logits, params, gens)
+
+    runner = CountingRunner(length=12)
+    runner.step_delay_s = 0.01
+    batcher = make_batcher(runner)
+    monkeypatch.setattr(batching, "sample_next_tokens", refuse_seed_13)
+    fine = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 2)]
+    await eventually(lambda: any(kind == "decode" for kind, _ in runner.steps))
+    with pytest.raises(EngineError, match="while sampling: bad row"):
+        await collect(batcher, [5], SamplingParams(max_tokens=100, temperature=0.0, seed=13))
+    for deltas in await asyncio.gather(*fine):
+        assert sum(d.tokens for d in deltas) == 13
+    assert calls_with_13[:3] == [1, 3, 1]  # prefill, the batch of three, then its row alone
     batcher.shutdown()
