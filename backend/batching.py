@@ -32,7 +32,7 @@ from typing import ClassVar, Protocol
 import torch
 
 from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
-from backend.errors import EngineError, SequencesFailed
+from backend.errors import EngineError, Preempt, SequencesFailed
 from backend.generation import Delta, FinishReason, SamplingParams
 from backend.sampling import make_generator, sample_next_tokens
 
@@ -98,6 +98,10 @@ class BatchObserver(Protocol):
         runner's KV cache usage."""
         ...
 
+    def preempted(self) -> None:
+        """A running stream was sent back to be computed again (its runner ran short of KV)."""
+        ...
+
 
 @dataclass
 class BatcherStats:
@@ -108,6 +112,7 @@ class BatcherStats:
     decoded_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens resumed from the runner's KV, not prefilled
+    preemptions: int = 0  # streams sent back to be computed again (the runner ran short of KV)
 
     @property
     def mean_batch_size(self) -> float:
@@ -140,15 +145,27 @@ class _Sequence:
         self._generated = 0
         self._unreported = 0
         self._cached = 0  # reported with the first delta
+        self._prompt_length = len(prompt_ids)
+        self._sampled: list[int] = []
 
     def start_at(self, cached: int) -> None:
         """The runner already holds the prompt's first `cached` tokens."""
-        self.prefilled = self._cached = cached
+        self.prefilled = cached
+        if not self._sampled:  # reported once, for the request's own prompt
+            self._cached = cached
         self.started = True
+
+    def requeue(self) -> None:
+        """Preempted: prefill again the prompt and every token sampled so far (the last one not
+        yet fed), so that the prefill's logits are those of the next decode step."""
+        self.prompt_ids = self.prompt_ids[: self._prompt_length] + self._sampled
+        self.prefilled = 0
+        self.started = False
 
     def accept(self, token_id: int, eos_ids: frozenset[int]) -> bool:
         """Take the sampled token, deliver any finished text; return True when done."""
         self.next_token = token_id
+        self._sampled.append(token_id)
         self._generated += 1
         self._unreported += 1
         if token_id in eos_ids and not self.params.ignore_eos:
@@ -207,6 +224,8 @@ class ContinuousBatcher:
         self._max_batch_size = max_batch_size
         self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
         self._prefilling: collections.deque[_Sequence] = collections.deque()  # in arrival order
+        # Preempted, waiting for memory: back to prefill when a running stream finishes.
+        self._preempted: collections.deque[_Sequence] = collections.deque()
         self._active: list[_Sequence] = []  # decoding
         self._ids = itertools.count()
         self._stopping = threading.Event()
@@ -292,9 +311,10 @@ class ContinuousBatcher:
     def _fail_active(self, error: EngineError) -> None:
         with contextlib.suppress(Exception):
             self._runner.reset()
-        for seq in (*self._prefilling, *self._active):
+        for seq in (*self._prefilling, *self._active, *self._preempted):
             seq.fail(error)
         self._prefilling.clear()
+        self._preempted.clear()
         self._active.clear()
 
     def _observe(self) -> None:
@@ -309,7 +329,7 @@ class ContinuousBatcher:
             self._observer.batch_changed(*occupancy, kv_usage)
 
     def _running(self) -> int:
-        return len(self._prefilling) + len(self._active)
+        return len(self._prefilling) + len(self._active) + len(self._preempted)
 
     def _admit_waiting(self) -> None:
         while self._running() < self._max_batch_size:
@@ -381,12 +401,12 @@ class ContinuousBatcher:
             self._active.append(seq)
 
     def _drop_cancelled(self) -> None:
-        for seq in [s for s in (*self._prefilling, *self._active) if s.cancelled]:
-            self._runner.release(seq.id)
-            if seq in self._active:
-                self._active.remove(seq)
-            else:
-                self._prefilling.remove(seq)
+        for queue_ in (self._prefilling, self._active, self._preempted):
+            for seq in [s for s in queue_ if s.cancelled]:
+                self._runner.release(seq.id)
+                queue_.remove(seq)
+        if self._preempted and not self._active and not self._prefilling:
+            self._prefilling.append(self._preempted.popleft())  # nothing else holds memory
 
     def _decode_step(self) -> None:
         batch = list(self._active)
@@ -395,6 +415,10 @@ class ContinuousBatcher:
         except SequencesFailed as exc:  # the others were not touched: they go on next step
             for seq in [s for s in batch if s.id in exc.seq_ids]:
                 self._end(seq, EngineError(f"Generation failed: {exc}"))
+            return
+        except Preempt as exc:
+            for seq in [s for s in batch if s.id in exc.seq_ids]:
+                self._preempt(seq)
             return
         except Exception as exc:
             logger.exception("decode step failed")
@@ -408,6 +432,8 @@ class ContinuousBatcher:
             if seq.accept(token, self._eos_ids):
                 self._runner.release(seq.id)
                 self._active.remove(seq)
+                if self._preempted:  # its memory is free: the oldest preempted stream goes on
+                    self._prefilling.appendleft(self._preempted.popleft())
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
         """The next token of each sequence; a row the sampler cannot take (its logits or its
@@ -426,6 +452,19 @@ class ContinuousBatcher:
                 self._end(seq, EngineError(f"Generation failed while sampling: {exc}"))
                 tokens.append(None)
         return tokens
+
+    def _preempt(self, seq: _Sequence) -> None:
+        """Out of the batch until a running stream finishes, then prefilled again with its output
+        so far as part of its prompt (as vLLM recomputes a preempted request); its stream just
+        waits meanwhile."""
+        self._runner.release(seq.id)
+        self._active.remove(seq)
+        seq.requeue()
+        self._preempted.append(seq)
+        self.stats.preemptions += 1
+        if self._observer is not None:
+            self._observer.preempted()
+        logger.info("preempted a stream of %d tokens to free KV memory", len(seq.prompt_ids))
 
     def _end(self, seq: _Sequence, error: EngineError) -> None:
         """One running stream ends with an error; the batch goes on without it."""

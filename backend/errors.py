@@ -103,6 +103,15 @@ class SequencesFailed(EngineError):
         self.seq_ids = seq_ids
 
 
+class Preempt(Exception):
+    """Raised by a runner short of KV memory, having done nothing for any sequence: the named
+    sequences leave the batch and are computed again later (never sent to a client)."""
+
+    def __init__(self, seq_ids: list[int]) -> None:
+        super().__init__(f"sequences {seq_ids} preempted")
+        self.seq_ids = seq_ids
+
+
 def rejection_reason(error: ServiceError) -> str:
     """The `reason` label of a request refused with `error` (metrics)."""
     if isinstance(error, OverloadedError):

@@ -44,14 +44,23 @@ class BatchGauges:
             description="KV-cache usage by running requests: 1 means 100 percent.",
             tag_keys=_MODEL,
         )
-        for gauge in (self._running, self._waiting, self._kv_usage):
-            gauge.set_default_tags({"model_name": model_name})
+        self._preemptions = Counter(
+            "vllm_num_preemptions",
+            description="Running requests sent back to be computed again: KV memory ran short.",
+            tag_keys=_MODEL,
+        )
+        for metric in (self._running, self._waiting, self._kv_usage, self._preemptions):
+            metric.set_default_tags({"model_name": model_name})
 
     def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
         """The batching loop's occupancy (re-set periodically: Ray expires idle gauges)."""
         self._running.set(running)
         self._waiting.set(waiting)
         self._kv_usage.set(kv_usage)
+
+    def preempted(self) -> None:
+        """One running request preempted."""
+        self._preemptions.inc()
 
 
 class RequestMetrics:

@@ -6,6 +6,7 @@ that sequences of different lengths decode in one forward pass.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 from typing import ClassVar
@@ -16,10 +17,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreT
 from backend.engines.base import register_engine
 from backend.engines.batch_cache import BatchKVCache
 from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
-from backend.engines.kv_budget import GIB
+from backend.engines.kv_budget import GIB, kv_budget_bytes, machine_memory_bytes
 from backend.engines.prefix_store import PrefixStore
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
-from backend.errors import EngineError
+from backend.errors import EngineError, Preempt
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +60,15 @@ class PaddedBatchRunner:
         max_batch_size: int = 8,
         prefix_caching: bool = True,
         host_cache_bytes: int = 0,
+        kv_budget_bytes: int = 0,
     ) -> None:
         self._model = model
         self.prefix_caching = prefix_caching
         self._cache = BatchKVCache(model.config.num_hidden_layers, expected_rows=max_batch_size)
         self.parked: PrefixStore[_Layers] = PrefixStore(host_cache_bytes)
+        self._kv_budget = kv_budget_bytes  # live and parked KV together; 0 = no bound
+        self._token_bytes = 0  # of one token's keys and values over all layers, once seen
+        self._joined = itertools.count()
         self.reset()
 
     @torch.inference_mode()  # the buffers are inference tensors: only changed in this mode
@@ -72,6 +77,7 @@ class PaddedBatchRunner:
         self._order: list[int] = []  # seq id of each row of the shared cache
         self._prefilling: dict[int, DynamicCache] = {}  # prompts not yet decoding
         self._tokens: dict[int, list[int]] = {}  # what each sequence's KV holds
+        self._age: dict[int, int] = {}  # when each sequence joined: the youngest goes first
         self._cache.reset()
 
     @torch.inference_mode()
@@ -96,11 +102,17 @@ class PaddedBatchRunner:
             input_ids=torch.tensor([prompt_ids]), cache=cache, use_cache=True, logits_to_keep=1
         )
         self._tokens.setdefault(seq_id, []).extend(prompt_ids)
+        self._age.setdefault(seq_id, next(self._joined))
+        self._token_bytes = self._token_bytes or _bytes_per_token(_layers(cache))
         return out.logits[0, -1]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
-        """One forward pass for the whole batch; returns logits in the order of `seq_ids`."""
+        """One forward pass for the whole batch; returns logits in the order of `seq_ids`.
+
+        Short of KV memory for the step, parked prefixes go first (least recently used), then
+        the youngest sequence is preempted (`Preempt`, before anything is computed)."""
+        self._make_room(seq_ids)
         for seq_id in seq_ids:
             if seq_id in self._prefilling:
                 prompt = self._prefilling.pop(seq_id)
@@ -128,6 +140,7 @@ class PaddedBatchRunner:
     def release(self, seq_id: int) -> None:
         """Drop a sequence (parking its KV first); the last row takes its place."""
         tokens = self._tokens.pop(seq_id, [])
+        self._age.pop(seq_id, None)
         prompt = self._prefilling.pop(seq_id, None)
         if prompt is not None:
             self._park(tokens, _layers(prompt))
@@ -144,11 +157,32 @@ class PaddedBatchRunner:
         with the batch; a prompt being prefilled joins it at its first decode step)."""
         return self._cache.filled()
 
+    def _make_room(self, seq_ids: list[int]) -> None:
+        if not self._kv_budget:
+            return
+        needed = self._live_bytes() + len(seq_ids) * self._token_bytes  # this step's tokens
+        self.parked.shrink_to(max(0, self._kv_budget - needed))
+        if needed > self._kv_budget and len(seq_ids) > 1:
+            raise Preempt([max(seq_ids, key=lambda s: self._age[s])])
+
+    def _live_bytes(self) -> int:
+        return sum(len(tokens) for tokens in self._tokens.values()) * self._token_bytes
+
     def _park(self, tokens: list[int], layers: _Layers) -> None:
         if not self.prefix_caching or not tokens or layers[0][0].shape[2] != len(tokens):
             return  # a sequence whose cache does not hold exactly its tokens is not reused
-        nbytes = sum(k.nbytes + v.nbytes for k, v in layers)
+        nbytes = _bytes_per_token(layers) * len(tokens)
+        if self._kv_budget:
+            room = self._kv_budget - self._live_bytes() - nbytes
+            if room < 0:
+                return
+            self.parked.shrink_to(room)
         self.parked.put(tokens, layers, nbytes)
+
+
+def _bytes_per_token(layers: _Layers) -> int:
+    """Keys and values of one token over all layers."""
+    return sum(k[0, :, 0].nbytes + v[0, :, 0].nbytes for k, v in layers)
 
 
 def _layers(cache: DynamicCache) -> _Layers:
@@ -183,6 +217,7 @@ class HFEngine(RunnerEngine):
                 self.settings.max_batch_size,
                 prefix_caching=self.settings.prefix_caching,
                 host_cache_bytes=int(self.settings.prompt_cache_gib * GIB),
+                kv_budget_bytes=kv_budget_bytes(self.settings.kv_cache_gib, machine_memory_bytes()),
             ),
             context_window=_context_window(model, self.settings.max_context_len),
             eos_ids=_eos_ids(model, tokenizer),

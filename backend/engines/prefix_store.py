@@ -79,6 +79,11 @@ class PrefixStore(Generic[Payload]):
         if entry.tokens in self._entries:
             self._entries.move_to_end(entry.tokens)
 
+    def shrink_to(self, limit: int) -> None:
+        """Drop the least recently used entries until the rest take at most `limit` bytes."""
+        while self._entries and self.nbytes > limit:
+            self._drop(next(iter(self._entries)))
+
     def clear(self) -> None:
         """Forget every entry."""
         self._entries.clear()

@@ -13,7 +13,7 @@ import torch
 from backend import batching
 from backend.batching import ContinuousBatcher
 from backend.engines.prefix_store import common_prefix
-from backend.errors import EngineError, SequencesFailed
+from backend.errors import EngineError, Preempt, SequencesFailed
 from backend.generation import SamplingParams
 from backend.sampling import sample_next_tokens
 
@@ -233,10 +233,14 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.seen: list[tuple[int, int]] = []
         self.kv_usage: list[float] = []
+        self.preemptions = 0
 
     def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
         self.seen.append((running, waiting))
         self.kv_usage.append(kv_usage)
+
+    def preempted(self) -> None:
+        self.preemptions += 1
 
 
 async def test_occupancy_reports_running_and_waiting_streams() -> None:
@@ -489,4 +493,55 @@ async def test_a_row_the_sampler_cannot_take_fails_alone(monkeypatch: pytest.Mon
     for deltas in await asyncio.gather(*fine):
         assert sum(d.tokens for d in deltas) == 13
     assert calls_with_13[:3] == [1, 3, 1]  # prefill, the batch of three, then its row alone
+    batcher.shutdown()
+
+
+class ShortOfMemory(PrefixRunner):
+    """Holds KV for two sequences: when a third joins the decode batch, the youngest is
+    preempted (once), as a runner short of KV memory does, having done nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(length=20)  # long enough for the third stream to join the first two
+        self.preempted: list[int] = []
+        self.asked: dict[int, int] = {}  # seq id -> its request's own prompt length
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        self.asked.setdefault(seq_id, len(prompt_ids))
+        return super().resume(seq_id, prompt_ids)
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        """As a model would: what comes next depends on the tokens so far, so a prompt that
+        carries earlier output goes on where that output stopped."""
+        self.held.setdefault(seq_id, []).extend(prompt_ids)
+        self.steps.append(("prefill", len(prompt_ids)))
+        self.state[seq_id] = (prompt_ids[-1], len(self.held[seq_id]) - self.asked[seq_id])
+        return self._next(seq_id)
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        if len(seq_ids) > 2 and not self.preempted:
+            self.preempted.append(max(seq_ids))
+            raise Preempt([max(seq_ids)])
+        return super().decode(seq_ids, token_ids)
+
+
+async def test_a_preempted_stream_is_computed_again_and_says_the_same() -> None:
+    alone_runner = PrefixRunner(length=20)
+    alone = make_batcher(alone_runner)
+    expected = ["".join(d.text for d in await collect(alone, [p])) for p in (1, 5, 9)]
+    alone.shutdown()
+    runner = ShortOfMemory()
+    runner.step_delay_s = 0.01
+    observer = RecordingObserver()
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 8, observer=observer)
+    batcher.start()
+    first_two = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 5)]
+    await eventually(lambda: ("decode", 2) in runner.steps)
+    third = await collect(batcher, [9])
+    texts = ["".join(d.text for d in r) for r in [*(await asyncio.gather(*first_two)), third]]
+    assert texts == expected and runner.preempted
+    assert batcher.stats.preemptions == 1 == observer.preemptions
+    # Computed again from its prompt and the token it had sampled (not yet fed): the prompt
+    # came back from the runner's cache, the sampled token is the one computed.
+    assert runner.resumed[-1] == 1
+    assert sum(d.tokens for d in third) == 21 and sum(d.cached_tokens for d in third) == 0
     batcher.shutdown()

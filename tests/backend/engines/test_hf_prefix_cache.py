@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 import pytest
 import torch
 from transformers import PreTrainedModel
 
+from backend.batching import BatcherStats, ContinuousBatcher
+from backend.engines.embedded import load_embedded_model
 from backend.engines.hf import HFEngine, PaddedBatchRunner
-from backend.errors import EngineError
+from backend.errors import EngineError, Preempt
+from backend.generation import Delta, SamplingParams
 from tests.backend.engines.test_hf import BATCH_TOLERANCE
 
 # The resumed prompt's tail is computed in one call instead of as part of the whole prompt:
@@ -112,3 +118,65 @@ def test_decode_refuses_a_batch_without_every_live_sequence(hf_engine: HFEngine)
     runner.decode([0, 1], [6, 7])
     with pytest.raises(EngineError, match="1 of the 2 live sequences"):
         runner.decode([1], [8])
+
+
+async def test_short_of_kv_the_youngest_stream_waits_and_says_the_same(hf_engine: HFEngine) -> None:
+    """Through the loop, in float32 (greedy replies compared): with KV for about two of three
+    streams, parked prefixes go first, then the youngest stream is preempted, waits for one to
+    finish and is computed again; every reply is the one given with room to spare."""
+    model = load_embedded_model(hf_engine.settings.cache_dir, torch.float32)[0].eval()
+    loaded = hf_engine._model()
+    questions = ["Name a color.", "What is 2 + 2?", "Tell me about the sea."]
+    prompts = [hf_engine.encode_chat([{"role": "user", "content": q}]) for q in questions]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    async def replies(runner: PaddedBatchRunner) -> tuple[list[str], BatcherStats]:
+        batcher = ContinuousBatcher(runner, loaded.tokenizer, loaded.eos_ids, 4)
+        batcher.start()
+        texts = await asyncio.gather(*(text(batcher.stream(p, params)) for p in prompts))
+        batcher.shutdown()
+        return list(texts), batcher.stats
+
+    expected, roomy = await replies(PaddedBatchRunner(model, 4, host_cache_bytes=BUDGET))
+    budget = (sum(len(p) + 16 for p in prompts[:2]) + 8) * token_bytes(model)
+    tight = PaddedBatchRunner(model, 4, host_cache_bytes=BUDGET, kv_budget_bytes=budget)
+    with torch.inference_mode():
+        tight.prefill(99, [1, 2, 3, 4])
+    tight.release(99)
+    assert len(tight.parked) == 1  # a parked prefix, to go first
+    got, stats = await replies(tight)
+    assert roomy.preemptions == 0 and stats.preemptions >= 1
+    assert got == expected
+    assert tight.parked.best([1, 2, 3, 4])[0] < 4 and tight.parked.nbytes <= budget
+
+
+def token_bytes(model: PreTrainedModel) -> int:
+    """One token's keys and values over every layer."""
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+    per_layer = 2 * config.num_key_value_heads * head_dim * model.dtype.itemsize
+    return config.num_hidden_layers * per_layer
+
+
+async def text(deltas: AsyncIterator[Delta]) -> str:
+    return "".join([d.text async for d in deltas])
+
+
+def test_parked_prefixes_give_way_to_running_streams_before_any_preemption(
+    hf_engine: HFEngine,
+) -> None:
+    model = model_of(hf_engine)
+    # Room for two 10-token streams and their next token, but not also for 4 parked tokens.
+    budget = 22 * token_bytes(model)
+    runner = PaddedBatchRunner(model, 2, host_cache_bytes=BUDGET, kv_budget_bytes=budget)
+    with torch.inference_mode():
+        runner.prefill(9, [1, 2, 3, 4])
+    runner.release(9)
+    assert len(runner.parked) == 1 and runner.parked.nbytes == 4 * token_bytes(model)
+    runner.prefill(1, list(range(10, 20)))
+    runner.prefill(2, list(range(20, 30)))
+    runner.decode([1, 2], [5, 6])  # no Preempt: the parked prefix went instead
+    assert len(runner.parked) == 0
+    with pytest.raises(Preempt) as preempted:
+        runner.decode([1, 2], [7, 8])  # now only a running stream can go: the youngest
+    assert preempted.value.seq_ids == [2]
