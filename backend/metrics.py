@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any, TypeVar
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
@@ -25,32 +26,46 @@ _E2E_BUCKETS += [60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0]
 _MODEL = ("model_name",)
 
 
+MetricT = TypeVar("MetricT", Counter, Gauge, Histogram)
+
+
+def _per_model(
+    kind: type[MetricT], name: str, description: str, model_name: str, **options: Any
+) -> MetricT:
+    """A metric whose every series carries `model_name`."""
+    metric = kind(name, description=description, tag_keys=_MODEL, **options)
+    metric.set_default_tags({"model_name": model_name})
+    return metric
+
+
 class BatchGauges:
     """Occupancy of one replica's batching loop."""
 
     def __init__(self, model_name: str) -> None:
-        self._running = Gauge(
+        self._running = _per_model(
+            Gauge,
             "vllm_num_requests_running",
-            description="Requests in the running batch (decoded every step).",
-            tag_keys=_MODEL,
+            "Requests in the running batch (decoded every step).",
+            model_name,
         )
-        self._waiting = Gauge(
+        self._waiting = _per_model(
+            Gauge,
             "vllm_num_requests_waiting",
-            description="Requests accepted by the replica, waiting for a batch slot.",
-            tag_keys=_MODEL,
+            "Requests accepted by the replica, waiting for a batch slot.",
+            model_name,
         )
-        self._kv_usage = Gauge(
+        self._kv_usage = _per_model(
+            Gauge,
             "vllm_kv_cache_usage_perc",
-            description="KV-cache usage by running requests: 1 means 100 percent.",
-            tag_keys=_MODEL,
+            "KV-cache usage by running requests: 1 means 100 percent.",
+            model_name,
         )
-        self._preemptions = Counter(
+        self._preemptions = _per_model(
+            Counter,
             "vllm_num_preemptions",
-            description="Running requests sent back to be computed again: KV memory ran short.",
-            tag_keys=_MODEL,
+            "Running requests sent back to be computed again: KV memory ran short.",
+            model_name,
         )
-        for metric in (self._running, self._waiting, self._kv_usage, self._preemptions):
-            metric.set_default_tags({"model_name": model_name})
 
     def batch_changed(self, running: int, waiting: int, kv_usage: float) -> None:
         """The batching loop's occupancy (re-set periodically: Ray expires idle gauges)."""
@@ -68,55 +83,50 @@ class RequestMetrics:
 
     def __init__(self, model_name: str) -> None:
         self._model = model_name
-        self.ttft = Histogram(
+        self.ttft = _per_model(
+            Histogram,
             "vllm_time_to_first_token_seconds",
-            description="From the request reaching the model server to its first token.",
+            "From the request reaching the model server to its first token.",
+            model_name,
             boundaries=_TTFT_BUCKETS,
-            tag_keys=_MODEL,
         )
-        self.itl = Histogram(
+        self.itl = _per_model(
+            Histogram,
             "vllm_inter_token_latency_seconds",
-            description="Between two tokens of one stream.",
+            "Between two tokens of one stream.",
+            model_name,
             boundaries=_ITL_BUCKETS,
-            tag_keys=_MODEL,
         )
-        self.e2e = Histogram(
+        self.e2e = _per_model(
+            Histogram,
             "vllm_e2e_request_latency_seconds",
-            description="From the request reaching the model server to its last token.",
+            "From the request reaching the model server to its last token.",
+            model_name,
             boundaries=_E2E_BUCKETS,
-            tag_keys=_MODEL,
         )
-        self.prompt_tokens = Counter(
-            "vllm_prompt_tokens", description="Prompt tokens of accepted requests.", tag_keys=_MODEL
+        self.prompt_tokens = _per_model(
+            Counter, "vllm_prompt_tokens", "Prompt tokens of accepted requests.", model_name
         )
-        self.generation_tokens = Counter(
-            "vllm_generation_tokens", description="Tokens generated.", tag_keys=_MODEL
+        self.generation_tokens = _per_model(
+            Counter, "vllm_generation_tokens", "Tokens generated.", model_name
         )
-        self.prefix_queries = Counter(
+        self.prefix_queries = _per_model(
+            Counter,
             "vllm_prefix_cache_queries",
-            description="Prompt tokens looked up in the prefix cache (every accepted prompt).",
-            tag_keys=_MODEL,
+            "Prompt tokens looked up in the prefix cache (every accepted prompt).",
+            model_name,
         )
-        self.prefix_hits = Counter(
+        self.prefix_hits = _per_model(
+            Counter,
             "vllm_prefix_cache_hits",
-            description="Prompt tokens resumed from the prefix cache instead of being computed.",
-            tag_keys=_MODEL,
+            "Prompt tokens resumed from the prefix cache instead of being computed.",
+            model_name,
         )
         self.finished = Counter(
             "vllm_request_success",
             description="Finished requests by reason: stop, length, abort (the client left).",
             tag_keys=(*_MODEL, "finished_reason"),
         )
-        for metric in (
-            self.ttft,
-            self.itl,
-            self.e2e,
-            self.prompt_tokens,
-            self.generation_tokens,
-            self.prefix_queries,
-            self.prefix_hits,
-        ):
-            metric.set_default_tags({"model_name": model_name})
 
     def track(self, prompt_tokens: int) -> RequestTracker:
         """Start timing one accepted request."""

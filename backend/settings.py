@@ -60,9 +60,10 @@ class BackendSettings(BaseSettings):
     kv_cache_gib: float = Field(
         0,
         ge=0,
-        description="`llamacpp`: memory of the KV cache of all sequences, in GiB (each gets an "
-        "equal window, capped by the context length); 0 = a quarter of this machine's memory, "
-        "at most 2 GiB.",
+        description="Memory of the KV cache, running and parked, in GiB (`llamacpp`: allocated "
+        "at start, each sequence an equal window capped by the context length; `hf`: parked "
+        "prefixes, then the youngest stream, give way beyond it); 0 = a quarter of the memory "
+        "this process may use, at most 2 GiB.",
     )
     prompt_cache_gib: float = Field(
         1,

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import torch
 
-from backend.engines.llamacpp import LlamaCppEngine
+from backend.engines.llamacpp import LlamaCppEngine, kv_cache_bytes
 from backend.engines.llamacpp_runner import LlamaCppRunner
-from backend.generation import Delta, SamplingParams
-
-# Logits of a prompt resumed from a cached prefix against the same prompt prefilled whole: the
-# resumed one computes its tail in a call of another size, so llama.cpp's kernels round
-# differently (up to 0.84 measured for chunked prefill, see test_llamacpp.PREFILL_TOLERANCE).
-# A runner that leaves the old suffix in the KV is off by 5 and more.
-TOLERANCE = 1.5
-STATE_BYTES = 23_040  # one token of SmolLM2-135M's KV: 30 layers x 3 heads x 64 x 2 x f16
+from backend.generation import SamplingParams
+from tests.backend.engines.test_llamacpp import PREFILL_TOLERANCE, collect
 
 
 def turn(
@@ -35,11 +29,17 @@ def turn(
     return cached, reply, torch.stack(logits)
 
 
+def state_bytes(engine: LlamaCppEngine) -> int:
+    """One token's KV in a saved sequence state (the state adds a few bytes of header)."""
+    assert engine._llama is not None
+    return kv_cache_bytes(engine._llama, 1)
+
+
 def deviation(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max())
 
 
-def conversation(engine: LlamaCppEngine, *turns: str) -> list[dict[str, str]]:
+def conversation(*turns: str) -> list[dict[str, str]]:
     """User and assistant messages alternating, starting with the user."""
     roles = ["user", "assistant"]
     return [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
@@ -53,11 +53,10 @@ def test_a_follow_up_turn_resumes_its_conversation_and_matches_a_full_prefill(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
     cached_runner, fresh = make_runner(n_seq_max=2, prefix_caching=True), make_runner(n_seq_max=2)
-    first = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me about the sea."))
+    first = llamacpp_engine.encode_chat(conversation("Tell me about the sea."))
     _, reply, _ = turn(cached_runner, 0, first, 12)
     follow = llamacpp_engine.encode_chat(
         conversation(
-            llamacpp_engine,
             "Tell me about the sea.",
             detok(llamacpp_engine, reply),
             "And the ships?",
@@ -67,7 +66,7 @@ def test_a_follow_up_turn_resumes_its_conversation_and_matches_a_full_prefill(
     # Everything up to the reply's re-tokenized end is reused (the template adds its own end).
     assert len(first) < cached < len(follow)
     _, _, whole = turn(fresh, 0, follow, 8)
-    assert deviation(resumed, whole) <= TOLERANCE
+    assert deviation(resumed, whole) <= PREFILL_TOLERANCE
 
 
 def test_an_edited_conversation_never_sees_the_old_suffix(
@@ -76,24 +75,22 @@ def test_an_edited_conversation_never_sees_the_old_suffix(
     """The UI's edit: turn 2 is rewritten, so only turn 1 is shared with what the slot holds."""
     runner, fresh = make_runner(n_seq_max=1, prefix_caching=True), make_runner(n_seq_max=2)
     texts = ["Name a color.", "Blue.", "Why is the sky blue? Answer in one long sentence."]
-    original = llamacpp_engine.encode_chat(conversation(llamacpp_engine, *texts))
+    original = llamacpp_engine.encode_chat(conversation(*texts))
     turn(runner, 0, original, 4)
-    edited = llamacpp_engine.encode_chat(
-        conversation(llamacpp_engine, *texts[:2], "What is 2 + 2?")
-    )
+    edited = llamacpp_engine.encode_chat(conversation(*texts[:2], "What is 2 + 2?"))
     cached, _, resumed = turn(runner, 1, edited, 8)
     shared = next(i for i, (a, b) in enumerate(zip(original, edited, strict=False)) if a != b)
     assert cached == shared
     assert runner.pos_max(0) == len(edited) + 8 - 1  # the old suffix's cells are gone
     _, _, whole = turn(fresh, 0, edited, 8)
-    assert deviation(resumed, whole) <= TOLERANCE
+    assert deviation(resumed, whole) <= PREFILL_TOLERANCE
 
 
 def test_with_caching_off_nothing_is_kept(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
     runner = make_runner(n_seq_max=2)
-    prompt = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Hi"))
+    prompt = llamacpp_engine.encode_chat(conversation("Hi"))
     turn(runner, 0, prompt, 3)
     assert runner.held_tokens() == [[], []] and runner.pos_max(0) == runner.pos_max(1) == -1
 
@@ -105,14 +102,13 @@ def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
         make_runner(n_seq_max=1, prefix_caching=True, host_bytes=64 * 2**20),
         make_runner(n_seq_max=2),
     )
-    a = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Tell me a story about a cat."))
-    b = llamacpp_engine.encode_chat(conversation(llamacpp_engine, "Count to ten, please."))
+    a = llamacpp_engine.encode_chat(conversation("Tell me a story about a cat."))
+    b = llamacpp_engine.encode_chat(conversation("Count to ten, please."))
     _, a_reply, _ = turn(runner, 0, a, 10)
     turn(runner, 1, b, 10)  # the only slot goes to B: A is copied to host memory first
     assert len(runner.parked) == 1
     follow = llamacpp_engine.encode_chat(
         conversation(
-            llamacpp_engine,
             "Tell me a story about a cat.",
             detok(llamacpp_engine, a_reply),
             "What was its name?",
@@ -121,7 +117,7 @@ def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
     cached, _, restored = turn(runner, 2, follow, 8)
     assert cached > len(a)
     _, _, whole = turn(fresh, 0, follow, 8)
-    assert deviation(restored, whole) <= TOLERANCE
+    assert deviation(restored, whole) <= PREFILL_TOLERANCE
     # Host memory keeps B and A's first turn (the slot keeps what it loaded, and more);
     # A's copy goes when the slot's longer conversation is copied out in its place.
     assert len(runner.parked) == 2 and runner.parked.nbytes <= runner.parked.budget_bytes
@@ -133,9 +129,10 @@ def test_the_host_budget_keeps_the_most_recent_conversations(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
     questions = ["Name a color.", "Name a fruit.", "Name a city."]
-    chats = [llamacpp_engine.encode_chat(conversation(llamacpp_engine, q)) for q in questions]
+    chats = [llamacpp_engine.encode_chat(conversation(q)) for q in questions]
     # Room for one saved conversation of ~40 tokens, not two.
-    runner = make_runner(n_seq_max=1, prefix_caching=True, host_bytes=70 * STATE_BYTES)
+    token = state_bytes(llamacpp_engine)
+    runner = make_runner(n_seq_max=1, prefix_caching=True, host_bytes=70 * token)
     for i, prompt in enumerate(chats):
         turn(runner, i, prompt, 4)
     assert len(runner.parked) == 1  # A was dropped for B, the least recently used first
@@ -143,9 +140,7 @@ def test_the_host_budget_keeps_the_most_recent_conversations(
     runner.release(10)
     shared_template = runner.resume(11, chats[0])
     assert shared_template < len(chats[0]) - 2  # A: only what every chat shares (the template)
-    tiny = make_runner(
-        n_seq_max=1, prefix_caching=True, host_bytes=STATE_BYTES
-    )  # not even one conversation fits
+    tiny = make_runner(n_seq_max=1, prefix_caching=True, host_bytes=token)  # holds none
     for i, prompt in enumerate(chats[:2]):
         turn(tiny, i, prompt, 4)
     assert len(tiny.parked) == 0
@@ -156,7 +151,9 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
 ) -> None:
     """1000 requests (shared starts, edits, cancels mid-prefill, interleaved): no slot leaks,
     llama.cpp's memory holds exactly the tokens the runner believes, the host stays in budget."""
-    runner = make_runner(n_seq_max=3, prefix_caching=True, host_bytes=200 * STATE_BYTES)
+    runner = make_runner(
+        n_seq_max=3, prefix_caching=True, host_bytes=200 * state_bytes(llamacpp_engine)
+    )
     rng = random.Random(0)
     stems = [[rng.randrange(100, 5000) for _ in range(rng.randrange(4, 12))] for _ in range(6)]
     live: dict[int, int] = {}  # seq id -> decode steps left
@@ -193,12 +190,10 @@ async def test_more_streams_than_sequences_beside_parked_conversations(
     assert runner is not None
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     questions = [f"Question {i}: name a color, a fruit and a city." for i in range(8)]
-    firsts = [llamacpp_engine.encode_chat(conversation(llamacpp_engine, q)) for q in questions]
+    firsts = [llamacpp_engine.encode_chat(conversation(q)) for q in questions]
     replies = [await collect(llamacpp_engine.generate(p, params)) for p in firsts[:4]]
     follow_ups = [
-        llamacpp_engine.encode_chat(
-            conversation(llamacpp_engine, q, "".join(d.text for d in r), "And another?")
-        )
+        llamacpp_engine.encode_chat(conversation(q, "".join(d.text for d in r), "And another?"))
         for q, r in zip(questions, replies, strict=False)
     ]
     results = await asyncio.gather(
@@ -210,7 +205,3 @@ async def test_more_streams_than_sequences_beside_parked_conversations(
     assert runner.slots() == {} and runner.kv_usage() == 0.0
     for index, tokens in enumerate(runner.held_tokens()):
         assert runner.pos_max(index) == len(tokens) - 1
-
-
-async def collect(deltas: AsyncIterator[Delta]) -> list[Delta]:
-    return [d async for d in deltas]
