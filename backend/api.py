@@ -34,6 +34,7 @@ from backend.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
+_LOADING = "The model is still loading; retry in a few seconds."
 # Server-sent events must not be buffered by proxies (nginx honours this header).
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -62,18 +63,19 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         """The served model (503 while it loads)."""
         info = await client.info()
         if not info.ready or info.model_id is None:
-            raise OverloadedError("The model is still loading; retry in a few seconds.")
+            raise OverloadedError(info.error or _LOADING)
         card = ModelCard(id=info.model_id, created=now(), max_model_len=info.context_window)
         return ModelList(data=[card])
 
     @app.get("/healthz")
     async def healthz() -> JSONResponse:
-        """200 once the model is loaded, 503 before (or if loading failed)."""
+        """200 while a model replica can serve; 503 while it loads (`loading`) or when none can
+        (`unavailable`: loading failed, or every replica has stopped)."""
         info = await client.info()
         if info.ready:
             return JSONResponse({"status": "ok", "model": info.model_id})
-        status = "error" if info.error else "loading"
-        return JSONResponse({"status": status, "error": info.error}, status_code=503)
+        status = "unavailable" if info.error else "loading"
+        return JSONResponse({"status": status, "error": info.error or _LOADING}, status_code=503)
 
     @app.get("/infer")
     async def infer(sentence: str = Query("", max_length=settings.max_request_bytes)) -> list[str]:

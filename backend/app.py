@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 
+logger = logging.getLogger(__name__)
+
 # `ray.serve.llm.request_router.PrefixCacheAffinityRouter` is this class, re-exported; that
 # public module imports all of Ray Serve LLM, which requires vLLM or SGLang to be installed.
 PREFIX_ROUTER = (
@@ -37,6 +41,12 @@ PREFIX_ROUTER = (
 # Ray probes replicas with `check_health`; a broken engine is replaced after a few failures.
 _HEALTH_CHECK_PERIOD_S = 10
 _HEALTH_CHECK_TIMEOUT_S = 30
+# Health trusts the controller's count of running model replicas for this long.
+REPLICA_STATES_MAX_AGE_S = 1.0
+# Replica states on the way to RUNNING: the model is loading.
+_COMING_UP = ("STARTING", "UPDATING", "RECOVERING")
+_NO_REPLICA = "No model replica is running; Ray Serve is replacing it."
+_NO_CONTROLLER = "Ray Serve's controller did not answer; the model's state is unknown."
 # Concurrent health and model-info requests the ingress admits beside full generation queues.
 _CONTROL_REQUESTS = 64
 # Why a generation is refused when neither the ingress nor Ray has room for it.
@@ -88,32 +98,52 @@ class RoutedChat:
         return self.request.chat()
 
 
+ReplicaStates = Callable[[], Awaitable[Mapping[str, int]]]
+"""How many replicas of the model deployment are in each of Ray's replica states (`RUNNING` …)."""
+
+
 class HandleModelClient:
     """`ModelClient` over a Ray handle: every Ray exception is translated here, once.
 
-    What it learns about the model from the first event of a generation it keeps, so health and
-    model info never queue behind generations; a replica's liveness is Ray's `check_health`.
+    Health never queues behind generations: whether a model replica can serve now is what Ray's
+    controller counts of the deployment's running replicas (asked at most every
+    `REPLICA_STATES_MAX_AGE_S`, and again at once after a replica failure seen on the handle);
+    the model's id and window come from the first event of a generation, or from one `info`
+    call until then.
     It holds at most `max_streams` generations (None: no limit) and refuses more at once, so
     they can never take the ingress's room for health and model info: Ray's own queue limit
     lets a burst through beyond it.
     """
 
     def __init__(
-        self, handle: DeploymentHandle, info_timeout_s: float, max_streams: int | None = None
+        self,
+        handle: DeploymentHandle,
+        info_timeout_s: float,
+        max_streams: int | None = None,
+        replica_states: ReplicaStates | None = None,
     ) -> None:
         self._handle = handle
         self._info_timeout_s = info_timeout_s
         self._max_streams = max_streams
         self._streams = 0
         self._known: ModelInfo | None = None
+        self._replicas = _Cached(replica_states or _controller_replica_states(handle))
 
     async def info(self) -> ModelInfo:
-        """What is known; asks the replica only until it has answered once."""
+        """Ready while the controller counts a running model replica; its id and window."""
+        try:
+            states = await asyncio.wait_for(self._replicas.get(), self._info_timeout_s)
+        except Exception as exc:  # the controller is down or busy: nothing can be said
+            logger.warning("asking Ray Serve's controller for replica states failed: %r", exc)
+            return ModelInfo(None, 0, ready=False, error=_NO_CONTROLLER)
+        if not states.get("RUNNING"):
+            starting = any(states.get(state) for state in _COMING_UP)
+            return ModelInfo(None, 0, ready=False, error=None if starting else _NO_REPLICA)
         if self._known is not None:
             return self._known
         try:
             info = await asyncio.wait_for(self._handle.info.remote(), self._info_timeout_s)
-        except Exception:  # no replica yet (loading), or it failed: Ray restarts it
+        except Exception:  # it failed meanwhile: Ray restarts it
             return ModelInfo(model_id=None, context_window=0, ready=False)
         if info.ready:
             self._known = info
@@ -129,12 +159,14 @@ class HandleModelClient:
             handle = self._handle.options(stream=True)
             stream = handle.generate_routed.remote(RoutedChat(request))
             async for event in stream:
-                if isinstance(event, PromptAccepted) and self._known is None:
+                if isinstance(event, PromptAccepted):
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
                 yield event
         except Exception as exc:
             if isinstance(exc, BackPressureError):  # refused by Ray before the replica saw it
                 raise self._at_capacity() from None
+            if isinstance(exc, (RayActorError, DeploymentUnavailableError)):
+                self._replicas.forget()  # a replica died: health asks the controller again
             raise translate_ray_error(exc) from None
         finally:
             self._streams -= 1
@@ -147,6 +179,44 @@ class HandleModelClient:
         """The refusal of a generation nobody has room for, counted."""
         count_rejection(self._known.model_id if self._known else "", "overloaded")
         return OverloadedError(_AT_CAPACITY)
+
+
+class _Cached:
+    """The last answer of `ask`, asked again when older than `REPLICA_STATES_MAX_AGE_S` or
+    forgotten; concurrent callers share one question."""
+
+    def __init__(self, ask: ReplicaStates) -> None:
+        self._ask = ask
+        self._lock = asyncio.Lock()
+        self._value: Mapping[str, int] | None = None
+        self._asked_at = 0.0
+
+    async def get(self) -> Mapping[str, int]:
+        async with self._lock:
+            age = time.monotonic() - self._asked_at
+            if self._value is None or age >= REPLICA_STATES_MAX_AGE_S:
+                self._value = await self._ask()
+                self._asked_at = time.monotonic()
+            return self._value
+
+    def forget(self) -> None:
+        self._value = None
+
+
+def _controller_replica_states(handle: DeploymentHandle) -> ReplicaStates:
+    """Replica states of `handle`'s deployment as Ray Serve's controller reports them."""
+
+    def ask() -> Mapping[str, int]:
+        app = serve.status().applications.get(handle.app_name)
+        deployment = app.deployments.get(handle.deployment_name) if app else None
+        if deployment is None:
+            return {}
+        return {getattr(state, "value", state): n for state, n in deployment.replica_states.items()}
+
+    async def states() -> Mapping[str, int]:
+        return await asyncio.to_thread(ask)  # the client's call blocks on the controller
+
+    return states
 
 
 def translate_ray_error(exc: Exception) -> ServiceError:

@@ -389,6 +389,17 @@ class _Health(BaseModel):
 class _ErrorReply(BaseModel):
     error: _ErrorBody
 
+    def message(self) -> str:
+        return self.error.message
+
+
+class _HealthReply(BaseModel):
+    status: str
+    error: str
+
+    def message(self) -> str:
+        return self.error
+
 
 def _parse_chunk(payload: str) -> _Chunk:
     try:
@@ -401,10 +412,12 @@ def _parse_chunk(payload: str) -> _Chunk:
 
 
 def _error_message(response: httpx.Response) -> str:
-    """The server's own message: OpenAI's `error.message`, else the start of the body."""
-    try:
-        return _ErrorReply.model_validate_json(response.content).error.message
-    except ValidationError:
-        pass
+    """The server's own message: OpenAI's `error.message`, `/healthz`'s `error`, else the start
+    of the body."""
+    for reply in (_ErrorReply, _HealthReply):  # OpenAI's error shape, then `/healthz`'s
+        try:
+            return reply.model_validate_json(response.content).message()
+        except ValidationError:
+            pass
     text = " ".join(response.text.split())[:300]
     return text or response.reason_phrase or f"HTTP {response.status_code}"

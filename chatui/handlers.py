@@ -124,13 +124,16 @@ def notice_for(error: BackendError) -> dict[str, Any]:
     return notice_message(title, f"{error}\n\n{advice}")
 
 
+_STARTING = "🟡 Backend starting… (the model is loading)"
+
+
 def status_markdown(status: BackendStatus) -> str:
     """The status line for a health check's result."""
     if status.state == "ready":
         window = f" · context {status.context_window} tokens" if status.context_window else ""
         return f"🟢 Backend ready · model **{status.model or 'unknown'}**{window}"
     if status.state == "loading":
-        return "🟡 Backend starting… (the model is loading)"
+        return f"🟡 Backend not ready: {status.detail}" if status.detail else _STARTING
     return f"🔴 Backend unreachable: {status.detail}"
 
 

@@ -15,6 +15,7 @@ from ray.serve.request_router import RequestRouter
 
 from backend.app import (
     PREFIX_ROUTER,
+    REPLICA_STATES_MAX_AGE_S,
     HandleModelClient,
     RoutedChat,
     build_app,
@@ -23,7 +24,7 @@ from backend.app import (
     translate_ray_error,
 )
 from backend.errors import EngineError, InvalidRequestError, OverloadedError
-from backend.generation import PromptAccepted
+from backend.generation import ModelInfo, PromptAccepted
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
 
@@ -169,3 +170,82 @@ def test_the_prefix_router_reads_the_conversation_of_a_routed_chat() -> None:
     assert router._extract_text_from_request(pending) == "Be brief. Hi"
     # The request alone (pydantic messages) would give the router no text at all.
     assert router._extract_text_from_request(SimpleNamespace(args=[request])) == ""
+
+
+class _Replicas:
+    """Ray's controller as health asks it: replica states set by the test; counts the questions."""
+
+    def __init__(self, **states: int) -> None:
+        self.states = states
+        self.asked = 0
+
+    async def __call__(self) -> dict[str, int]:
+        self.asked += 1
+        return dict(self.states)
+
+
+class _FailingStream(_EndlessStream):
+    """A stream whose replica dies before its first event."""
+
+    async def __anext__(self) -> object:
+        raise RayActorError()
+
+
+class _InfoHandle(_StreamingHandle):
+    """The handle with the replica's `info` and a switch that makes its streams fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = SimpleNamespace(remote=self._info)
+        self.replica_dead = False
+
+    async def _info(self) -> ModelInfo:
+        return ModelInfo("m", 100, ready=True)
+
+    def remote(self, _request: object) -> _EndlessStream:
+        if not self.replica_dead:
+            return super().remote(_request)
+        self.streams.append(_FailingStream())
+        return self.streams[-1]
+
+
+async def test_health_follows_the_running_replicas_after_the_model_was_known() -> None:
+    replicas = _Replicas(RUNNING=1)
+    client = HandleModelClient(_InfoHandle(), 1, replica_states=replicas)  # type: ignore[arg-type]
+    stream = client.generate(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]))
+    await anext(stream)
+    await stream.aclose()
+    assert (await client.info()).ready
+    replicas.states = {"STOPPING": 1}  # the only replica died
+    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
+    gone = await client.info()
+    assert not gone.ready and gone.error is not None and "No model replica" in gone.error
+    replicas.states = {"STARTING": 1}  # Ray starts another: it loads the model
+    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
+    assert await client.info() == ModelInfo(None, 0, ready=False)
+    replicas.states = {"RUNNING": 1}
+    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
+    assert await client.info() == ModelInfo("m", 100, ready=True)
+
+
+async def test_a_replica_failure_on_the_handle_makes_health_ask_the_controller_again() -> None:
+    replicas, handle = _Replicas(RUNNING=1), _InfoHandle()
+    client = HandleModelClient(handle, 1, replica_states=replicas)  # type: ignore[arg-type]
+    await asyncio.gather(client.info(), client.info(), client.info())
+    assert replicas.asked == 1  # concurrent probes share one question, then its answer
+    handle.replica_dead, replicas.states = True, {}
+    with pytest.raises(OverloadedError):
+        await anext(
+            client.generate(ChatCompletionRequest(messages=[{"role": "user", "content": "hi"}]))
+        )
+    assert not (await client.info()).ready  # at once, not after the answer's age
+    assert replicas.asked == 2
+
+
+async def test_health_without_an_answer_from_the_controller_is_not_ready() -> None:
+    async def unreachable() -> dict[str, int]:
+        raise ConnectionError("controller down")
+
+    client = HandleModelClient(_InfoHandle(), 1, replica_states=unreachable)  # type: ignore[arg-type]
+    info = await client.info()
+    assert not info.ready and info.error is not None and "controller" in info.error

@@ -458,6 +458,14 @@ async def test_infer_client_health(
     assert (status.state, status.model) == expected
 
 
+async def test_health_reports_why_the_backend_is_not_ready(router: respx.Router) -> None:
+    why = "No model replica is running; Ray Serve is replacing it."
+    unavailable = httpx.Response(503, json={"status": "unavailable", "error": why})
+    router.get("/healthz").mock(return_value=unavailable)
+    status = await make_client(router, InferClient).health()
+    assert (status.state, status.detail) == ("loading", why)
+
+
 @pytest.mark.parametrize(("api", "cls"), [("openai", OpenAIClient), ("infer", InferClient)])
 def test_create_client_picks_the_configured_api(api: str, cls: type[ChatClient]) -> None:
     client = create_client(ChatUISettings(backend_api=api, backend_url="http://b:1/"))

@@ -322,6 +322,8 @@ def test_status_lines() -> None:
         "🟢 Backend ready · model **mistral** · context 8192 tokens"
     )
     assert "starting" in status_markdown(BackendStatus("loading"))
+    gone = status_markdown(BackendStatus("loading", detail="No model replica is running."))
+    assert "not ready" in gone and "No model replica is running." in gone
     down = status_markdown(BackendStatus("unreachable", detail="connection refused"))
     assert "unreachable" in down and "connection refused" in down
 

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psutil
 from playwright.sync_api import Browser, Playwright
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,6 +119,28 @@ class BackendProcess(ServiceProcess):
             if sample.name == name and labels.items() <= sample.labels.items()
         ]
         return sum(values) if values else None
+
+
+def kill_model_replica(backend: ServiceProcess) -> None:
+    """SIGKILL the backend's model replica (as the kernel's OOM killer would); Ray replaces it."""
+    session = os.getsid(backend.pid)
+    replicas = [
+        process
+        for process in psutil.process_iter(["cmdline"])
+        if "ServeReplica:" in " ".join(process.info["cmdline"] or ())
+        and ":model" in " ".join(process.info["cmdline"] or ())
+        and _session_of(process.pid) == session
+    ]
+    assert replicas, "the backend runs no model replica"
+    for process in replicas:
+        process.kill()
+
+
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def backend_service(port: int, **overrides: str) -> BackendProcess:

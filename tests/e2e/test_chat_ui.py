@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -16,6 +17,7 @@ from tests.e2e.services import (
     BackendProcess,
     ServiceProcess,
     free_port,
+    kill_model_replica,
     launch_chromium,
     ui_service,
     wait_until,
@@ -41,7 +43,14 @@ def tap(backend: ServiceProcess) -> Iterator[Tap]:
 
 @pytest.fixture(scope="module")
 def ui(tap: Tap) -> Iterator[ServiceProcess]:
-    service = ui_service(free_port(), tap.url, temperature="0", max_tokens=str(REPLY_TOKENS))
+    # Health every second: a replaced model replica is away for seconds, and the status says so.
+    service = ui_service(
+        free_port(),
+        tap.url,
+        temperature="0",
+        max_tokens=str(REPLY_TOKENS),
+        health_poll_interval_s="1",
+    )
     service.start()
     yield service
     service.stop()
@@ -186,6 +195,24 @@ def test_backend_down_shows_error_keeps_history_and_recovers(
     answer = ask(page, "What is the capital of Italy?")
     assert "unreachable" not in answer.lower() and tap.last().completed
     assert texts(page, BOT)[0] == first
+
+
+def test_a_killed_model_replica_shows_until_a_new_one_serves(
+    page: Page, backend: BackendProcess, tap: Tap
+) -> None:
+    ask(page, "What is the capital of France?")  # the ingress has seen the model serve
+    kill_model_replica(backend)
+    status = page.locator("#status")
+    wait_until(lambda: health(backend) != 200, timeout_s=60, what="/healthz leaves 200")
+    status.get_by_text("Backend not ready").wait_for(timeout=60_000)
+    wait_until(lambda: health(backend) == 200, timeout_s=240, what="a new replica serves")
+    status.get_by_text("Backend ready").wait_for(timeout=60_000)
+    answer = ask(page, "What is the capital of Italy?")
+    assert "unreachable" not in answer.lower() and tap.last().completed
+
+
+def health(backend: BackendProcess) -> int:
+    return httpx.get(backend.url + "/healthz", timeout=10).status_code
 
 
 def test_gradio_client_two_turn_chat(ui: ServiceProcess, tap: Tap) -> None:
