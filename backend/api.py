@@ -137,7 +137,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(NotFoundError("No such route.").to_dict(), status_code=404)
 
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.error("unhandled error: %r", exc)
+        logger.error("unhandled error: %r", exc, exc_info=exc)  # the client sees no traceback
         error = EngineError(f"The server failed to handle the request ({type(exc).__name__}).")
         return JSONResponse(error.to_dict(), status_code=500)
 

@@ -22,7 +22,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +146,7 @@ class _Sequence:
         self._cached = 0  # reported with the first delta
         self._prompt_length = len(prompt_ids)
         self._sampled: list[int] = []
+        self._sampled_at: list[float] = []  # of the tokens not yet reported
 
     def start_at(self, cached: int) -> None:
         """The runner already holds the prompt's first `cached` tokens."""
@@ -166,6 +166,7 @@ class _Sequence:
         """Take the sampled token, deliver any finished text; return True when done."""
         self.next_token = token_id
         self._sampled.append(token_id)
+        self._sampled_at.append(time.monotonic())
         self._generated += 1
         self._unreported += 1
         if token_id in eos_ids and not self.params.ignore_eos:
@@ -192,10 +193,58 @@ class _Sequence:
         self._emit(text, "stop" if stopped else reason)
 
     def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
-        self._deliver(
-            Delta(text, self._unreported, finish_reason=finish_reason, cached_tokens=self._cached)
-        )
+        times = tuple(self._sampled_at)
+        self._deliver(Delta(text, self._unreported, finish_reason, self._cached, times))
         self._unreported = self._cached = 0
+        self._sampled_at.clear()
+
+
+class _Inbox:
+    """Submitted requests the loop has not admitted yet. Once closed (the loop's last act) it
+    refuses new ones, so every request either reaches the loop or is refused to its caller."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[_Sequence] = collections.deque()
+        self._changed = threading.Condition()
+        self._closed = False
+        self._interrupted = False
+
+    def put(self, seq: _Sequence) -> None:
+        """Queue `seq` for the loop; raises once the loop has stopped taking requests."""
+        with self._changed:
+            if self._closed:
+                raise EngineError("The batching loop is not running.")
+            self._items.append(seq)
+            self._changed.notify()
+
+    def get(self, timeout_s: float) -> _Sequence | None:
+        """The oldest request still wanted, waiting up to `timeout_s` for one; None if there is
+        none, or `interrupt` was called."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._items or self._interrupted, timeout_s)
+            while self._items:
+                seq = self._items.popleft()
+                if not seq.cancelled:
+                    return seq
+            return None
+
+    def waiting(self) -> int:
+        """Requests queued whose callers still wait for them."""
+        with self._changed:
+            return sum(not seq.cancelled for seq in self._items)
+
+    def interrupt(self) -> None:
+        """Wake a waiting `get` (the loop is stopping)."""
+        with self._changed:
+            self._interrupted = True
+            self._changed.notify_all()
+
+    def close(self) -> list[_Sequence]:
+        """Refuse new requests from now on; returns the ones still queued."""
+        with self._changed:
+            self._closed = True
+            left, self._items = list(self._items), collections.deque()
+            return left
 
 
 class ContinuousBatcher:
@@ -222,7 +271,7 @@ class ContinuousBatcher:
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
         self._max_batch_size = max_batch_size
-        self._inbox: queue.SimpleQueue[_Sequence | None] = queue.SimpleQueue()
+        self._inbox = _Inbox()
         self._prefilling: collections.deque[_Sequence] = collections.deque()  # in arrival order
         # Preempted, waiting for memory: back to prefill when a running stream finishes.
         self._preempted: collections.deque[_Sequence] = collections.deque()
@@ -239,16 +288,16 @@ class ContinuousBatcher:
     def shutdown(self) -> None:
         """Stop the loop; streams still running get an error."""
         self._stopping.set()
-        self._inbox.put(None)
+        self._inbox.interrupt()
         self._thread.join(timeout=10)
 
     def is_alive(self) -> bool:
-        """Whether the loop thread is running."""
-        return self._thread.is_alive()
+        """Whether the loop runs and takes requests (not stopping)."""
+        return self._thread.is_alive() and not self._stopping.is_set()
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
         """Submit a request and yield its deltas; leaving early frees its batch slot."""
-        if self._stopping.is_set() or not self.is_alive():
+        if not self.is_alive():
             raise EngineError("The batching loop is not running.")
         if not prompt_ids:
             raise EngineError("There is no prompt to generate from.")
@@ -260,7 +309,7 @@ class ContinuousBatcher:
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
 
         seq = _Sequence(next(self._ids), prompt_ids, params, self._tokenizer, deliver)
-        self._inbox.put(seq)
+        self._inbox.put(seq)  # raises if the loop has stopped meanwhile
         next_send = 0.0  # the first text goes out at once
         try:
             while True:
@@ -287,26 +336,24 @@ class ContinuousBatcher:
         return self._occupancy
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self._admit_waiting()
-                self._drop_cancelled()
-                self._prefill_within_budget()
-                if self._active:
-                    self._decode_step()
-                self._observe()
-            except Exception as exc:  # a bug: fail what is running, never the loop
-                logger.exception("batching loop step failed")
-                self._fail_active(EngineError(f"Generation failed: {exc}"))
-        self._fail_active(EngineError("The engine is shutting down."))
-        while True:  # and every request still queued
-            try:
-                waiting = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if waiting is not None:
-                waiting.fail(EngineError("The engine is shutting down."))
-        self._observe()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    self._admit_waiting()
+                    self._drop_cancelled()
+                    self._prefill_within_budget()
+                    if self._active:
+                        self._decode_step()
+                    self._observe()
+                except Exception as exc:  # a bug: fail what is running, never the loop
+                    logger.exception("batching loop step failed")
+                    self._fail_active(EngineError(f"Generation failed: {exc}"))
+        finally:  # every request the loop took, or that is still queued, gets its end
+            stopped = EngineError("The engine is shutting down.")
+            self._fail_active(stopped)
+            for seq in self._inbox.close():
+                seq.fail(stopped)
+            self._observe()
 
     def _fail_active(self, error: EngineError) -> None:
         with contextlib.suppress(Exception):
@@ -318,7 +365,7 @@ class ContinuousBatcher:
         self._active.clear()
 
     def _observe(self) -> None:
-        occupancy = (self._running(), self._inbox.qsize())
+        occupancy = (self._running(), self._inbox.waiting())
         kv_usage = round(self._runner.kv_usage(), 2)  # a new figure per percent, not per token
         now = time.monotonic()
         changed = (occupancy, kv_usage) != (self._occupancy, self._kv_usage)
@@ -333,18 +380,11 @@ class ContinuousBatcher:
 
     def _admit_waiting(self) -> None:
         while self._running() < self._max_batch_size:
-            try:  # block only when there is nothing to do
-                seq = (
-                    self._inbox.get_nowait()
-                    if self._running()
-                    else self._inbox.get(timeout=_IDLE_POLL_S)
-                )
-            except queue.Empty:
+            # Block only when there is nothing to do.
+            seq = self._inbox.get(0 if self._running() else _IDLE_POLL_S)
+            if seq is None:
                 return
-            if seq is None:  # shutdown sentinel
-                return
-            if not seq.cancelled:
-                self._prefilling.append(seq)
+            self._prefilling.append(seq)
 
     def _prefill_within_budget(self) -> None:
         """Prefill waiting prompts, oldest first, up to the budget of tokens per decode step.
@@ -395,9 +435,7 @@ class ContinuousBatcher:
             seq.fail(EngineError(f"Generation failed during prefill: {exc}"))
             return
         self.stats.prefills += 1
-        if seq.accept(token, self._eos_ids):
-            self._runner.release(seq.id)
-        else:
+        if not self._accept(seq, token):
             self._active.append(seq)
 
     def _drop_cancelled(self) -> None:
@@ -429,11 +467,23 @@ class ContinuousBatcher:
         for seq, token in zip(batch, self._sample(batch, logits), strict=True):
             if token is None:
                 continue  # that stream has ended with an error
-            if seq.accept(token, self._eos_ids):
-                self._runner.release(seq.id)
+            if self._accept(seq, token):
                 self._active.remove(seq)
                 if self._preempted:  # its memory is free: the oldest preempted stream goes on
                     self._prefilling.appendleft(self._preempted.popleft())
+
+    def _accept(self, seq: _Sequence, token: int) -> bool:
+        """Give `seq` its token; True when it is done (finished, or failed alone: its text could
+        not be made), and then released. It must not be in `_prefilling`."""
+        try:
+            done = seq.accept(token, self._eos_ids)
+        except Exception as exc:
+            logger.exception("delivering a token failed")
+            seq.fail(EngineError(f"Generation failed while detokenizing: {exc}"))
+            done = True
+        if done:
+            self._runner.release(seq.id)
+        return done
 
     def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
         """The next token of each sequence; a row the sampler cannot take (its logits or its
@@ -486,4 +536,5 @@ def _merge(deltas: list[Delta]) -> Delta:
         tokens=sum(d.tokens for d in deltas),
         finish_reason=deltas[-1].finish_reason,
         cached_tokens=sum(d.cached_tokens for d in deltas),
+        token_times=tuple(t for d in deltas for t in d.token_times),
     )

@@ -29,12 +29,16 @@ class Delta:
 
     The stream's first delta also says how many prompt tokens were not computed again because the
     engine still held them (`cached_tokens`, a reused prefix); later deltas carry 0.
+    `token_times` says when each of its tokens was sampled (`time.monotonic()` in the process that
+    sampled it), so latency metrics time tokens, not the merged deltas that carry them; empty when
+    the engine does not say.
     """
 
     text: str
     tokens: int
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
+    token_times: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from backend.generation import Delta
+
 # vLLM's bucket boundaries (vllm/engine/metrics.py), in seconds.
 _TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0]
 _TTFT_BUCKETS += [7.5, 10.0, 20.0, 40.0, 80.0]
@@ -170,19 +172,20 @@ class RequestTracker:
         if count > 0:
             self._metrics.prefix_hits.inc(count)
 
-    def tokens(self, count: int) -> None:
-        """`count` tokens arrived together (a coalesced delta): the gap is shared among them."""
-        if count <= 0:
+    def tokens(self, delta: Delta) -> None:
+        """A delta arrived: its tokens are timed when they were sampled (on arrival when the
+        engine does not say), so merging deltas for delivery changes no latency."""
+        if delta.tokens <= 0:
             return
-        now = time.monotonic()
-        gaps = count
-        if not self._first_seen:
-            self._metrics.ttft.observe(now - self._start)
-            self._first_seen, gaps = True, count - 1
-        for _ in range(gaps):
-            self._metrics.itl.observe((now - self._last) / count)
-        self._last = now
-        self._metrics.generation_tokens.inc(count)
+        times = delta.token_times or (time.monotonic(),) * delta.tokens
+        for produced in times:
+            if self._first_seen:
+                self._metrics.itl.observe(produced - self._last)
+            else:
+                self._metrics.ttft.observe(produced - self._start)
+                self._first_seen = True
+            self._last = produced
+        self._metrics.generation_tokens.inc(delta.tokens)
 
     def finished(self, reason: str) -> None:
         """The request ended with `reason`."""

@@ -73,7 +73,7 @@ class ModelServer:
                 async for delta in deltas:
                     if tracker is not None:
                         tracker.cached(delta.cached_tokens)
-                        tracker.tokens(delta.tokens)
+                        tracker.tokens(delta)
                     reason = delta.finish_reason or reason
                     yield delta
         finally:
@@ -111,6 +111,11 @@ class ModelServer:
             raise EngineError(f"The model failed to load: {self._load_error}")
         if not self._ready.is_set():
             raise OverloadedError("The model is still loading; retry in a few seconds.")
+        # Before `PromptAccepted`: a stream refused now is a 503, not a 200 with an error inside.
+        try:
+            self._engine.check_health()
+        except EngineError as exc:
+            raise OverloadedError(f"{exc.message} Retry shortly.") from exc
 
     def _resolve_max_tokens(self, prompt_tokens: int, requested: int | None) -> int:
         window = self._engine.context_window

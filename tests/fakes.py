@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from backend.engines.base import Engine
+from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 
 
@@ -20,6 +21,7 @@ class Script:
     context_window: int = 64
     piece_delay_s: float = 0.0
     cancelled: int = 0
+    broken: str | None = None  # what `check_health` raises, as an engine whose loop died
 
     def enqueue(self, pieces: list[str | BaseException]) -> None:
         """Queue the next reply."""
@@ -71,7 +73,8 @@ def scripted_engine(script: Script) -> type[Engine]:
                 raise
 
         def check_health(self) -> None:
-            pass
+            if script.broken:
+                raise EngineError(script.broken)
 
         def shutdown(self) -> None:
             pass

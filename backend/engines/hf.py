@@ -230,7 +230,9 @@ def _context_window(model: PreTrainedModel, configured: int) -> int:
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: object) -> frozenset[int]:
-    ids = model.generation_config.eos_token_id
-    ids = ids if isinstance(ids, list) else [ids]
+    """The generation config's end-of-sequence ids and the tokenizer's (the config is shared with
+    the model: read, never changed)."""
+    configured = model.generation_config.eos_token_id
+    ids = [*configured] if isinstance(configured, list) else [configured]
     ids.append(getattr(tokenizer, "eos_token_id", None))
     return frozenset(i for i in ids if i is not None)

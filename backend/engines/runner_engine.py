@@ -115,8 +115,14 @@ class RunnerEngine(Engine):
 
 
 def _merge_system_into_first_user(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The system prompt in front of the first user message; a conversation with no user message
+    right after it is refused (the prompt is never dropped)."""
     system, rest = messages[0]["content"], messages[1:]
     if not rest or rest[0]["role"] != "user":
-        return rest
+        raise InvalidRequestError(
+            "This model's chat template has no system role, so the system prompt is put in front "
+            "of the first user message; the message after it must be from the user.",
+            param="messages",
+        )
     first = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
     return [first, *rest[1:]]

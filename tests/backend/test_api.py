@@ -66,6 +66,16 @@ async def test_stream_without_usage_option_sends_no_usage_chunk(
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
+async def test_a_stream_the_engine_cannot_take_is_a_503_before_any_byte(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.broken = "The batching loop has stopped."
+    response = await client.post(CHAT, json={"messages": HELLO, "stream": True})
+    assert response.status_code == 503 and response.headers["retry-after"]
+    assert "batching loop has stopped" in response.json()["error"]["message"]
+    assert script.history == []  # never reached the engine
+
+
 async def test_error_mid_stream_is_an_error_event_then_done(
     client: httpx.AsyncClient, script: Script
 ) -> None:
@@ -215,8 +225,8 @@ async def test_unknown_route_is_404_in_openai_shape(client: httpx.AsyncClient) -
     assert response.json()["error"]["type"] == "not_found_error"
 
 
-async def test_an_unexpected_failure_is_a_json_500(
-    server: ModelServer, settings: BackendSettings, script: Script
+async def test_an_unexpected_failure_is_a_json_500_and_its_traceback_is_logged(
+    server: ModelServer, settings: BackendSettings, script: Script, caplog: pytest.LogCaptureFixture
 ) -> None:
     script.enqueue(["partial", RuntimeError("boom at /srv/secret.py")])
     # As a server would: the app's response reaches the client, the exception is only logged.
@@ -226,6 +236,9 @@ async def test_an_unexpected_failure_is_a_json_500(
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "internal_error" and "secret" not in error["message"]
+    [logged] = [r for r in caplog.records if r.name == "backend.api"]
+    assert logged.exc_info is not None  # the operator gets where it failed
+    assert "boom at /srv/secret.py" in caplog.text and "Traceback" in caplog.text
 
 
 # --- bearer keys (LLM_API_KEY) --------------------------------------------------------------

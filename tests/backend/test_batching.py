@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 from collections.abc import Callable
@@ -274,16 +275,19 @@ class FailingTokenizer(ByteTokenizer):
         return super().decode(token_ids, skip_special_tokens)
 
 
-async def test_an_error_outside_the_model_fails_the_streams_and_the_loop_goes_on() -> None:
+async def test_text_that_cannot_be_made_fails_its_stream_alone() -> None:
     runner = CountingRunner(length=20)
+    runner.step_delay_s = 0.01
     batcher = ContinuousBatcher(runner, FailingTokenizer(), frozenset({EOS}), 8)
     batcher.start()
+    other = asyncio.ensure_future(collect(batcher, [10]))
     with pytest.raises(EngineError, match="cannot decode 9"):  # 6, 7, 8, then 9 breaks it
         await asyncio.wait_for(collect(batcher, [5]), 10)
-    assert batcher.is_alive()
-    assert "".join(d.text for d in await collect(batcher, [10])) == "".join(
-        chr(64 + t) for t in range(11, 31)
-    )
+    # Its first token, out of prefill, breaks it: it still gets its error.
+    with pytest.raises(EngineError, match="cannot decode 9"):
+        await asyncio.wait_for(collect(batcher, [8]), 10)
+    assert "".join(d.text for d in await other) == "".join(chr(64 + t) for t in range(11, 31))
+    assert batcher.is_alive() and runner.state == {}  # both released
     batcher.shutdown()
 
 
@@ -457,6 +461,43 @@ class OneSequenceFails(CountingRunner):
             self.batch_sizes.append(0)
             raise SequencesFailed("at its window", [self.victim])
         return super().decode(seq_ids, token_ids)
+
+
+async def test_a_request_submitted_as_the_loop_stops_is_refused_not_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    batcher = make_batcher(CountingRunner())
+
+    class StoppedMeanwhile(batching._Sequence):
+        """The loop stops after `stream` checked that it runs, before the request is queued."""
+
+        def __init__(self, *args: object) -> None:
+            batcher.shutdown()
+            super().__init__(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(batching, "_Sequence", StoppedMeanwhile)
+    with pytest.raises(EngineError, match="not running"):
+        await asyncio.wait_for(collect(batcher, [1]), 5)
+
+
+async def test_cancelled_requests_waiting_for_a_slot_are_not_counted_waiting() -> None:
+    runner = CountingRunner(length=45)  # runs for seconds, within the vocabulary
+    runner.step_delay_s = 0.05
+    observer = RecordingObserver()
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 1, observer=observer)
+    batcher.start()
+    running = asyncio.ensure_future(collect(batcher, [1]))
+    queued = [batcher.stream([2], GREEDY) for _ in range(3)]
+    waiting = [asyncio.ensure_future(anext(stream)) for stream in queued]
+    await eventually(lambda: batcher.occupancy() == (1, 3))
+    for task, stream in zip(waiting, queued, strict=True):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await stream.aclose()
+    await eventually(lambda: batcher.occupancy() == (1, 0))
+    running.cancel()
+    batcher.shutdown()
 
 
 async def test_a_sequence_the_runner_refuses_fails_alone() -> None:

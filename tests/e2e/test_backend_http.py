@@ -8,8 +8,10 @@ from collections.abc import Callable
 
 import httpx
 import pytest
+from transformers import PreTrainedTokenizerBase
 
-from backend.engines.embedded import converted_model_dir
+from backend.engines.embedded import embedded_gguf_path
+from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.settings import BackendSettings
 from tests.e2e.services import BackendProcess, ServiceProcess, wait_until
 from tests.sse import fewest_chunks, sse_payloads
@@ -70,11 +72,18 @@ def test_stream_delivers_tokens_as_they_are_produced(backend: ServiceProcess) ->
     assert arrivals[1] < arrivals[-3] / 3
 
 
-def test_second_turn_sees_the_first(backend: ServiceProcess) -> None:
-    """Memory is what reaches the model: the prompt is the template of the whole conversation."""
-    from transformers import AutoTokenizer
+@pytest.fixture(scope="module")
+def served_tokenizer() -> PreTrainedTokenizerBase:
+    """The tokenizer the backend's default engine (llama.cpp, embedded GGUF) encodes with, made
+    as the engine makes it (read from the GGUF on first use, then cached)."""
+    return load_gguf_tokenizer(embedded_gguf_path(), BackendSettings().cache_dir)
 
-    tokenizer = AutoTokenizer.from_pretrained(converted_model_dir(BackendSettings().cache_dir))
+
+def test_second_turn_sees_the_first(
+    backend: ServiceProcess, served_tokenizer: PreTrainedTokenizerBase
+) -> None:
+    """Memory is what reaches the model: the prompt is the template of the whole conversation."""
+    tokenizer = served_tokenizer
 
     def template_tokens(messages: list[dict[str, str]]) -> int:
         ids = tokenizer.apply_chat_template(

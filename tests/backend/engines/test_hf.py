@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from transformers import PreTrainedModel
 
 from backend.detokenizer import IncrementalDetokenizer
 from backend.engines.embedded import load_embedded_model
-from backend.engines.hf import HFEngine, PaddedBatchRunner, pick_dtype
+from backend.engines.hf import HFEngine, PaddedBatchRunner, _eos_ids, pick_dtype
 from backend.generation import Delta, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
@@ -212,3 +213,11 @@ def test_dtype_auto_follows_cpu_flags(tmp_path: Path) -> None:
     cpuinfo.write_text("flags : fpu avx2\n")
     assert pick_dtype("auto", cpuinfo) == torch.float32
     assert pick_dtype("float32", cpuinfo) == torch.float32
+
+
+def test_end_of_sequence_ids_leave_the_generation_config_as_it_was() -> None:
+    config = SimpleNamespace(eos_token_id=[2, 3])
+    model = SimpleNamespace(generation_config=config)
+    ids = _eos_ids(model, SimpleNamespace(eos_token_id=4))  # type: ignore[arg-type]
+    assert ids == frozenset({2, 3, 4})
+    assert config.eos_token_id == [2, 3]

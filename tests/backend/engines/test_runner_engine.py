@@ -56,12 +56,42 @@ def test_system_prompt_is_merged_into_the_first_user_turn(engine: RunnerEngine) 
     [
         [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
         [{"role": "assistant", "content": "a"}],
-        [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
     ],
 )
 def test_roles_that_do_not_alternate_are_a_clear_400(
     engine: RunnerEngine, messages: list[dict[str, str]]
 ) -> None:
     with pytest.raises(InvalidRequestError, match="alternate") as raised:
+        engine.encode_chat(messages)
+    assert raised.value.param == "messages"
+
+
+class NoSystemRole:
+    """A chat template without a system role that lets the assistant speak first: the prompt is
+    each message's text, one token per character."""
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **_: object) -> list[int]:
+        if any(m["role"] == "system" for m in messages):
+            raise ValueError("System role not supported")
+        return [ord(c) for m in messages for c in m["content"]]
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+        [
+            {"role": "system", "content": "s"},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "u"},
+        ],
+        [{"role": "system", "content": "s"}],
+    ],
+)
+def test_a_system_prompt_with_no_user_message_after_it_is_a_400_never_dropped(
+    engine: RunnerEngine, messages: list[dict[str, str]]
+) -> None:
+    engine._loaded = LoadedModel("no-system", NoSystemRole(), None, 256, frozenset())
+    with pytest.raises(InvalidRequestError, match="system prompt") as raised:
         engine.encode_chat(messages)
     assert raised.value.param == "messages"
