@@ -154,6 +154,11 @@ class BackendSettings(BaseSettings):
         description="Bearer key(s), comma-separated, every route but /healthz requires; "
         "unset = no authentication.",
     )
+    api_key_file: Path | None = Field(
+        None,
+        description="A file holding LLM_API_KEY's value (a mounted Secret); read at start, "
+        "instead of LLM_API_KEY.",
+    )
 
     @field_validator("api_key")
     @classmethod
@@ -170,6 +175,21 @@ class BackendSettings(BaseSettings):
         if value == 0:
             raise ValueError("must be -1 (no limit) or at least 1: Ray Serve has no empty queue")
         return value
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> BackendSettings:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError("set LLM_API_KEY or LLM_API_KEY_FILE, not both")
+        try:
+            raw = self.api_key_file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ValueError(f"LLM_API_KEY_FILE cannot be read: {exc}") from exc
+        if not _split_keys(raw):
+            raise ValueError(f"LLM_API_KEY_FILE ({self.api_key_file}) holds no key")
+        self.api_key = SecretStr(raw)
+        return self
 
     @model_validator(mode="after")
     def _replica_range(self) -> BackendSettings:

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from chatui.clients import ChatClient, create_client
 from chatui.handlers import ChatHandlers, ExportFolder, control_updates
@@ -202,4 +205,12 @@ def launch_options(settings: ChatUISettings) -> dict[str, Any]:
         "theme": THEME,
         "css": CSS,
         "max_file_size": "10mb",
+        # The probes' route: answered by the server's event loop without rendering the page
+        # (and without the login, which a kubelet cannot pass).
+        "app_kwargs": {"routes": [Route("/healthz", _healthz, methods=["GET"])]},
     }
+
+
+async def _healthz(_: Request) -> JSONResponse:
+    """The process serves HTTP."""
+    return JSONResponse({"status": "ok"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -44,6 +45,11 @@ class ChatUISettings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         None, description="Bearer token sent to the backend; unset = no Authorization header."
+    )
+    api_key_file: Path | None = Field(
+        None,
+        description="A file holding the bearer token (a mounted Secret); read at start, "
+        "instead of CHATUI_API_KEY.",
     )
     concurrency_limit: int = Field(
         32, ge=1, description="Replies streamed at once across all users (more wait in a queue)."
@@ -99,6 +105,21 @@ class ChatUISettings(BaseSettings):
     @classmethod
     def _empty_key_is_none(cls, value: SecretStr | None) -> SecretStr | None:
         return value if value is not None and value.get_secret_value() else None
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> ChatUISettings:
+        if self.api_key_file is None:
+            return self
+        if self.api_key is not None:
+            raise ValueError(f"set {ENV_PREFIX}API_KEY or {ENV_PREFIX}API_KEY_FILE, not both")
+        try:
+            key = self.api_key_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{ENV_PREFIX}API_KEY_FILE cannot be read: {exc}") from exc
+        if not key:
+            raise ValueError(f"{ENV_PREFIX}API_KEY_FILE ({self.api_key_file}) is empty")
+        self.api_key = SecretStr(key)
+        return self
 
     @model_validator(mode="after")
     def _reply_fits_the_window(self) -> ChatUISettings:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -45,6 +47,22 @@ def test_api_keys_are_a_comma_separated_list_and_empty_means_open(
     settings = BackendSettings()
     assert settings.api_keys() == keys
     assert (settings.api_key is None) == (keys == ())
+
+
+def test_api_keys_can_come_from_a_mounted_secret_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "api-key"
+    secret.write_text("one,two\n")  # as `kubectl create secret --from-file` leaves it
+    monkeypatch.setenv("LLM_API_KEY_FILE", str(secret))
+    assert BackendSettings().api_keys() == ("one", "two")
+    secret.write_text(" \n")
+    with pytest.raises(ValidationError, match="holds no key"):
+        BackendSettings()
+    with pytest.raises(ValidationError, match="cannot be read"):
+        BackendSettings(api_key_file=tmp_path / "missing")
+    with pytest.raises(ValidationError, match="not both"):
+        BackendSettings(api_key="one", api_key_file=secret)
 
 
 def test_max_replicas_below_num_replicas_is_rejected() -> None:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import gradio as gr
+import httpx
 import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
@@ -107,6 +108,14 @@ def served(settings: ChatUISettings, client: ScriptedClient) -> Iterator[str]:
     """The URL of the app served with `settings`."""
     with serve(settings, client) as url:
         yield url
+
+
+def test_probes_get_a_cheap_health_route_that_needs_no_login(client: ScriptedClient) -> None:
+    with serve(ChatUISettings(auth="ada:lovelace"), client) as url:
+        health = httpx.get(url + "healthz", timeout=5)
+        config = httpx.get(url + "config", timeout=5)
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert config.status_code == 401  # the app itself stays behind the login
 
 
 def test_gradio_client_two_turn_chat(served: str, client: ScriptedClient) -> None:

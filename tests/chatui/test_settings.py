@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,19 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.auth_credentials() == ("admin", "hunter:2")  # the password may hold a colon
     assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cr3t-key"
     assert "hunter" not in repr(settings) and "s3cr3t" not in repr(settings)
+
+
+def test_the_api_key_can_come_from_a_mounted_secret_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "api-key"
+    secret.write_text("s3cr3t-key\n")
+    monkeypatch.setenv("CHATUI_API_KEY_FILE", str(secret))
+    settings = load_settings()
+    assert settings.api_key is not None and settings.api_key.get_secret_value() == "s3cr3t-key"
+    monkeypatch.setenv("CHATUI_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(SettingsError, match="CHATUI_API_KEY_FILE cannot be read"):
+        load_settings()
 
 
 def test_empty_optional_secrets_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
