@@ -147,7 +147,9 @@ class BackendSettings(BaseSettings):
         "aiming at max_batch_size ongoing requests per replica; unset = num_replicas, fixed.",
     )
     health_timeout_s: float = Field(
-        5.0, gt=0, description="Seconds `/healthz` waits for the model replica to answer."
+        5.0,
+        gt=0,
+        description="Seconds `/healthz` waits for Ray's controller (or, once, the model replica).",
     )
     api_key: SecretStr | None = Field(
         None,
