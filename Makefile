@@ -24,6 +24,8 @@ SERVE_IMAGE := mistral-inf2-chat-serve
 UI_IMAGE := mistral-inf2-chat-ui
 PLACEHOLDER := ghcr.io/OWNER
 OVERLAY_DIR ?= k8s/overlays/release
+# What `make push` learnt: each pushed image's digest (in OVERLAY_DIR, which git ignores).
+DIGESTS ?= $(OVERLAY_DIR)/digests
 IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu \
 	$(REGISTRY)/$(UI_IMAGE):$(TAG)
 
@@ -73,14 +75,37 @@ images:
 	$(DOCKER) build -f Dockerfile.serve --target cpu -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu .
 	$(DOCKER) build -f Dockerfile.ui -t $(REGISTRY)/$(UI_IMAGE):$(TAG) .
 
+# Each pushed image's digest in its registry (`<image:tag> <sha256:...>` lines), which
+# `make overlay` pins: a tag can be pushed again, a digest names one image for good.
 push:
-	for image in $(IMAGES); do $(DOCKER) push "$$image" || exit 1; done
+	mkdir -p $(dir $(DIGESTS))
+	for image in $(IMAGES); do \
+	  $(DOCKER) push "$$image" || exit 1; \
+	  repo=$${image%:*}; repo=$${repo#docker.io/}; \
+	  digest=$$($(DOCKER) inspect --format '{{range .RepoDigests}}{{println .}}{{end}}' "$$image" \
+	    | sed -n "s|^$$repo@\(sha256:[0-9a-f]\{64\}\)$$|\1|p" | head -n 1); \
+	  [ -n "$$digest" ] || { echo "make push: docker knows no digest of $$image in $$repo" >&2; exit 1; }; \
+	  { awk -v image="$$image" '$$1 != image' $(DIGESTS) 2>/dev/null; echo "$$image $$digest"; } \
+	    > $(DIGESTS).new && mv $(DIGESTS).new $(DIGESTS); \
+	done
 
 # A kustomization (not committed: .gitignore) that deploys k8s/mistral and k8s/gradio with the
 # images above: kubectl apply -k $(OVERLAY_DIR). MONITORING=1 adds the PodMonitor component.
+# Images are pinned by the digest `make push` recorded for REGISTRY and TAG; without one, the
+# mutable tag is used and a warning says so.
 overlay:
 	mkdir -p $(OVERLAY_DIR)
 	rel=$$($(PY) -c 'import os, sys; print(os.path.relpath("k8s", sys.argv[1]))' $(OVERLAY_DIR)) \
+	&& image() { \
+	  digest=$$(awk -v image="$(REGISTRY)/$$1:$(TAG)" '$$1 == image { d = $$2 } END { print d }' \
+	    $(DIGESTS) 2>/dev/null); \
+	  echo "  - name: $(PLACEHOLDER)/$$1"; \
+	  echo "    newName: $(REGISTRY)/$$1"; \
+	  echo "    newTag: \"$(TAG)\""; \
+	  if [ -n "$$digest" ]; then echo "    digest: $$digest"; \
+	  else echo "make overlay: no digest of $(REGISTRY)/$$1:$(TAG) in $(DIGESTS)" \
+	    "(make push records it): using the mutable tag" >&2; fi; \
+	} \
 	&& { \
 	  echo "# Written by make overlay REGISTRY=$(REGISTRY) TAG=$(TAG)"; \
 	  echo "apiVersion: kustomize.config.k8s.io/v1beta1"; \
@@ -90,12 +115,8 @@ overlay:
 	  echo "  - $$rel/gradio"; \
 	  if [ -n "$(MONITORING)" ]; then echo "components:"; echo "  - $$rel/components/monitoring"; fi; \
 	  echo "images:"; \
-	  echo "  - name: $(PLACEHOLDER)/$(SERVE_IMAGE)"; \
-	  echo "    newName: $(REGISTRY)/$(SERVE_IMAGE)"; \
-	  echo "    newTag: \"$(TAG)\""; \
-	  echo "  - name: $(PLACEHOLDER)/$(UI_IMAGE)"; \
-	  echo "    newName: $(REGISTRY)/$(UI_IMAGE)"; \
-	  echo "    newTag: \"$(TAG)\""; \
+	  image $(SERVE_IMAGE); \
+	  image $(UI_IMAGE); \
 	} > $(OVERLAY_DIR)/kustomization.yaml
 	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 

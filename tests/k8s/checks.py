@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import sys
+import tempfile
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,8 +39,9 @@ KUSTOMIZATIONS = {
 RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu", "cpu-mistral-gguf"]
 K8S_VERSION = "1.33.0"  # an EKS standard-support version
 
-SERVE_IMAGE = "ghcr.io/OWNER/mistral-inf2-chat-serve"
-UI_IMAGE = "ghcr.io/OWNER/mistral-inf2-chat-ui"
+PLACEHOLDER = "ghcr.io/OWNER"  # upper case: not a valid image name, so it cannot be pulled
+SERVE_IMAGE = f"{PLACEHOLDER}/mistral-inf2-chat-serve"
+UI_IMAGE = f"{PLACEHOLDER}/mistral-inf2-chat-ui"
 IMAGE_TAG = "0.1.0"
 RAY_NAMESPACE = "mistral"
 RAYSERVICE = "mistral"
@@ -47,11 +49,14 @@ UI_NAMESPACE = "gradio-mistral7b-inf2"
 UI_DEPLOYMENT = "gradio-deployment"
 UI_SERVICE = "gradio-service"
 UI_PORT = 7860
+UI_HEALTH_PATH = "/healthz"
 SERVE_PORT = 8000
 BACKEND_URL = "http://mistral-serve-svc.mistral.svc.cluster.local:8000"
 HF_SECRET = {"name": "hf-token", "key": "hf-token"}
 HF_TOKEN_ENV = {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"}
 API_KEY_SECRET = {"name": "llm-api-key", "key": "api-key"}
+# Secrets that must never be environment variables (they are files: *_FILE, HF_TOKEN_PATH).
+FORBIDDEN_SECRET_ENV = HF_TOKEN_ENV | {"LLM_API_KEY", "CHATUI_API_KEY"}
 # Kinds of CRDs without a schema here: checked structurally (tests/k8s/test_operations.py).
 STRUCTURAL_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
 NEURON_DEVICE = "aws.amazon.com/neuron"
@@ -359,57 +364,88 @@ def ui_settings_problems(container: dict[str, Any]) -> list[str]:
             problems.append(f"{name}: not a field of ChatUISettings")
         elif "value" in entry:
             values[field] = entry["value"]
-    try:
-        settings.ChatUISettings(**values)
-    except ValueError as exc:
-        problems.append(f"UI env: {exc}")
+    with tempfile.TemporaryDirectory() as mounts:
+        # A `*_FILE` setting names a mounted Secret, which is not here: a stand-in file is.
+        for field in [f for f in values if f.endswith("_file")]:
+            stand_in = Path(mounts) / field
+            stand_in.write_text("stand-in-secret\n")
+            values[field] = str(stand_in)
+        try:
+            settings.ChatUISettings(**values)
+        except ValueError as exc:
+            problems.append(f"UI env: {exc}")
     return problems
 
 
-def hf_token_problems(objects: list[Manifest]) -> list[str]:
-    """The HF token comes only from Secret hf-token/hf-token; no Secret object is rendered."""
+def secret_file(
+    container: dict[str, Any], spec: dict[str, Any], secret: dict[str, str]
+) -> str | None:
+    """Path at which a container reads a Secret's key from a mounted, read-only, required secret
+    volume (None if it does not)."""
+    volumes = {v["name"]: v.get("secret") for v in spec.get("volumes", []) if "secret" in v}
+    for mount in container.get("volumeMounts", []):
+        source = volumes.get(mount["name"])
+        if not source or source.get("secretName") != secret["name"] or source.get("optional"):
+            continue
+        if not mount.get("readOnly") or "subPath" in mount:
+            continue  # writable, or a subPath copy that never sees a rotated key
+        items = {i["key"]: i["path"] for i in source.get("items", [])} or {
+            secret["key"]: secret["key"]
+        }
+        if secret["key"] in items:
+            return f"{mount['mountPath'].rstrip('/')}/{items[secret['key']]}"
+    return None
+
+
+def secret_problems(objects: list[Manifest]) -> list[str]:
+    """Secrets reach containers as read-only files, never as environment variables: every Ray
+    container reads the API key at LLM_API_KEY_FILE and the UI at CHATUI_API_KEY_FILE (from
+    Secret llm-api-key, key api-key, required: a pod without it must not start open); the Hugging
+    Face token only where HF_TOKEN_PATH names it (Secret hf-token, key hf-token). Init containers
+    (a download) serve nothing and need no key. No Secret object is rendered."""
     problems = [f"Secret/{obj['metadata']['name']} rendered" for obj in find(objects, "Secret")]
+    secrets = {API_KEY_SECRET["name"], HF_SECRET["name"]}
+    wanted: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for obj in objects:
-        for container in containers(obj):
-            for name, entry in env_of(container).items():
-                if name not in HF_TOKEN_ENV:
-                    continue
-                ref = entry.get("valueFrom", {}).get("secretKeyRef", {})
-                if "value" in entry or {k: ref.get(k) for k in HF_SECRET} != HF_SECRET:
-                    problems.append(f"{container['name']}: {name} is not from Secret hf-token")
-                if ref.get("optional"):
-                    problems.append(f"{container['name']}: {name} must not be optional")
+        for _, template in pod_templates(obj):
+            spec = template["spec"]
+            for container in [*spec.get("initContainers", []), *spec["containers"]]:
+                env = env_of(container)
+                for name, entry in env.items():
+                    ref = (entry.get("valueFrom") or {}).get("secretKeyRef") or {}
+                    if ref.get("name") in secrets or name in FORBIDDEN_SECRET_ENV:
+                        problems.append(f"{container['name']}: {name} is an environment variable")
+                token = env.get("HF_TOKEN_PATH", {}).get("value")
+                if secret_file(container, spec, HF_SECRET) != token:
+                    problems.append(
+                        f"{container['name']}: HF_TOKEN_PATH {token!r} is not the mounted token"
+                    )
+            if obj["kind"] == "RayService":
+                wanted += [("LLM_API_KEY_FILE", c, spec) for c in spec["containers"]]
+            elif obj["kind"] == "Deployment" and obj["metadata"]["name"] == UI_DEPLOYMENT:
+                wanted += [("CHATUI_API_KEY_FILE", c, spec) for c in spec["containers"]]
+    for name, container, spec in wanted:
+        path = env_of(container).get(name, {}).get("value")
+        if path is None or path != secret_file(container, spec, API_KEY_SECRET):
+            problems.append(
+                f"{container['name']}: {name} {path!r} is not the mounted Secret llm-api-key"
+            )
     return problems
 
 
-def api_key_problems(objects: list[Manifest]) -> list[str]:
-    """Every Ray container gets LLM_API_KEY and the UI CHATUI_API_KEY, both from Secret
-    llm-api-key/api-key of their namespace, required (a pod without it must not start open).
-    Init containers (e.g. a model download) serve nothing and need no key."""
-    problems = []
-    wanted = [
-        ("LLM_API_KEY", c)
-        for obj in find(objects, "RayService")
-        for _, template in pod_templates(obj)
-        for c in template["spec"]["containers"]
+def placeholder_problems(objects: list[Manifest]) -> list[str]:
+    """Containers and init containers whose image is still a `ghcr.io/OWNER` placeholder."""
+    return [
+        f"{key(obj)[1]}/{key(obj)[3]} {container['name']}: {container['image']}"
+        for obj in objects
+        for container in containers(obj)
+        if container["image"].startswith(PLACEHOLDER + "/")
     ]
-    wanted += [
-        ("CHATUI_API_KEY", c)
-        for obj in find(objects, "Deployment", UI_DEPLOYMENT)
-        for c in containers(obj)
-    ]
-    for name, container in wanted:
-        entry = env_of(container).get(name)
-        ref = (entry or {}).get("valueFrom", {}).get("secretKeyRef", {})
-        if entry is None or "value" in entry:
-            problems.append(f"{container['name']}: {name} is not set from a Secret")
-        elif {k: ref.get(k) for k in API_KEY_SECRET} != API_KEY_SECRET or ref.get("optional"):
-            problems.append(f"{container['name']}: {name} is not the required Secret llm-api-key")
-    return problems
 
 
 def ui_problems(objects: list[Manifest]) -> list[str]:
-    """The UI's names, port, backend URL, bind address, probes, security and resources."""
+    """The UI's names, port, backend URL, bind address, probes (GET /healthz), security and
+    resources."""
     problems = []
     deployment = one(objects, "Deployment", UI_DEPLOYMENT)
     service = one(objects, "Service", UI_SERVICE)
@@ -434,10 +470,15 @@ def ui_problems(objects: list[Manifest]) -> list[str]:
         problems.append(f"CHATUI_BACKEND_URL is {env.get('CHATUI_BACKEND_URL')!r}")
     if env.get("CHATUI_HOST") != "0.0.0.0":
         problems.append("CHATUI_HOST is not 0.0.0.0")
-    for probe in ("readinessProbe", "livenessProbe"):
+    # The UI's /healthz answers without rendering the page (no auth, no Blocks); `/` would
+    # build the whole page on every probe.
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        if probe not in container and probe == "startupProbe":
+            continue
         http = container.get(probe, {}).get("httpGet", {})
-        if http.get("path") != "/" or ports.get(http.get("port"), http.get("port")) != UI_PORT:
-            problems.append(f"{probe} is not HTTP GET / on {UI_PORT}")
+        path, port = http.get("path"), ports.get(http.get("port"), http.get("port"))
+        if path != UI_HEALTH_PATH or port != UI_PORT:
+            problems.append(f"{probe} is not HTTP GET {UI_HEALTH_PATH} on {UI_PORT} (it is {path})")
     if template["spec"].get("securityContext", {}).get("runAsNonRoot") is not True:
         problems.append("UI pod does not set runAsNonRoot")
     resources = container.get("resources", {})

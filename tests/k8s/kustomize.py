@@ -2,10 +2,10 @@
 with a small pure-Python renderer of the subset k8s/ uses.
 
 The subset: `resources` (files and directories), `components` (directories holding a
-`kind: Component`), `patches` whose patch is a JSON 6902 operation list (from `path` or inline
-`patch`, selected by `target`), and `images` (name, newName, newTag, digest). Anything else
-raises `UnsupportedKustomization`, so the two renderers cannot silently disagree; a test
-compares them whenever kubectl is present.
+`kind: Component`), `patches` whose patch is a JSON 6902 operation list (`add`, `remove`,
+`replace`, `copy`; from `path` or inline `patch`, selected by `target`), and `images` (name,
+newName, newTag, digest). Anything else raises `UnsupportedKustomization`, so the two renderers
+cannot silently disagree; a test compares them whenever kubectl is present.
 """
 
 from __future__ import annotations
@@ -145,14 +145,25 @@ def _child(node: Any, key: str) -> Any:
     return node[int(key)] if isinstance(node, list) else node[key]
 
 
+def _get(obj: Manifest, path: str) -> Any:
+    node: Any = obj
+    for key in _pointer(path):
+        node = _child(node, key)
+    return node
+
+
 def apply_json6902(obj: Manifest, operation: dict[str, Any]) -> None:
-    """Apply one `add`, `remove` or `replace` operation in place."""
+    """Apply one `add`, `remove`, `replace` or `copy` operation in place (RFC 6902: `copy`
+    adds, at `path`, the value found at `from`)."""
     op = operation["op"]
     *parents, last = _pointer(operation["path"])
     node: Any = obj
     for key in parents:
         node = _child(node, key)
-    value = copy.deepcopy(operation.get("value"))
+    if op == "copy":
+        op, value = "add", copy.deepcopy(_get(obj, operation["from"]))
+    else:
+        value = copy.deepcopy(operation.get("value"))
     if op == "remove" or op == "replace":
         _child(node, last)  # both require an existing target
     if op == "remove":
@@ -186,12 +197,12 @@ def set_image(objects: list[Manifest], image: dict[str, str]) -> None:
         name, tag, digest = split_image(reference)
         if name != image["name"]:
             return reference
-        name = image.get("newName", name)
-        if "digest" in image:
-            return f"{name}@{image['digest']}"
-        tag = image.get("newTag", tag)
-        suffix = f"@{digest}" if digest and "newTag" not in image else ""
-        return f"{name}:{tag}{suffix}" if tag else f"{name}{suffix}"
+        name = image.get("newName") or name
+        # As kustomize's api/filters/imagetag/updater.go: a new tag or digest replaces both.
+        new_tag, new_digest = image.get("newTag", ""), image.get("digest", "")
+        if new_tag or new_digest:
+            tag, digest = new_tag, new_digest
+        return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
 
     def walk(node: Any) -> None:
         if isinstance(node, dict):

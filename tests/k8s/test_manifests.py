@@ -7,11 +7,14 @@ deliberately broken copy.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from backend.settings import BackendSettings
 from tests.k8s.checks import (
     BACKEND_URL,
     CORES_PER_INF2_DEVICE,
+    HF_SECRET,
     HF_TOKEN_ENV,
     IMAGE_TAG,
     K8S,
@@ -51,14 +55,16 @@ from tests.k8s.checks import (
     env_of,
     find,
     hadolint,
-    hf_token_problems,
     import_path_problems,
     key,
     one,
+    placeholder_problems,
     pod_templates,
     quantity,
     ray_resources,
     rendered,
+    secret_file,
+    secret_problems,
     serve_config,
     serve_config_problems,
     settings_problems,
@@ -289,6 +295,12 @@ def test_cpu_overlay_has_no_neuron_and_less_resources() -> None:
     assert memory(cpu) < memory(base) / 10
 
 
+def _gguf_fetch(objects: list[Manifest]) -> dict[str, Any]:
+    (group,) = workers(one(objects, "RayService", RAYSERVICE))
+    [fetch] = [c for c in group["template"]["spec"]["initContainers"] if c["name"] == "fetch-gguf"]
+    return fetch
+
+
 def test_cpu_mistral_overlay_serves_the_gguf_from_the_model_volume() -> None:
     """llamacpp on a GGUF the init container puts on the PVC; room for weights and KV cache."""
     cpu = one(rendered("cpu"), "RayService", RAYSERVICE)
@@ -300,16 +312,16 @@ def test_cpu_mistral_overlay_serves_the_gguf_from_the_model_volume() -> None:
     assert {k: v for k, v in app_args(cpu).items() if k not in args} == {}
     (group,) = workers(gguf)
     spec = group["template"]["spec"]
-    (fetch,) = spec["initContainers"]
+    fetch = _gguf_fetch(objects)
     (container,) = spec["containers"]
     claims = {v["name"] for v in spec["volumes"] if "persistentVolumeClaim" in v}
     for mounted in (fetch, container):
         [mount] = [m for m in mounted["volumeMounts"] if m["name"] in claims]
         assert args["model"].startswith(mount["mountPath"].rstrip("/") + "/")
-    script = fetch["command"][-1]
-    assert "TheBloke/Mistral-7B-Instruct-v0.2-GGUF" in script
-    assert Path(args["model"]).name in script and str(Path(args["model"]).parent) in script
-    assert not HF_TOKEN_ENV & set(env_of(fetch))  # a public repository: no token anywhere
+    env = {name: entry.get("value") for name, entry in env_of(fetch).items()}
+    assert env["GGUF_REPO"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"
+    assert f"{env['GGUF_DIR']}/{env['GGUF_FILE']}" == args["model"]
+    assert not HF_TOKEN_ENV & set(env) and "HF_TOKEN_PATH" not in env  # a public repository
     # Weights (4.4 GB, memory-mapped) + the KV cache allocated at start (128 KiB per token).
     kv = args["max_batch_size"] * args["max_context_len"] * 128 * 2**10
     assert quantity(container["resources"]["limits"]["memory"]) >= 4.4e9 + kv + 2 * 2**30
@@ -317,21 +329,119 @@ def test_cpu_mistral_overlay_serves_the_gguf_from_the_model_volume() -> None:
     assert quantity(pvc["spec"]["resources"]["requests"]["storage"]) >= 8 * 2**30
 
 
+# TheBloke/Mistral-7B-Instruct-v0.2-GGUF at its main-branch commit, and the LFS sha256 of
+# mistral-7b-instruct-v0.2.Q4_K_M.gguf there (k8s/README.md says where both were found).
+GGUF_REVISION = "3a6fbf4a41a1d52e415a4958cde6856d34b2db93"
+GGUF_SHA256 = "3e0039fd0273fcbebb49228943b17831aadd55cbcbf56f0af00499be2040ccf9"
+
+# A stand-in for huggingface_hub with hf_hub_download's real signature (repo_id, filename,
+# keyword-only revision, local_dir, force_download, ...): with `local_dir` the real one puts the
+# file at local_dir/filename and returns that path. This one writes $FAKE_HUB_CONTENT there and
+# logs each call to $FAKE_HUB_CALLS.
+_FAKE_HUB = """
+import json, os
+from pathlib import Path
+
+
+def hf_hub_download(repo_id, filename, *, revision=None, local_dir=None, force_download=False,
+                    **kwargs):
+    target = Path(local_dir) / filename
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(Path(os.environ["FAKE_HUB_CONTENT"]).read_bytes())
+    call = {"repo_id": repo_id, "filename": filename, "revision": revision,
+            "force_download": force_download}
+    with open(os.environ["FAKE_HUB_CALLS"], "a") as log:
+        log.write(json.dumps(call) + "\\n")
+    return str(target)
+"""
+
+
+def _run_fetch(tmp_path: Path, existing: bytes | None, served: bytes, expected: bytes) -> Any:
+    """Run fetch-gguf's script against the fake hub: a file already on the volume (or none), what
+    the hub serves, the content whose sha256 the container pins."""
+    fetch = _gguf_fetch(rendered("cpu-mistral-gguf"))
+    env = {name: entry["value"] for name, entry in env_of(fetch).items()}
+    (tmp_path / "fake" / "huggingface_hub").mkdir(parents=True)
+    (tmp_path / "fake" / "huggingface_hub" / "__init__.py").write_text(_FAKE_HUB)
+    (tmp_path / "served").write_bytes(served)
+    models = tmp_path / "models"
+    models.mkdir()
+    target = models / env["GGUF_FILE"]
+    if existing is not None:
+        target.write_bytes(existing)
+    env.update(
+        GGUF_DIR=str(models),
+        GGUF_SHA256=hashlib.sha256(expected).hexdigest(),
+        HF_HOME=str(tmp_path / "hf"),
+        PYTHONPATH=str(tmp_path / "fake"),
+        FAKE_HUB_CONTENT=str(tmp_path / "served"),
+        FAKE_HUB_CALLS=str(tmp_path / "calls"),
+        PATH=os.environ["PATH"],
+    )
+    assert fetch["command"][:2] == ["python", "-c"]
+    result = subprocess.run(
+        [sys.executable, "-c", fetch["command"][2]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    calls = (tmp_path / "calls").read_text().splitlines() if (tmp_path / "calls").exists() else []
+    return result, [json.loads(call) for call in calls], target
+
+
+def test_gguf_download_pins_revision_and_checksum() -> None:
+    """fetch-gguf names the repository's commit and the file's sha256, not a branch."""
+    env = {
+        name: entry.get("value")
+        for name, entry in env_of(_gguf_fetch(rendered("cpu-mistral-gguf"))).items()
+    }
+    assert (env["GGUF_REVISION"], env["GGUF_SHA256"]) == (GGUF_REVISION, GGUF_SHA256)
+
+
+def test_gguf_download_is_verified(tmp_path: Path) -> None:
+    """No file: downloaded at the pinned revision, kept once its sha256 matches."""
+    result, calls, target = _run_fetch(tmp_path, None, b"weights", b"weights")
+    assert result.returncode == 0, result.stderr
+    assert [c["revision"] for c in calls] == [GGUF_REVISION]
+    assert calls[0]["repo_id"] == "TheBloke/Mistral-7B-Instruct-v0.2-GGUF"
+    assert target.read_bytes() == b"weights"
+
+
+def test_gguf_on_the_volume_is_trusted_only_when_its_checksum_matches(tmp_path: Path) -> None:
+    """The right file is kept without a download; a wrong one (truncated, another file by the
+    same name) is downloaded again."""
+    result, calls, _ = _run_fetch(tmp_path / "right", b"weights", b"other", b"weights")
+    assert (result.returncode, calls) == (0, [])
+    result, calls, target = _run_fetch(tmp_path / "wrong", b"weigh", b"weights", b"weights")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 1 and target.read_bytes() == b"weights"
+
+
+def test_gguf_with_the_wrong_checksum_is_refused(tmp_path: Path) -> None:
+    """A download whose sha256 differs fails the init container (the worker does not start on
+    it) and is not left on the volume."""
+    result, calls, target = _run_fetch(tmp_path, None, b"tampered", b"weights")
+    assert result.returncode != 0 and "sha256" in result.stderr
+    assert len(calls) == 1 and not target.exists()
+
+
 # --- tests: secrets, the UI, images ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_hf_token_only_from_the_secret(name: str) -> None:
-    """HF_TOKEN / HUGGING_FACE_HUB_TOKEN come from Secret hf-token key hf-token; no Secret here."""
-    assert hf_token_problems(rendered(name)) == []
-
-
-def test_neuron_workers_receive_the_hf_token() -> None:
-    """The gated model needs the token on every worker that loads it."""
-    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
-    for group in workers(rayservice):
-        (container,) = group["template"]["spec"]["containers"]
-        assert set(env_of(container)) >= HF_TOKEN_ENV
+def test_only_the_neuron_workers_read_the_hub_token() -> None:
+    """The gated model is downloaded by the neuron workers' model replicas: they read the token
+    from the mounted Secret at HF_TOKEN_PATH (huggingface_hub's token file); the head and the UI
+    never see it, and the CPU overlays (the embedded model, a public GGUF) not at all."""
+    holders = {}
+    for name in KUSTOMIZATIONS:
+        for obj in rendered(name):
+            for label, template in pod_templates(obj):
+                for container in template["spec"]["containers"]:
+                    if secret_file(container, template["spec"], HF_SECRET):
+                        holders.setdefault(name, set()).add(label)
+    eks = {"worker inf2"}
+    assert holders == {"root": eks, "mistral": eks, "monitoring": eks}
 
 
 def test_no_token_or_placeholder_in_any_file() -> None:
@@ -412,6 +522,56 @@ def test_kustomize_images_override_every_container(tmp_path: Path) -> None:
     )
     images = {c["image"] for obj in render(tmp_path) for c in containers(obj)}
     assert images == {"registry.example/serve:1.2.3", "registry.example/ui:1.2.3"}
+
+
+def _image_names(objects: list[Manifest]) -> set[str]:
+    return {c["image"].split(":")[0] for obj in objects for c in containers(obj)}
+
+
+def built_on(directory: Path) -> list[Path]:
+    """A kustomization and every kustomization it builds on (its directory resources)."""
+    spec = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    found = [directory]
+    for entry in spec.get("resources", []):
+        if (directory / entry).is_dir():
+            found += [d for d in built_on((directory / entry).resolve()) if d not in found]
+    return found
+
+
+def image_setting_places(directory: Path) -> list[Path]:
+    """Where one can set all of a kustomization's images: itself, or any kustomization it builds
+    on that holds every one of them (overlays/cpu for overlays/cpu-mistral-gguf)."""
+    names = _image_names(render(directory))
+    return [d for d in built_on(directory) if _image_names(render(d)) >= names]
+
+
+def kustomize_edit_set_image(directory: Path, name: str, new: str) -> None:
+    """What `kustomize edit set image NAME=NEW` writes: DIRECTORY's `images:` entry for NAME."""
+    path = directory / "kustomization.yaml"
+    spec = yaml.safe_load(path.read_text())
+    new_name, _, new_tag = new.rpartition(":")
+    images = [image for image in spec.get("images", []) if image["name"] != name]
+    spec["images"] = [*images, {"name": name, "newName": new_name, "newTag": new_tag}]
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_image_follows_kustomize_edit_set_image(tmp_path: Path, name: str) -> None:
+    """Wherever all the images can be set (`kustomize edit set image` in the kustomization, or in
+    one it builds on, as k8s/README.md says for overlays/cpu), every container and init container
+    of the rendering follows: none keeps a placeholder."""
+    target = KUSTOMIZATIONS[name].relative_to(K8S)
+    for base in image_setting_places(KUSTOMIZATIONS[name]):
+        tree = tmp_path / base.relative_to(K8S).as_posix().replace("/", "-") / "k8s"
+        shutil.copytree(K8S, tree)
+        where = tree / base.relative_to(K8S)
+        kustomize_edit_set_image(where, SERVE_IMAGE, "registry.example/serve:1.2.3")
+        kustomize_edit_set_image(where, UI_IMAGE, "registry.example/ui:1.2.3")
+        objects = render(tree / target)
+        assert placeholder_problems(objects) == [], f"images set in {base.relative_to(K8S)}"
+        if base == KUSTOMIZATIONS[name]:
+            images = {c["image"] for obj in objects for c in containers(obj)}
+            assert images <= {"registry.example/serve:1.2.3", "registry.example/ui:1.2.3"}
 
 
 # --- tests: Dockerfiles ---------------------------------------------------------------------
@@ -609,16 +769,9 @@ def _broken_import_path() -> list[str]:
     return import_path_problems("backend.app:no_such_builder")
 
 
-def _broken_hf_token() -> list[str]:
-    rayservice = _rayservice()
-    env = _worker(rayservice)["template"]["spec"]["containers"][0]["env"]
-    env[0] = {"name": "HF_TOKEN", "value": "hf_not_a_real_token"}
-    return hf_token_problems([rayservice])
-
-
 def _broken_secret() -> list[str]:
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"}}
-    return hf_token_problems([*rendered("mistral"), secret])
+    return secret_problems([*rendered("mistral"), secret])
 
 
 def _broken_ui() -> list[str]:
@@ -640,6 +793,31 @@ def _broken_ui_service() -> list[str]:
     return ui_problems(objects)
 
 
+def _broken_placeholder() -> list[str]:
+    """The GGUF overlay as it was: its init container names the placeholder itself, after the
+    CPU overlay's image transformer has run."""
+    objects = rendered("cpu-mistral-gguf")
+    _gguf_fetch(objects)["image"] = f"{SERVE_IMAGE}:{IMAGE_TAG}-cpu"
+    for obj in objects:
+        for container in containers(obj):
+            if container["name"] != "fetch-gguf":
+                container["image"] = container["image"].replace("ghcr.io/OWNER", "registry.example")
+    return placeholder_problems(objects)
+
+
+def _broken_secret_env() -> list[str]:
+    rayservice = _rayservice()
+    env = _worker(rayservice)["template"]["spec"]["containers"][0]["env"]
+    env.append({"name": "HF_TOKEN", "value": "hf_not_a_real_token"})
+    return secret_problems([rayservice])
+
+
+def _broken_ui_probe() -> list[str]:
+    objects = rendered("gradio")
+    _ui_container(objects)["livenessProbe"]["httpGet"]["path"] = "/"
+    return ui_problems(objects)
+
+
 BROKEN: dict[str, Callable[[], list[str]]] = {
     "crd unknown field": _broken_crd,
     "deprecated field": _broken_deprecated,
@@ -649,8 +827,10 @@ BROKEN: dict[str, Callable[[], list[str]]] = {
     "serve config unknown key": _broken_serve_config,
     "args not a setting": _broken_args,
     "import path": _broken_import_path,
-    "hf token literal": _broken_hf_token,
+    "hf token literal": _broken_secret_env,
     "secret object": _broken_secret,
+    "placeholder image left": _broken_placeholder,
+    "UI probe renders the page": _broken_ui_probe,
     "ui bind address": _broken_ui,
     "ui service port": _broken_ui_service,
     "ui env not a setting": _broken_ui_settings,

@@ -1,5 +1,6 @@
-"""Offline checks of running it in a cluster: keys, network policies, autoscaling, the UI's
-replicas and disruption budgets, monitoring (PodMonitor, Grafana dashboard) and the image targets.
+"""Offline checks of running it in a cluster: secrets as files, network policies, autoscaling and
+the ingress replicas, the UI's replicas, disruption budgets and drains, monitoring (PodMonitor,
+Grafana dashboard). The image targets of the Makefile: test_make.py.
 
 As in test_manifests.py, each check returns a list of problems; `test_checks_catch_broken_setups`
 proves each one reports a deliberately broken copy of the real manifests.
@@ -10,38 +11,34 @@ from __future__ import annotations
 import copy
 import functools
 import json
-import subprocess
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.k8s import dashboard
 from tests.k8s.checks import (
     KUSTOMIZATIONS,
+    RAY_KUSTOMIZATIONS,
     RAY_NAMESPACE,
     RAYSERVICE,
-    REPO,
-    SERVE_IMAGE,
     SERVE_PORT,
     UI_DEPLOYMENT,
-    UI_IMAGE,
     UI_NAMESPACE,
     UI_PORT,
     UI_SERVICE,
-    api_key_problems,
     app_args,
-    containers,
     find,
-    key,
     one,
     pod_templates,
+    ray_resources,
     rendered,
+    secret_problems,
     serve_config,
     workers,
 )
-from tests.k8s.kustomize import Manifest, render
+from tests.k8s.kustomize import Manifest
 from tests.k8s.networkpolicy import Endpoint, External, Pod, allowed, ray_pod, selects
 
 MONITORING_NAMESPACE = "monitoring"
@@ -109,6 +106,7 @@ STRANGER = Pod("default", {"app": "curl"})
 UI_NEIGHBOUR = Pod(UI_NAMESPACE, {"app": "debug"})
 HUB = External("18.239.50.1")  # a public address (huggingface.co's CDN)
 KUBE_API = External("10.0.32.10")  # an EKS API endpoint: an ENI in the VPC
+PRIVATE_SERVICE = External("192.168.7.7")  # something else inside the network, on 443
 
 
 def network_problems(objects: list[Manifest]) -> list[str]:
@@ -155,7 +153,11 @@ def network_problems(objects: list[Manifest]) -> list[str]:
         ("worker -> Hugging Face hub", worker, HUB, 443, "TCP", allow),
         ("worker -> internet, plain HTTP", worker, HUB, 80, "TCP", deny_out),
         ("worker -> UI", worker, ui, UI_PORT, "TCP", deny_out),
+        ("worker -> Kubernetes API", worker, KUBE_API, 443, "TCP", deny_out),
+        ("worker -> a private address", worker, PRIVATE_SERVICE, 443, "TCP", deny_out),
         ("head autoscaler -> Kubernetes API", head, KUBE_API, 443, "TCP", allow),
+        ("head -> Kubernetes API, plain HTTP", head, KUBE_API, 80, "TCP", deny_out),
+        ("head -> internet", head, HUB, 443, "TCP", deny_out),
         ("Prometheus -> worker metrics", PROMETHEUS, worker, metrics, "TCP", allow),
         ("Prometheus -> head metrics", PROMETHEUS, head, head_ports["metrics"], "TCP", allow),
         ("Prometheus -> serve", PROMETHEUS, worker, serve, "TCP", deny_in),
@@ -222,9 +224,11 @@ def test_every_policy_selects_pods_that_exist() -> None:
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_api_key_comes_from_the_secret_in_each_namespace(name: str) -> None:
-    """LLM_API_KEY on every Ray pod and CHATUI_API_KEY on the UI, from Secret llm-api-key."""
-    assert api_key_problems(rendered(name)) == []
+def test_secrets_are_read_only_files(name: str) -> None:
+    """The API key as a file on every Ray pod (LLM_API_KEY_FILE) and the UI
+    (CHATUI_API_KEY_FILE), from Secret llm-api-key; the hub token only where HF_TOKEN_PATH
+    names it; no secret in an environment variable."""
+    assert secret_problems(rendered(name)) == []
 
 
 # --- autoscaling ----------------------------------------------------------------------------
@@ -243,27 +247,71 @@ def autoscaler_view(rayservice: Manifest) -> dict[str, Any]:
     return _derive_autoscaling_config_from_ray_cr(cluster)
 
 
-def model_deployment(rayservice: Manifest) -> Any:
-    """The model deployment as Ray Serve builds it from the manifest's application."""
+def serve_app(rayservice: Manifest) -> Any:
+    """The application as Ray Serve builds it from the manifest's import path and args."""
     from ray.serve._private.build_app import build_app as build_serve_app
 
     from backend.app import build_app
 
     (application,) = serve_config(rayservice)["applications"]
-    built = build_serve_app(build_app(application["args"]), name=application["name"])
-    [model] = [d for d in built.deployments if d.name == "model"]
+    return build_serve_app(build_app(application["args"]), name=application["name"])
+
+
+def model_deployment(rayservice: Manifest) -> Any:
+    """The model deployment as Ray Serve builds it from the manifest's application."""
+    [model] = [d for d in serve_app(rayservice).deployments if d.name == "model"]
     return model
 
 
-def replica_demand(model: Any) -> dict[str, float]:
-    """The Ray resources one model replica asks for."""
-    options = model.ray_actor_options
-    demand = {"CPU": float(options.get("num_cpus", 1)), **options.get("resources", {})}
+def replica_demand(ray_actor_options: dict[str, Any]) -> dict[str, float]:
+    """The Ray resources one replica asks for (Serve's default: one CPU)."""
+    demand = {"CPU": float(ray_actor_options.get("num_cpus", 1))}
+    demand.update(ray_actor_options.get("resources") or {})
     return {name: amount for name, amount in demand.items() if amount}
 
 
+def ingress_options(rayservice: Manifest) -> tuple[str, int, dict[str, Any]]:
+    """Name, replicas and ray_actor_options of the ingress deployment as Serve runs it: the
+    serve config's `deployments` entry replaces what the code sets (Serve's
+    `override_deployment_info` takes a config's ray_actor_options whole)."""
+    built = serve_app(rayservice)
+    name = built.ingress_deployment_name
+    [code] = [d for d in built.deployments if d.name == name]
+    (application,) = serve_config(rayservice)["applications"]
+    override = {d["name"]: d for d in application.get("deployments", [])}.get(name, {})
+    replicas = override.get("num_replicas", code._deployment_config.num_replicas)
+    return name, replicas, override.get("ray_actor_options", code.ray_actor_options or {})
+
+
+def ingress_problems(rayservice: Manifest) -> list[str]:
+    """Two ingress replicas that each hold a CPU, so Ray places them on workers (the head
+    declares none) and one outlives a worker's drain; config entries name real deployments."""
+    name, replicas, options = ingress_options(rayservice)
+    problems = []
+    if replicas < 2:
+        problems.append(f"{replicas} {name} replica(s): one worker's drain stops the API")
+    if replica_demand(options).get("CPU", 0) <= 0:
+        problems.append(f"{name} holds no CPU: Ray may place it on the head, beside GCS")
+    head = rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]
+    if head.get("rayStartParams", {}).get("num-cpus") != "0":
+        problems.append("the head declares CPUs: replicas may land beside GCS")
+    (application,) = serve_config(rayservice)["applications"]
+    known = {d.name for d in serve_app(rayservice).deployments}
+    for entry in application.get("deployments", []):
+        if entry["name"] not in known:
+            problems.append(f"serve config names deployment {entry['name']!r}, not in {known}")
+    return problems
+
+
+@pytest.mark.parametrize("name", RAY_KUSTOMIZATIONS)
+def test_ingress_runs_twice_on_workers(name: str) -> None:
+    """The ingress (routes, auth, SSE) runs as two replicas with a CPU each; the head takes no
+    Serve replica."""
+    assert ingress_problems(one(rendered(name), "RayService", RAYSERVICE)) == []
+
+
 def _unplaced(
-    node_types: dict[str, Any], head: str, replicas: int, demand: dict[str, float]
+    node_types: dict[str, Any], head: str, demands: list[dict[str, float]]
 ) -> list[dict[str, float]]:
     """The replicas Ray's autoscaler finds no node for, given at most max_workers per type."""
     from ray.autoscaler._private.node_provider_availability_tracker import (
@@ -284,25 +332,28 @@ def _unplaced(
         {name: 0 for name in node_types},
         head,
         sum(t["max_workers"] for t in node_types.values()),
-        [dict(demand) for _ in range(replicas)],
+        [dict(demand) for demand in demands],
         scorer,
     )
     return unplaced
 
 
 def scaling_problems(rayservice: Manifest) -> list[str]:
-    """The most replicas Serve may ask for all find a worker the autoscaler can add, and the
-    fewest fit the minReplicas workers (which are always there)."""
+    """The most replicas Serve may ask for (the model's and the ingress's) all find a worker
+    the autoscaler can add, and the fewest fit the minReplicas workers (always there)."""
     config = autoscaler_view(rayservice)
     node_types = config["available_node_types"]
-    deployment = model_deployment(rayservice)._deployment_config
+    model = model_deployment(rayservice)
+    deployment = model._deployment_config
     autoscaling = deployment.autoscaling_config
     low, high = (
         (autoscaling.min_replicas, autoscaling.max_replicas)
         if autoscaling
         else (deployment.num_replicas, deployment.num_replicas)
     )
-    demand = replica_demand(model_deployment(rayservice))
+    demand = replica_demand(model.ray_actor_options)
+    _, ingress_replicas, ingress_actor_options = ingress_options(rayservice)
+    ingress = [replica_demand(ingress_actor_options)] * ingress_replicas
     problems = []
     if high > low and not rayservice["spec"]["rayClusterConfig"].get("enableInTreeAutoscaling"):
         problems.append("Serve autoscales but the Ray autoscaler is off")
@@ -311,20 +362,21 @@ def scaling_problems(rayservice: Manifest) -> list[str]:
         (high, node_types, "the autoscaler can add"),
         (low, at_minimum, "among the minReplicas workers"),
     ):
-        unplaced = _unplaced(types, config["head_node_type"], replicas, demand)
+        unplaced = _unplaced(types, config["head_node_type"], [demand] * replicas + ingress)
         if unplaced:
             seen = {name: t["resources"] for name, t in node_types.items()}
             problems.append(
-                f"{len(unplaced)} of {replicas} replicas ({demand}) find no worker {where}; "
-                f"the autoscaler sees {seen}"
+                f"{len(unplaced)} of {replicas} model and {len(ingress)} ingress replicas "
+                f"({demand}, {ingress[:1]}) find no worker {where}; the autoscaler sees {seen}"
             )
     return problems
 
 
-@pytest.mark.parametrize("name", ["mistral", "cpu"])
+@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf"])
 def test_model_replicas_fit_the_workers_the_autoscaler_can_add(name: str) -> None:
-    """Ray's autoscaler code, fed our RayCluster, places max_replicas replicas on new workers
-    and num_replicas on the minReplicas workers."""
+    """Ray's autoscaler code, fed our RayCluster, places max_replicas model replicas and the
+    ingress replicas on new workers, and num_replicas with the ingress on the minReplicas
+    workers."""
     assert scaling_problems(one(rendered(name), "RayService", RAYSERVICE)) == []
 
 
@@ -354,9 +406,38 @@ def test_inf2_autoscaling_arithmetic() -> None:
 
 # --- the UI's replicas, disruption budgets --------------------------------------------------
 
+# Pod annotations with which Karpenter refuses to consolidate, drift or drain a node (the second
+# is the name before Karpenter v0.32).
+KARPENTER_BLOCKERS = ("karpenter.sh/do-not-disrupt", "karpenter.sh/do-not-evict")
 
-def availability_problems(objects: list[Manifest]) -> list[str]:
-    """Sticky sessions when the UI has replicas; budgets that keep a UI pod and the Ray head."""
+
+def pod_groups(objects: list[Manifest]) -> dict[str, tuple[Pod, int, bool]]:
+    """Each group of like pods: a pod, how many there are at the least, and whether KubeRay
+    manages them (a RayCluster has no scale subresource)."""
+    groups: dict[str, tuple[Pod, int, bool]] = {}
+    rayservice = one(objects, "RayService", RAYSERVICE)
+    pods = ray_pods(objects)
+    groups["head"] = (pods["head"][0], 1, True)
+    for group in workers(rayservice):
+        label = f"worker {group['groupName']}"
+        groups[label] = (pods[label][0], group.get("minReplicas", group["replicas"]), True)
+    deployment = one(objects, "Deployment", UI_DEPLOYMENT)
+    groups["UI"] = (ui_pod(objects)[0], deployment["spec"].get("replicas", 1), False)
+    return groups
+
+
+def evictions_allowed(budget: Manifest, pods: int, healthy: int) -> int:
+    """The PodDisruptionBudget's disruptionsAllowed for integer minAvailable or maxUnavailable."""
+    spec = budget["spec"]
+    if "minAvailable" in spec:
+        return healthy - int(spec["minAvailable"])
+    return int(spec["maxUnavailable"]) - (pods - healthy)
+
+
+def availability_problems(objects: list[Manifest], serves_through_drains: bool) -> list[str]:
+    """Sticky UI sessions; budgets that never block a drain forever yet take workers one at a
+    time; no Karpenter annotation that blocks disruption. With `serves_through_drains`, a
+    worker's eviction leaves a worker holding a model replica."""
     problems = []
     deployment = one(objects, "Deployment", UI_DEPLOYMENT)
     replicas = deployment["spec"].get("replicas", 1)
@@ -364,33 +445,69 @@ def availability_problems(objects: list[Manifest]) -> list[str]:
     if replicas > 1 and service.get("sessionAffinity") != "ClientIP":
         problems.append(f"{replicas} UI pods but gradio-service has no client-IP affinity")
     budgets = find(objects, "PodDisruptionBudget")
-    ui, _ = ui_pod(objects)
-    ui_budgets = [b for b in budgets if selects(b["spec"]["selector"], ui.labels)]
-    if replicas > 1 and not any(
-        b["metadata"]["namespace"] == UI_NAMESPACE
-        and 1 <= b["spec"].get("minAvailable", 0) < replicas
-        for b in ui_budgets
-    ):
-        problems.append("no PodDisruptionBudget keeps one UI pod yet lets one go")
-    pods = ray_pods(objects)
-    head_budgets = [b for b in budgets if selects(b["spec"]["selector"], pods["head"][0].labels)]
-    if not any(
-        b["metadata"]["namespace"] == RAY_NAMESPACE and b["spec"].get("maxUnavailable") == 0
-        for b in head_budgets
-    ):
-        problems.append("no PodDisruptionBudget refuses evicting the Ray head")
-    for label, (pod, _) in pods.items():
-        if label != "head" and any(selects(b["spec"]["selector"], pod.labels) for b in budgets):
-            problems.append(f"{label}: the head's budget also holds back workers")
+    for label, (pod, count, kuberay_managed) in pod_groups(objects).items():
+        mine = [
+            b
+            for b in budgets
+            if b["metadata"]["namespace"] == pod.namespace
+            and selects(b["spec"]["selector"], pod.labels)
+        ]
+        if not mine:
+            problems.append(f"{label}: no PodDisruptionBudget")
+        for budget in mine:
+            name = f"{label}: budget {budget['metadata']['name']}"
+            spec = budget["spec"]
+            value = spec.get("minAvailable", spec.get("maxUnavailable"))
+            if kuberay_managed and not isinstance(spec.get("minAvailable"), int):
+                # Kubernetes evaluates maxUnavailable and percentages only through the owner's
+                # scale subresource, which a RayCluster lacks.
+                problems.append(f"{name}: KubeRay's pods take an integer minAvailable only")
+            elif not isinstance(value, int):
+                problems.append(f"{name}: {value!r} is not an integer")
+            elif evictions_allowed(budget, count, count) < 1:
+                problems.append(f"{name}: refuses every eviction at {count} pods (drains hang)")
+            elif count > 1 and evictions_allowed(budget, count, count - 1) > 0:
+                problems.append(f"{name}: lets a second pod go while one is down")
+    for obj in objects:
+        for label, template in pod_templates(obj):
+            annotations = template["metadata"].get("annotations") or {}
+            problems += [
+                f"{label}: {a} blocks Karpenter" for a in KARPENTER_BLOCKERS if a in annotations
+            ]
+    if serves_through_drains:
+        problems += drain_service_problems(one(objects, "RayService", RAYSERVICE))
     return problems
 
 
-@pytest.mark.parametrize("name", ["root", "cpu", "monitoring"])
-def test_ui_replicas_are_sticky_and_budgets_hold(name: str) -> None:
-    """More than one UI pod; client-IP affinity; PDBs for the UI and the Ray head."""
+def drain_service_problems(rayservice: Manifest) -> list[str]:
+    """At the minimum scale, every worker but the one drained still holds a model replica: the
+    model's minimum replicas exceed what one worker can hold."""
+    args = app_args(rayservice)
+    autoscaling = model_deployment(rayservice)._deployment_config.autoscaling_config
+    fewest = autoscaling.min_replicas if autoscaling else args["num_replicas"]
+    problems = []
+    for group in workers(rayservice):
+        cores = ray_resources(group["rayStartParams"]).get("neuron_cores", 0)
+        per_worker = cores // args["num_neuron_cores"] if args.get("num_neuron_cores") else fewest
+        if group.get("minReplicas", group["replicas"]) < 2:
+            problems.append(f"worker {group['groupName']}: fewer than 2 workers at the minimum")
+        if fewest - per_worker < 1:
+            problems.append(
+                f"{fewest} model replica(s), {per_worker} per worker: a drain stops the model"
+            )
+    return problems
+
+
+@pytest.mark.parametrize(
+    ("name", "serves_through_drains"),
+    [("root", True), ("monitoring", True), ("cpu", False), ("cpu-mistral-gguf", False)],
+)
+def test_drains_proceed_and_budgets_hold(name: str, serves_through_drains: bool) -> None:
+    """More than one UI pod with client-IP affinity; every budget lets a drain proceed, one pod
+    at a time; on EKS a worker's drain leaves the model served (the CPU overlays have one)."""
     objects = rendered(name)
     assert one(objects, "Deployment", UI_DEPLOYMENT)["spec"]["replicas"] > 1
-    assert availability_problems(objects) == []
+    assert availability_problems(objects, serves_through_drains) == []
 
 
 # --- monitoring -----------------------------------------------------------------------------
@@ -486,63 +603,6 @@ def test_dashboard_queries_only_metrics_the_backend_exports() -> None:
     assert dashboard_problems(dashboard.load()) == []
 
 
-# --- images ---------------------------------------------------------------------------------
-
-
-def make(*args: str) -> str:
-    result = subprocess.run(
-        ["make", "--no-print-directory", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    return result.stdout
-
-
-def test_make_images_builds_the_names_the_manifests_use() -> None:
-    """`make -n images/push`: both Dockerfiles (serve: neuron and cpu targets) under REGISTRY."""
-    registry, tag = "registry.example/team", "9.9.9"
-    serve, ui = (f"{registry}/{image.rsplit('/', 1)[1]}" for image in (SERVE_IMAGE, UI_IMAGE))
-    builds = make("-n", "images", f"REGISTRY={registry}", f"TAG={tag}").splitlines()
-    assert builds == [
-        f"docker build -f Dockerfile.serve --target neuron -t {serve}:{tag} .",
-        f"docker build -f Dockerfile.serve --target cpu -t {serve}:{tag}-cpu .",
-        f"docker build -f Dockerfile.ui -t {ui}:{tag} .",
-    ]
-    pushed = make("-n", "push", f"REGISTRY={registry}", f"TAG={tag}")
-    for image in (f"{serve}:{tag}", f"{serve}:{tag}-cpu", f"{ui}:{tag}"):
-        assert image in pushed
-
-
-@pytest.mark.parametrize("monitoring", ["", "1"])
-def test_make_overlay_points_every_container_at_the_registry(
-    tmp_path: Path, monitoring: str
-) -> None:
-    """The written overlay renders k8s/ (plus monitoring) with only the images changed."""
-    overlay = tmp_path / "release"
-    make(
-        "overlay",
-        "REGISTRY=registry.example/team",
-        "TAG=9.9.9",
-        f"OVERLAY_DIR={overlay}",
-        f"MONITORING={monitoring}",
-    )
-    objects = render(overlay)
-    images = {c["image"] for obj in objects for c in containers(obj)}
-    assert images == {
-        "registry.example/team/mistral-inf2-chat-serve:9.9.9",
-        "registry.example/team/mistral-inf2-chat-ui:9.9.9",
-    }
-    expected = rendered("monitoring" if monitoring else "root")
-    for obj in expected:
-        for container in containers(obj):
-            name = container["image"].split(":")[0].rsplit("/", 1)[1]
-            container["image"] = f"registry.example/team/{name}:9.9.9"
-    assert sorted(objects, key=key) == sorted(expected, key=key)
-
-
 # --- the checks themselves can fail ---------------------------------------------------------
 
 
@@ -577,30 +637,95 @@ def _broken_no_default_deny() -> list[str]:
     return default_deny_problems(objects)
 
 
-def _broken_key_literal() -> list[str]:
+def _ray_spec(objects: list[Manifest], group: str) -> dict[str, Any]:
+    cluster = one(objects, "RayService", RAYSERVICE)["spec"]["rayClusterConfig"]
+    spec = cluster["headGroupSpec"] if group == "head" else cluster["workerGroupSpecs"][0]
+    return spec["template"]["spec"]
+
+
+def _env(container: dict[str, Any], name: str) -> dict[str, Any]:
+    [entry] = [e for e in container["env"] if e["name"] == name]
+    return entry
+
+
+def _broken_key_as_env() -> list[str]:
     objects = rendered("root")
-    container = one(objects, "Deployment", UI_DEPLOYMENT)["spec"]["template"]["spec"]
-    env = container["containers"][0]["env"]
-    [entry] = [e for e in env if e["name"] == "CHATUI_API_KEY"]
-    entry.pop("valueFrom")
-    entry["value"] = "sk-committed"
-    return api_key_problems(objects)
+    ui = one(objects, "Deployment", UI_DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]
+    ref = {"secretKeyRef": {"name": "llm-api-key", "key": "api-key"}}
+    ui["env"].append({"name": "CHATUI_API_KEY", "valueFrom": ref})
+    return secret_problems(objects)
 
 
 def _broken_key_optional() -> list[str]:
     objects = rendered("root")
-    rayservice = one(objects, "RayService", RAYSERVICE)
-    env = workers(rayservice)[0]["template"]["spec"]["containers"][0]["env"]
-    [entry] = [e for e in env if e["name"] == "LLM_API_KEY"]
-    entry["valueFrom"]["secretKeyRef"]["optional"] = True
-    return api_key_problems(objects)
+    for volume in _ray_spec(objects, "worker")["volumes"]:
+        if volume.get("secret", {}).get("secretName") == "llm-api-key":
+            volume["secret"]["optional"] = True
+    return secret_problems(objects)
+
+
+def _broken_key_path() -> list[str]:
+    objects = rendered("root")
+    _env(_ray_spec(objects, "worker")["containers"][0], "LLM_API_KEY_FILE")["value"] += ".txt"
+    return secret_problems(objects)
 
 
 def _broken_key_missing_on_head() -> list[str]:
     objects = rendered("root")
-    head = one(objects, "RayService", RAYSERVICE)["spec"]["rayClusterConfig"]["headGroupSpec"]
-    head["template"]["spec"]["containers"][0]["env"] = []
-    return api_key_problems(objects)
+    head = _ray_spec(objects, "head")["containers"][0]
+    head["env"] = [e for e in head["env"] if e["name"] != "LLM_API_KEY_FILE"]
+    return secret_problems(objects)
+
+
+def _broken_hub_token_env() -> list[str]:
+    objects = rendered("root")
+    ref = {"secretKeyRef": {"name": "hf-token", "key": "hf-token"}}
+    worker = _ray_spec(objects, "worker")["containers"][0]
+    worker["env"].append({"name": "HUGGING_FACE_HUB_TOKEN", "valueFrom": ref})
+    return secret_problems(objects)
+
+
+def _broken_hub_token_path() -> list[str]:
+    objects = rendered("root")
+    _env(_ray_spec(objects, "worker")["containers"][0], "HF_TOKEN_PATH")["value"] = "/data/hf/token"
+    return secret_problems(objects)
+
+
+def _broken_head_egress() -> list[str]:
+    objects = rendered("root")
+    _policy(objects, RAY_NAMESPACE, "ray-head-to-kubernetes-api")["egress"][0]["to"] = [
+        {"ipBlock": {"cidr": "0.0.0.0/0"}}
+    ]
+    return network_problems(objects)
+
+
+def _broken_worker_egress() -> list[str]:
+    objects = rendered("root")
+    egress = _policy(objects, RAY_NAMESPACE, "ray-workers-to-hugging-face")["egress"]
+    del egress[0]["to"][0]["ipBlock"]["except"]
+    return network_problems(objects)
+
+
+def _broken_ingress(**entry: Any) -> list[str]:
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    config = serve_config(rayservice)
+    [ingress] = [d for d in config["applications"][0]["deployments"] if d["name"] == "ingress"]
+    ingress.update(entry)
+    rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(config)
+    return ingress_problems(rayservice)
+
+
+def _broken_head_cpus() -> list[str]:
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = "2"
+    return ingress_problems(rayservice)
+
+
+def _broken_cpu_worker_room() -> list[str]:
+    """The CPU overlay's worker as it was: 2 CPUs, all the model replica's."""
+    rayservice = one(rendered("cpu"), "RayService", RAYSERVICE)
+    workers(rayservice)[0]["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"] = "2"
+    return scaling_problems(rayservice)
 
 
 def _broken_blueprint_resources() -> list[str]:
@@ -625,20 +750,43 @@ def _broken_autoscaler_off() -> list[str]:
 def _broken_affinity() -> list[str]:
     objects = rendered("root")
     del one(objects, "Service", UI_SERVICE)["spec"]["sessionAffinity"]
-    return availability_problems(objects)
+    return availability_problems(objects, serves_through_drains=True)
 
 
-def _broken_ui_budget() -> list[str]:
+def _with_budget(name: str, spec: dict[str, Any]) -> list[str]:
     objects = rendered("root")
-    one(objects, "PodDisruptionBudget", "gradio")["spec"]["minAvailable"] = 2  # blocks drains
-    return availability_problems(objects)
+    budget = one(objects, "PodDisruptionBudget", name)["spec"]
+    budget.pop("minAvailable", None)
+    budget.pop("maxUnavailable", None)
+    budget.update(spec)
+    return availability_problems(objects, serves_through_drains=True)
 
 
-def _broken_head_budget() -> list[str]:
+def _broken_do_not_disrupt() -> list[str]:
     objects = rendered("root")
-    budget = one(objects, "PodDisruptionBudget", "ray-head")["spec"]["selector"]["matchLabels"]
-    budget.pop("app.kubernetes.io/component")  # now it holds back the workers too
-    return availability_problems(objects)
+    template = workers(one(objects, "RayService", RAYSERVICE))[0]["template"]
+    template["metadata"]["annotations"] = {"karpenter.sh/do-not-disrupt": "true"}
+    return availability_problems(objects, serves_through_drains=True)
+
+
+def _broken_one_worker() -> list[str]:
+    objects = rendered("root")
+    group = workers(one(objects, "RayService", RAYSERVICE))[0]
+    group["minReplicas"] = group["replicas"] = 1
+    return availability_problems(objects, serves_through_drains=True)
+
+
+def _broken_one_model_replica() -> list[str]:
+    objects = rendered("root")
+    rayservice = one(objects, "RayService", RAYSERVICE)
+    _edit_args(rayservice, num_replicas=1)
+    return availability_problems(objects, serves_through_drains=True)
+
+
+def _edit_args(rayservice: Manifest, **args: Any) -> None:
+    config = serve_config(rayservice)
+    config["applications"][0]["args"].update(args)
+    rayservice["spec"]["serveConfigV2"] = yaml.safe_dump(config)
 
 
 def _broken_podmonitor_port() -> list[str]:
@@ -671,15 +819,30 @@ BROKEN: dict[str, Callable[[], list[str]]] = {
     "Ray ports open to anyone": _broken_internal_peer,
     "UI egress to the wrong port": _broken_ui_egress,
     "no default deny": _broken_no_default_deny,
-    "key as a literal": _broken_key_literal,
-    "key optional": _broken_key_optional,
+    "key as an environment variable": _broken_key_as_env,
+    "key Secret optional": _broken_key_optional,
+    "key file path not the mount": _broken_key_path,
     "key missing on the head": _broken_key_missing_on_head,
+    "hub token as an environment variable": _broken_hub_token_env,
+    "hub token path not the mount": _broken_hub_token_path,
+    "head egress to the internet": _broken_head_egress,
+    "worker egress into the network": _broken_worker_egress,
+    "one ingress replica": lambda: _broken_ingress(num_replicas=1),
+    "ingress without a CPU": lambda: _broken_ingress(ray_actor_options={"num_cpus": 0}),
+    "ingress named wrong": lambda: _broken_ingress(name="Ingress"),
+    "head with CPUs": _broken_head_cpus,
+    "CPU worker without room for the ingress": _broken_cpu_worker_room,
     "blueprint's neuron resources": _broken_blueprint_resources,
     "more replicas than workers": _broken_too_many_replicas,
     "Ray autoscaler off": _broken_autoscaler_off,
     "no client-IP affinity": _broken_affinity,
-    "UI budget that blocks drains": _broken_ui_budget,
-    "head budget over workers": _broken_head_budget,
+    "UI budget that blocks drains": lambda: _with_budget("gradio", {"minAvailable": 2}),
+    "head budget that refuses eviction": lambda: _with_budget("ray-head", {"minAvailable": 1}),
+    "maxUnavailable on KubeRay's pods": lambda: _with_budget("ray-workers", {"maxUnavailable": 1}),
+    "workers' budget lets two go": lambda: _with_budget("ray-workers", {"minAvailable": 0}),
+    "do-not-disrupt on workers": _broken_do_not_disrupt,
+    "one worker at the minimum": _broken_one_worker,
+    "one model replica": _broken_one_model_replica,
     "PodMonitor port": _broken_podmonitor_port,
     "PodMonitor kept out by the policy": _broken_podmonitor_policy,
     "dashboard metric typo": _broken_dashboard_metric,
