@@ -67,7 +67,7 @@ test: lint
 	$(BIN)/pytest -q
 
 bench: install
-	$(BIN)/python -m tests.bench
+	$(BIN)/python -m bench
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
 images:

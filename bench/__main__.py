@@ -1,17 +1,19 @@
 """`make bench`: the serving figures and their targets, all measured side by side in one run.
 
-Writes `artifacts/bench.md` (the table) and `artifacts/bench.png` (throughput). Figures are
-compared as ratios inside the run, because absolute numbers on shared machines are noisy; the
-figures measured before the serving work stand beside them.
+Writes `docs/benchmarks.md` (every section, with the commit and the machine it was measured on),
+`artifacts/bench.md` (this run's report) and `artifacts/bench.png` (throughput). Figures are
+compared as ratios inside the run, because absolute numbers on shared machines are noisy: the
+bench compares only what it measures in the same run. `python -m bench multiturn` measures the
+multi-turn section alone and replaces only that section of `docs/benchmarks.md`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import importlib.util
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -22,12 +24,13 @@ from pathlib import Path
 import psutil
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.hf import HFEngine
+from backend.engines.hf import HFEngine, pick_dtype
 from backend.settings import BackendSettings
-from tests.bench import load, multiturn, raw
-from tests.bench.load import Run, Saturation
-from tests.bench.multiturn import MultiTurn
-from tests.bench.ui import UITimes, ui_overhead
+from bench import load, multiturn, raw, report
+from bench.load import Run, Saturation
+from bench.multiturn import MultiTurn
+from bench.report import Provenance, Row, Section
+from bench.ui import UITimes, ui_overhead
 from tests.e2e.services import ARTIFACTS, backend_service, free_port
 
 MAX_TOKENS = 128
@@ -41,16 +44,18 @@ CHAT_TURNS = 8  # each adds ~200 prompt tokens of notes and a 48-token reply
 ROUND_ROBIN_USERS = 6  # conversations taking turns over ...
 ROUND_ROBIN_SEQUENCES = 2  # ... this many llama.cpp sequences (LLM_MAX_BATCH_SIZE)
 ROUND_ROBIN_TURNS = 6
+MULTI_TURN_THREADS = 1  # engine threads of the multi-turn backends (see multi_turn)
 
-# Measured before the serving work (issue 8, same machine kind, bf16), for comparison.
-PREVIOUS = {
-    "http1/raw1": "0.70",
-    "http8/raw8": "0.54",
-    "8/one": "2.7x",
-    "ttft8/ttft1": "4.5x",
-    "control_p99": "> 10 s (timeouts for ~100 s)",
-    "ui_overhead": "85-222 ms",
-}
+# The targets, shown in the tables and in each section's description.
+HTTP1_TARGET = ">= 0.9"  # HTTP 1 stream / raw batch 1
+HTTP8_TARGET = {"hf": ">= 0.8", "llamacpp": ">= 0.85"}  # HTTP 8 streams / raw batch 8
+SCALING_TARGET = ">= 5x"  # 8 at once / one at a time
+USERS_TTFT_TARGET = "<= 2x"  # TTFT of 8 users chatting / of one stream
+CONTROL_TARGET = "< 100 ms"  # /healthz and /v1/models p99 under saturation, kubelet-like prober
+UI_TARGET = "<= 100 ms"  # the UI's share of time to first token
+VERSUS_HF_TARGET = ">= 3x"  # llamacpp / hf, HTTP 1 stream
+TURN_GROWTH_TARGET = "<= 1.3"  # TTFT of the last turn / the first, prefix caching on
+REUSE_TARGET = ">= 0.9"  # share of each previous turn reused, more conversations than sequences
 
 
 Ceiling = Callable[[], tuple[Run, Run]]
@@ -78,7 +83,7 @@ class Served:
 
     start_s: float
     # The engine's raw rates measured in this process while the backend is up and idle: what is
-    # left of the two cores beside Ray's own processes (GCS, raylet, controller, agents).
+    # left of the cores beside Ray's own processes (GCS, raylet, controller, agents).
     beside_idle: tuple[Run, Run]
     single: Run
     burst: Run
@@ -165,55 +170,48 @@ def engines() -> list[str]:
     return ["hf", *(["llamacpp"] if importlib.util.find_spec("llama_cpp") else [])]
 
 
-def rows_for(name: str, served: Served, raw1: Run, raw8: Run) -> list[tuple[str, str, str, str]]:
-    """Table rows of one engine: measure, this run, target, before."""
+def engine_section(name: str, served: Served, raw1: Run, raw8: Run) -> Section:
+    """One engine through the real HTTP backend, against its own speed in-process."""
     s = served
-    return [
-        (f"{name}: start to /healthz 200", f"{s.start_s:.1f} s", "", ""),
+    rows: list[Row] = [
+        (f"{name}: start to /healthz 200", f"{s.start_s:.1f} s", ""),
         (
             f"{name}: raw in-process, batch 1 / batch {CONCURRENCY}",
             f"{raw1.rate:.0f} / {raw8.rate:.0f} tok/s",
-            "",
             "",
         ),
         (
             f"{name}: HTTP, 1 stream (mean of {REPEATS}) / {CONCURRENCY} at once",
             f"{s.single.rate:.0f} / {s.burst.rate:.0f} tok/s",
             "",
-            "",
         ),
         (
             f"{name}: HTTP 1 stream / raw batch 1",
             f"{s.single.rate / raw1.rate:.2f}",
-            ">= 0.9",
-            PREVIOUS["http1/raw1"] if name == "hf" else "",
+            HTTP1_TARGET,
         ),
         (
             f"{name}: HTTP {CONCURRENCY} streams / raw batch {CONCURRENCY}",
             f"{s.burst.rate / raw8.rate:.2f}",
-            ">= 0.85" if name == "llamacpp" else ">= 0.8",
-            PREVIOUS["http8/raw8"] if name == "hf" else "",
+            HTTP8_TARGET[name],
         ),
         (
             f"{name}: {CONCURRENCY} at once / one at a time (the engine's own: raw batch "
             f"{CONCURRENCY} / batch 1)",
             f"{s.burst.rate / s.single.rate:.1f}x ({raw8.rate / raw1.rate:.1f}x)",
-            ">= 5x",
-            PREVIOUS["8/one"] if name == "hf" else "",
+            SCALING_TARGET,
         ),
         *idle_share_rows(name, served, raw1, raw8),
-        (f"{name}: TTFT p50, 1 stream", f"{s.single.ttft_p50 * 1000:.0f} ms", "", ""),
+        (f"{name}: TTFT p50, 1 stream", f"{s.single.ttft_p50 * 1000:.0f} ms", ""),
         (
             f"{name}: TTFT p50, {CONCURRENCY} users chatting ({TURNS} turns each, staggered)",
             f"{s.conversations.ttft_p50 * 1000:.0f} ms "
             f"({s.conversations.ttft_p50 / s.single.ttft_p50:.1f}x)",
-            "<= 2x",
-            PREVIOUS["ttft8/ttft1"] if name == "hf" else "",
+            USERS_TTFT_TARGET,
         ),
         (
             f"{name}: TTFT p50, {CONCURRENCY} sent in the same instant",
             f"{s.burst.ttft_p50 * 1000:.0f} ms ({s.burst.ttft_p50 / s.single.ttft_p50:.1f}x)",
-            "",
             "",
         ),
         (
@@ -221,20 +219,26 @@ def rows_for(name: str, served: Served, raw1: Run, raw8: Run) -> list[tuple[str,
             f"~{LONG_PROMPT_WORDS} words arrive",
             f"{s.itl_median_s * 1000:.0f} / {s.itl_max_s * 1000:.0f} ms",
             "bounded",
-            "",
         ),
         (
             f"{name}: peak RSS of the backend process tree",
             f"{s.peak_rss_bytes / 2**30:.2f} GiB",
             "",
-            "",
         ),
     ]
+    return Section(
+        f"engine-{name}",
+        f"The `{name}` engine through HTTP",
+        f"The engine's own rate in this process (no server: the ceiling) against the same through "
+        f"the real backend, then concurrency, time to first token, a stream's stalls while long "
+        f"prompts arrive, and memory. Targets: HTTP / raw {HTTP1_TARGET} for one stream and "
+        f"{HTTP8_TARGET[name]} for {CONCURRENCY}, {CONCURRENCY} at once {SCALING_TARGET} one at "
+        f"a time, TTFT of {CONCURRENCY} users chatting {USERS_TTFT_TARGET} one stream's.",
+        rows,
+    )
 
 
-def idle_share_rows(
-    name: str, served: Served, raw1: Run, raw8: Run
-) -> list[tuple[str, str, str, str]]:
+def idle_share_rows(name: str, served: Served, raw1: Run, raw8: Run) -> list[Row]:
     """The HTTP/raw gap split in two: the cores Ray's idle processes take, and the request path."""
     idle1, idle8 = served.beside_idle
     return [
@@ -244,13 +248,11 @@ def idle_share_rows(
             f"{idle1.rate:.0f} / {idle8.rate:.0f} tok/s "
             f"({idle1.rate / raw1.rate:.2f} / {idle8.rate / raw8.rate:.2f})",
             "",
-            "",
         ),
         (
             f"{name}: HTTP / raw beside the idle backend, 1 stream / {CONCURRENCY} "
             "(the request path's own cost)",
             f"{served.single.rate / idle1.rate:.2f} / {served.burst.rate / idle8.rate:.2f}",
-            "",
             "",
         ),
     ]
@@ -258,12 +260,15 @@ def idle_share_rows(
 
 def multi_turn(engine: str) -> tuple[MultiTurn, MultiTurn]:
     """The same conversations with prefix caching and without, each on a fresh backend. One
-    engine thread: the other core serves Ray and the clients, so the engine's steps are not
+    engine thread: the other cores serve Ray and the clients, so the engine's steps are not
     stretched by whoever else runs (its threads spin-wait for each other)."""
     runs = []
     for caching in ("true", "false"):
         service = backend_service(
-            free_port(), LLM_ENGINE=engine, LLM_PREFIX_CACHING=caching, LLM_TORCH_THREADS="1"
+            free_port(),
+            LLM_ENGINE=engine,
+            LLM_PREFIX_CACHING=caching,
+            LLM_TORCH_THREADS=str(MULTI_TURN_THREADS),
         )
         service.start()
         try:
@@ -281,7 +286,7 @@ def round_robin() -> MultiTurn:
         free_port(),
         LLM_ENGINE="llamacpp",
         LLM_MAX_BATCH_SIZE=str(ROUND_ROBIN_SEQUENCES),
-        LLM_TORCH_THREADS="1",
+        LLM_TORCH_THREADS=str(MULTI_TURN_THREADS),
     )
     service.start()
     try:
@@ -290,39 +295,34 @@ def round_robin() -> MultiTurn:
         service.stop()
 
 
-def multi_turn_rows() -> list[tuple[str, str, str, str]]:
+def multi_turn_section() -> Section:
     """Time to first token as conversations grow, with and without prefix caching."""
-    rows = []
+    rows: list[Row] = []
+    threads = f"{MULTI_TURN_THREADS} thread{'s' if MULTI_TURN_THREADS > 1 else ''}"
     for engine in engines():
         cached, uncached = multi_turn(engine)
         last = CHAT_TURNS
         rows += [
             (
-                f"{engine} (1 thread): multi-turn, {CHAT_USERS} users, turns interleaved: "
+                f"{engine} ({threads}): multi-turn, {CHAT_USERS} users, turns interleaved: "
                 f"TTFT turn {last} / turn 1 (prompt {cached.prompt_tokens(1)} -> "
                 f"{cached.prompt_tokens(last)} tokens), prefix caching on",
                 f"{_growth(cached)}; hit rate {cached.hit_rate():.2f}, "
                 f"{cached.reuse():.2f} of each previous turn reused",
-                "<= 1.3",
-                "",
+                TURN_GROWTH_TARGET,
             ),
-            (
-                "... the same conversations with LLM_PREFIX_CACHING=false",
-                _growth(uncached),
-                "",
-                "",
-            ),
+            ("... the same conversations with LLM_PREFIX_CACHING=false", _growth(uncached), ""),
         ]
         if engine == "llamacpp":
             new = cached.prompt_tokens(last) - min(r.cached_tokens for r in cached.turns[last - 1])
-            floor = multiturn.llamacpp_prefill_floor(new, cached.prompt_tokens(last) - new, 1)
+            history = cached.prompt_tokens(last) - new
+            floor = multiturn.llamacpp_prefill_floor(new, history, MULTI_TURN_THREADS)
             rows.append(
                 (
-                    f"llamacpp: compute floor, in-process, 1 thread: {new} new tokens "
-                    f"prefilled after {cached.prompt_tokens(last) - new} cached / from position 0 "
+                    f"llamacpp: compute floor, in-process, {threads}: {new} new tokens "
+                    f"prefilled after {history} cached / from position 0 "
                     "(attention over the history, which no cache saves)",
                     f"{floor:.2f}",
-                    "",
                     "",
                 )
             )
@@ -334,11 +334,20 @@ def multi_turn_rows() -> list[tuple[str, str, str, str]]:
             f"{many.prompt_tokens(1)} -> {many.prompt_tokens(ROUND_ROBIN_TURNS)} tokens): share "
             "of each previous turn reused (host-memory copies) / hit rate",
             f"{many.reuse():.2f} / {many.hit_rate():.2f}",
-            ">= 0.9",
-            "",
+            REUSE_TARGET,
         )
     )
-    return rows
+    return Section(
+        "multiturn",
+        "Multi-turn conversations and prefix caching",
+        f"Time to first token as {CHAT_USERS} conversations grow over {CHAT_TURNS} turns, with "
+        "prefix caching and without, against the compute floor no cache saves; then more "
+        f"conversations than llama.cpp has sequences. Targets: TTFT at turn {CHAT_TURNS} / turn "
+        f"1 {TURN_GROWTH_TARGET} with prefix caching, {REUSE_TARGET} of each previous turn "
+        f"reused when {ROUND_ROBIN_USERS} conversations take turns over {ROUND_ROBIN_SEQUENCES} "
+        "sequences.",
+        rows,
+    )
 
 
 def _growth(run: MultiTurn) -> str:
@@ -346,41 +355,76 @@ def _growth(run: MultiTurn) -> str:
     return f"{last / first:.2f} ({first * 1000:.0f} -> {last * 1000:.0f} ms)"
 
 
+def start_section(cold: float, cached: float) -> Section:
+    """How long the hf engine takes to load the embedded model."""
+    return Section(
+        "start",
+        "Engine start",
+        "Seconds for the `hf` engine to load the embedded model: the first time (converting the "
+        "GGUF) and from the converted cache. No target: reported so that a change shows.",
+        [("hf: engine start, cold (GGUF conversion) / cached", f"{cold:.1f} / {cached:.1f} s", "")],
+    )
+
+
+def engine_settings() -> list[str]:
+    """The engines' thread and number-format settings the bench runs with (the shell's `LLM_*`
+    reach the backends it starts), for the report's machine description."""
+    import torch
+
+    settings = BackendSettings()
+    served = f"`LLM_TORCH_THREADS={settings.torch_threads}`"
+    if not settings.torch_threads:
+        served += " (the cores Ray grants the model deployment)"
+    dtype = str(pick_dtype(settings.dtype)).removeprefix("torch.")
+    return [
+        f"Engine threads: backends {served}, multi-turn section "
+        f"`LLM_TORCH_THREADS={MULTI_TURN_THREADS}`; in-process ceilings: torch "
+        f"{torch.get_num_threads()}, llama.cpp {len(os.sched_getaffinity(0))}",
+        f"hf number format: `LLM_DTYPE={settings.dtype}` ({dtype})",
+    ]
+
+
 def main() -> None:
     """Run every measurement and write the report (`multiturn`: that section only)."""
-    if sys.argv[1:] == ["multiturn"]:
-        write_report([*multi_turn_rows(), ("cpu cores", str(os.cpu_count()), "", "")], {})
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "section",
+        nargs="?",
+        choices=["multiturn"],
+        help="measure this section alone and replace only it in docs/benchmarks.md",
+    )
+    args = parser.parse_args()
+    provenance = Provenance.current()  # the tree as measured, before the bench writes anything
+    if args.section == "multiturn":
+        write_report([multi_turn_section()], {}, provenance, whole=False)
         return
     cold, cached = time_engine_starts()
     ceilings = {engine: CEILINGS[engine]() for engine in engines()}
     print("ceilings:", {e: [f"{r.rate:.0f} tok/s" for r in runs] for e, runs in ceilings.items()})
-    rows: list[tuple[str, str, str, str]] = [
-        (
-            "hf: engine start, cold (GGUF conversion) / cached",
-            f"{cold:.1f} / {cached:.1f} s",
-            "",
-            "",
-        ),
-    ]
+    sections = [start_section(cold, cached)]
+    control: list[Section] = []
     served: dict[str, Served] = {}
     default = BackendSettings().engine
     for engine in engines():
         extra = control_plane_and_ui if engine == default else None
         served[engine], measured = serve(engine, extra)
-        rows += rows_for(engine, served[engine], *ceilings[engine])
-        print(*(" | ".join(row) for row in rows), sep="\n", flush=True)  # so far, in case
+        measured_now = [engine_section(engine, served[engine], *ceilings[engine])]
         if measured is not None:
-            rows += control_rows(engine, *measured)
+            measured_now.append(control_section(engine, *measured))
+        sections.append(measured_now[0])
+        control += measured_now[1:]
+        for section in measured_now:
+            print(report.table(section.rows), flush=True)  # so far, in case
+    sections += control
     if "llamacpp" in served:
-        rows += llamacpp_comparison(served)
-    rows += multi_turn_rows()
-    rows.append(("cpu cores", str(os.cpu_count()), "", ""))
-    write_report(rows, served)
+        sections.append(llamacpp_section(served))
+    sections.append(multi_turn_section())
+    write_report(sections, served, provenance, whole=True)
 
 
-def llamacpp_comparison(served: dict[str, Served]) -> list[tuple[str, str, str, str]]:
+def llamacpp_section(served: dict[str, Served]) -> Section:
     """Our llamacpp engine against hf, and against llama-cpp-python's own server."""
-    from tests.bench.llamacpp import llamacpp_server
+    from bench.llamacpp import llamacpp_server
 
     ours = served["llamacpp"]
     # That server has no `ignore_eos`: the end tokens are banned instead, for equal lengths.
@@ -388,49 +432,50 @@ def llamacpp_comparison(served: dict[str, Served]) -> list[tuple[str, str, str, 
     with llamacpp_server(embedded_gguf_path()) as url:
         single = asyncio.run(load.single_streams(url, MAX_TOKENS, REPEATS, no_end))
         burst = asyncio.run(load.burst(url, MAX_TOKENS, CONCURRENCY, no_end))
-    return [
+    rows: list[Row] = [
         (
             "llamacpp / hf, HTTP 1 stream",
             f"{ours.single.rate / served['hf'].single.rate:.1f}x",
-            ">= 3x",
-            "",
+            VERSUS_HF_TARGET,
         ),
         (
-            "llama-cpp-python's server, 1 stream / 8 at once",
+            f"llama-cpp-python's server, 1 stream / {CONCURRENCY} at once",
             f"{single.rate:.0f} / {burst.rate:.0f} tok/s",
             "",
-            "",
         ),
         (
-            "our llamacpp / llama-cpp-python's server, 1 stream / 8 at once",
+            f"our llamacpp / llama-cpp-python's server, 1 stream / {CONCURRENCY} at once",
             f"{ours.single.rate / single.rate:.2f} / {ours.burst.rate / burst.rate:.2f}",
-            "",
             "",
         ),
     ]
+    return Section(
+        "llamacpp-comparison",
+        "`llamacpp` against `hf` and llama-cpp-python's server",
+        "Our llamacpp engine's HTTP rate against the hf engine's, and against the OpenAI server "
+        "that ships with llama-cpp-python (same GGUF, same threads, one request at a time). "
+        f"Target: llamacpp {VERSUS_HF_TARGET} hf for one stream.",
+        rows,
+    )
 
 
-def control_rows(
-    engine: str, kubelet: Saturation, sharing: Saturation, ui: UITimes
-) -> list[tuple[str, str, str, str]]:
-    """Rows of the saturation and UI figures."""
+def control_section(engine: str, kubelet: Saturation, sharing: Saturation, ui: UITimes) -> Section:
+    """The saturation and UI figures."""
     how = (
         "first in line for the CPU, as a kubelet"
         if kubelet.prober_first
         else "NOT first in line for the CPU here (SCHED_FIFO not permitted)"
     )
-    return [
+    rows: list[Row] = [
         (
             f"{engine}: /healthz p99 / /v1/models p99 with {SATURATING_STREAMS} streams open, "
             f"probed {how}",
             _control_p99(kubelet),
-            "< 100 ms",
-            PREVIOUS["control_p99"],
+            CONTROL_TARGET,
         ),
         (
             "... probed from a process sharing the model's cores (its own wait for a CPU included)",
             _control_p99(sharing),
-            "",
             "",
         ),
         (
@@ -438,28 +483,33 @@ def control_rows(
             f"streams are admitted (their first 2 s), probed {how} / sharing the cores",
             f"{kubelet.admission_max * 1000:.0f} / {sharing.admission_max * 1000:.0f} ms",
             "",
-            "",
         ),
         (
             "TTFT: browser (Enter to text shown) / backend over HTTP, median",
             f"{ui.browser_s * 1000:.0f} / {ui.direct_s * 1000:.0f} ms",
             "",
-            "",
         ),
         (
             "UI overhead on time to first token: browser less backend over HTTP",
             f"{(ui.browser_s - ui.direct_s) * 1000:.0f} ms",
-            "<= 100 ms",
-            PREVIOUS["ui_overhead"],
+            UI_TARGET,
         ),
         (
             "... of it the UI's own: browser less the UI's own wait for its first token "
             "(its stats line; the rest is the model slowed by Chromium and Gradio on its cores)",
             f"{ui.own_s * 1000:.0f} ms",
-            "<= 100 ms",
-            "",
+            UI_TARGET,
         ),
     ]
+    return Section(
+        "control",
+        "Health, model info and the UI under load",
+        f"`/healthz` and `/v1/models` while the {engine} backend holds {SATURATING_STREAMS} "
+        "streams, probed from a process of its own (first in line for the CPU, as a kubelet, "
+        "and sharing the cores), then the UI's share of time to first token in Chromium. "
+        f"Targets: probe p99 {CONTROL_TARGET} probed as a kubelet, UI overhead {UI_TARGET}.",
+        rows,
+    )
 
 
 def _control_p99(saturated: Saturation) -> str:
@@ -469,23 +519,25 @@ def _control_p99(saturated: Saturation) -> str:
     )
 
 
-def write_report(rows: list[tuple[str, str, str, str]], served: dict[str, Served]) -> None:
-    """The table as Markdown and the throughput as a bar chart."""
+def write_report(
+    sections: list[Section], served: dict[str, Served], provenance: Provenance, *, whole: bool
+) -> None:
+    """This run's report in `artifacts/bench.md`, folded into `docs/benchmarks.md` (all of it
+    if the run was `whole`, else only its sections), and the throughput as a bar chart."""
+    machine = report.machine(engine_settings())
+    text = report.write(sections, provenance, machine, whole=whole, artifact=ARTIFACTS / "bench.md")
+    print(text, f"written: {report.DOCS.relative_to(report.REPO)}, artifacts/bench.md", sep="\n")
+    if served:
+        write_chart(served)
+
+
+def write_chart(served: dict[str, Served]) -> None:
+    """Throughput over HTTP of each engine, as `artifacts/bench.png`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    table = [
-        "| measure | this run | target | before |",
-        "|---|---|---|---|",
-        *(f"| {' | '.join(row)} |" for row in rows),
-    ]
-    (ARTIFACTS / "bench.md").write_text("\n".join(table) + "\n")
-    print("\n".join(table))
-    if not served:
-        return
     bars = {
         f"{engine}, {label}": run.rate
         for engine, s in served.items()
@@ -500,6 +552,7 @@ def write_report(rows: list[tuple[str, str, str, str]], served: dict[str, Served
     axis.set_xlabel("completion tokens / s over HTTP")
     axis.set_title("SmolLM2-135M-Instruct on this CPU (higher is better)")
     figure.tight_layout()
+    ARTIFACTS.mkdir(exist_ok=True)
     figure.savefig(ARTIFACTS / "bench.png", dpi=120)
 
 

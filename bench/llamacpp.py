@@ -4,7 +4,7 @@
 but with nothing of ours in between (no batching loop, no sampling module, no server): it is the
 ceiling our HTTP throughput is compared with. `llamacpp_server` runs the OpenAI server that ships
 with llama-cpp-python (`llama_cpp.server`, the `[server]` extra), the tool a CPU user would
-otherwise pick, loading weights as our engine does (`tests.bench.llamacpp_server`).
+otherwise pick, loading weights as our engine does (`bench.llamacpp_server`).
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def llamacpp_server(
     command = [
         sys.executable,
         "-m",
-        "tests.bench.llamacpp_server",
+        "bench.llamacpp_server",
         "--model",
         str(gguf_path),
         "--host",

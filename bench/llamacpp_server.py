@@ -1,4 +1,4 @@
-"""`python -m tests.bench.llamacpp_server ARGS`: llama-cpp-python's server, loading weights as
+"""`python -m bench.llamacpp_server ARGS`: llama-cpp-python's server, loading weights as
 our engine does.
 
 Its `Llama` class has no option for llama.cpp's extra buffer types, and a build with ggml's AMX

@@ -181,8 +181,9 @@ async def saturation(
     The probes run in a process of their own, as a kubelet's do: in this one they would wait
     behind this event loop reading hundreds of streams, and measure the client, not the server.
     `prober_first` runs that process first in line for the CPU (SCHED_FIFO, where permitted): a
-    kubelet has CPU reserved on its node, while a prober sharing the model's two cores here waits
-    up to a few hundred ms for a CPU each time it wakes, and measures this machine's scheduler.
+    kubelet has CPU reserved on its node, while a prober sharing the model's cores waits for a CPU
+    each time it wakes (Linux schedules each session as a group), and measures the machine's
+    scheduler more than the server. The bench reports both.
     """
     limits = httpx.Limits(max_connections=streams + 16, max_keepalive_connections=streams + 16)
     refused: list[int] = []

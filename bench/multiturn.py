@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.bench.load import Reply, stream
+from bench.load import Reply, stream
 
 _WORDS = [
     "lighthouse",

@@ -10,7 +10,7 @@ import torch
 from backend.engines.embedded import embedded_gguf_path, load_embedded_model
 from backend.engines.hf import pick_dtype
 from backend.settings import BackendSettings
-from tests.bench.load import PROMPT, Run
+from bench.load import PROMPT, Run
 
 
 def prompt_ids() -> list[int]:
@@ -26,7 +26,7 @@ def prompt_ids() -> list[int]:
 
 def llamacpp_batch(batch: int, max_tokens: int) -> Run:
     """llama.cpp's low-level batch API on the embedded GGUF, driven directly (after a warm-up)."""
-    from tests.bench.llamacpp import raw_llamacpp_run
+    from bench.llamacpp import raw_llamacpp_run
 
     threads = len(os.sched_getaffinity(0))
     raw_llamacpp_run(embedded_gguf_path(), prompt_ids(), batch, 8, threads)
