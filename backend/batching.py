@@ -52,6 +52,8 @@ class BatchRunner(Protocol):
     # True: finished sequences' KV stays with the runner and `resume` reuses it. False: the loop
     # never calls `resume`, every prompt is prefilled from its first token.
     prefix_caching: bool
+    # Sequences the runner holds at once: the loop runs at most this many.
+    capacity: int
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         """Start a sequence from the longest prefix of `prompt_ids` the runner holds.
@@ -255,7 +257,6 @@ class ContinuousBatcher:
         runner: BatchRunner,
         tokenizer: Decoder,
         eos_ids: frozenset[int],
-        max_batch_size: int,
         prefill_budget: int = 512,
         observer: BatchObserver | None = None,
         stream_interval_s: float = 0.0,
@@ -270,7 +271,6 @@ class ContinuousBatcher:
         self._observed_at = 0.0
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
-        self._max_batch_size = max_batch_size
         self._inbox = _Inbox()
         self._prefilling: collections.deque[_Sequence] = collections.deque()  # in arrival order
         # Preempted, waiting for memory: back to prefill when a running stream finishes.
@@ -379,7 +379,7 @@ class ContinuousBatcher:
         return len(self._prefilling) + len(self._active) + len(self._preempted)
 
     def _admit_waiting(self) -> None:
-        while self._running() < self._max_batch_size:
+        while self._running() < self._runner.capacity:
             # Block only when there is nothing to do.
             seq = self._inbox.get(0 if self._running() else _IDLE_POLL_S)
             if seq is None:

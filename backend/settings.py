@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+# Old setting name -> new one (both without the LLM_ prefix).
+_RENAMED = {"torch_threads": "cpu_threads"}
 
 
 class BackendSettings(BaseSettings):
@@ -21,7 +27,7 @@ class BackendSettings(BaseSettings):
     metrics_port: int = Field(
         8080, ge=1, le=65535, description="`python -m backend`: Ray's Prometheus metrics port."
     )
-    # The default CPU engine, picked by `make bench`: llama.cpp streams about 3x as fast as hf.
+    # The default CPU engine: the faster of the two on the CPU (`make bench` compares them).
     engine: str = Field(
         "llamacpp",
         description="Engine: `llamacpp` (llama.cpp, CPU, GGUF), `hf` (transformers, CPU) or "
@@ -102,11 +108,11 @@ class BackendSettings(BaseSettings):
         description="Converted model weights (GGUF -> safetensors) and GGUF tokenizers, for "
         "fast restarts.",
     )
-    torch_threads: int = Field(
+    cpu_threads: int = Field(
         0,
         ge=0,
-        description="CPU engines: torch threads (`hf`), llama.cpp threads (`llamacpp`); 0 = the "
-        "cores Ray grants.",
+        description="CPU engines: the threads computing the model (torch's for `hf`, llama.cpp's "
+        "for `llamacpp`); 0 = the cores Ray grants. Formerly LLM_TORCH_THREADS (still read).",
     )
     tp_degree: int = Field(2, ge=1, description="Neuron: tensor-parallel degree (NeuronCores).")
     neuron_artifacts_dir: Path | None = Field(
@@ -177,6 +183,19 @@ class BackendSettings(BaseSettings):
         if value == 0:
             raise ValueError("must be -1 (no limit) or at least 1: Ray Serve has no empty queue")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, values: Any) -> Any:
+        """Settings given under an old name still count, with a warning naming the new one."""
+        if not isinstance(values, dict):
+            return values
+        for old, new in _RENAMED.items():
+            given = values.pop(old) if old in values else os.environ.get(f"LLM_{old.upper()}")
+            if given is not None:
+                logger.warning("LLM_%s is deprecated: set LLM_%s", old.upper(), new.upper())
+                values.setdefault(new, given)
+        return values
 
     @model_validator(mode="after")
     def _key_from_file(self) -> BackendSettings:

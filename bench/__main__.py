@@ -268,7 +268,7 @@ def multi_turn(engine: str) -> tuple[MultiTurn, MultiTurn]:
             free_port(),
             LLM_ENGINE=engine,
             LLM_PREFIX_CACHING=caching,
-            LLM_TORCH_THREADS=str(MULTI_TURN_THREADS),
+            LLM_CPU_THREADS=str(MULTI_TURN_THREADS),
         )
         service.start()
         try:
@@ -286,7 +286,7 @@ def round_robin() -> MultiTurn:
         free_port(),
         LLM_ENGINE="llamacpp",
         LLM_MAX_BATCH_SIZE=str(ROUND_ROBIN_SEQUENCES),
-        LLM_TORCH_THREADS=str(MULTI_TURN_THREADS),
+        LLM_CPU_THREADS=str(MULTI_TURN_THREADS),
     )
     service.start()
     try:
@@ -372,13 +372,13 @@ def engine_settings() -> list[str]:
     import torch
 
     settings = BackendSettings()
-    served = f"`LLM_TORCH_THREADS={settings.torch_threads}`"
-    if not settings.torch_threads:
+    served = f"`LLM_CPU_THREADS={settings.cpu_threads}`"
+    if not settings.cpu_threads:
         served += " (the cores Ray grants the model deployment)"
     dtype = str(pick_dtype(settings.dtype)).removeprefix("torch.")
     return [
         f"Engine threads: backends {served}, multi-turn section "
-        f"`LLM_TORCH_THREADS={MULTI_TURN_THREADS}`; in-process ceilings: torch "
+        f"`LLM_CPU_THREADS={MULTI_TURN_THREADS}`; in-process ceilings: torch "
         f"{torch.get_num_threads()}, llama.cpp {len(os.sched_getaffinity(0))}",
         f"hf number format: `LLM_DTYPE={settings.dtype}` ({dtype})",
     ]

@@ -19,7 +19,7 @@ from backend.engines.batch_cache import BatchKVCache
 from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
 from backend.engines.kv_budget import GIB, kv_budget_bytes, machine_memory_bytes
 from backend.engines.prefix_store import PrefixStore
-from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.engines.runner_engine import LoadedModel, RunnerEngine, context_window
 from backend.errors import EngineError, Preempt
 
 logger = logging.getLogger(__name__)
@@ -57,14 +57,15 @@ class PaddedBatchRunner:
     def __init__(
         self,
         model: PreTrainedModel,
-        max_batch_size: int = 8,
+        capacity: int = 8,
         prefix_caching: bool = True,
         host_cache_bytes: int = 0,
         kv_budget_bytes: int = 0,
     ) -> None:
         self._model = model
+        self.capacity = capacity
         self.prefix_caching = prefix_caching
-        self._cache = BatchKVCache(model.config.num_hidden_layers, expected_rows=max_batch_size)
+        self._cache = BatchKVCache(model.config.num_hidden_layers, expected_rows=capacity)
         self.parked: PrefixStore[_Layers] = PrefixStore(host_cache_bytes)
         self._kv_budget = kv_budget_bytes  # live and parked KV together; 0 = no bound
         self._token_bytes = 0  # of one token's keys and values over all layers, once seen
@@ -197,8 +198,8 @@ class HFEngine(RunnerEngine):
     prefix_caching = True
 
     def _load(self) -> LoadedModel:
-        if self.settings.torch_threads:
-            torch.set_num_threads(self.settings.torch_threads)
+        if self.settings.cpu_threads:
+            torch.set_num_threads(self.settings.cpu_threads)
         dtype = pick_dtype(self.settings.dtype)
         if self.settings.model:
             model_id = self.settings.model
@@ -219,14 +220,12 @@ class HFEngine(RunnerEngine):
                 host_cache_bytes=int(self.settings.prompt_cache_gib * GIB),
                 kv_budget_bytes=kv_budget_bytes(self.settings.kv_cache_gib, machine_memory_bytes()),
             ),
-            context_window=_context_window(model, self.settings.max_context_len),
+            context_window=context_window(
+                int(getattr(model.config, "max_position_embeddings", 0) or 0),
+                self.settings.max_context_len,
+            ),
             eos_ids=_eos_ids(model, tokenizer),
         )
-
-
-def _context_window(model: PreTrainedModel, configured: int) -> int:
-    native = int(getattr(model.config, "max_position_embeddings", 0) or configured or 2048)
-    return min(configured, native) if configured else native
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: object) -> frozenset[int]:

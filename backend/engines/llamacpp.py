@@ -19,8 +19,9 @@ from backend.engines.cache_dir import write_atomically
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
 from backend.engines.kv_budget import GIB, check_fits, kv_budget_bytes, machine_memory_bytes
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, cpu_threads, llama
-from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.engines.runner_engine import LoadedModel, RunnerEngine, context_window
 from backend.errors import EngineError
+from backend.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,11 @@ class LlamaCppEngine(RunnerEngine):
 
     name = "llamacpp"
     prefix_caching = True
-    _llama: LlamaModel | None = None
-    _runner: LlamaCppRunner | None = None
+
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        self._llama: LlamaModel | None = None
+        self._runner: LlamaCppRunner | None = None
 
     def _load(self) -> LoadedModel:
         path, model_id = self._gguf()
@@ -46,7 +50,7 @@ class LlamaCppEngine(RunnerEngine):
             else load_gguf_tokenizer(path, self.settings.cache_dir)
         )
         eos_ids = check_vocab(self._llama, tokenizer)
-        threads = self.settings.torch_threads or cpu_threads()
+        threads = self.settings.cpu_threads or cpu_threads()
         batch = self.settings.max_batch_size
         window = self._window(batch)
         self._runner = LlamaCppRunner(
@@ -119,12 +123,6 @@ class LlamaCppEngine(RunnerEngine):
                 "TheBloke/Mistral-7B-Instruct-v0.2-GGUF); leave it empty for the embedded model."
             )
         return path, path.stem
-
-
-def context_window(n_ctx_train: int, configured: int) -> int:
-    """Tokens per sequence: `LLM_MAX_CONTEXT_LEN`, capped by what the model was trained on."""
-    native = n_ctx_train or configured or 2048
-    return min(configured, native) if configured else native
 
 
 def kv_cache_bytes(model: LlamaModel, cells: int) -> int:

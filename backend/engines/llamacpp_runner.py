@@ -4,8 +4,8 @@ One llama.cpp context holds `n_seq_max` sequences, each in its own KV stream (`k
 a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every decode step
 is one `llama_batch` with one token of every running sequence, each under its own sequence id and
 position; a prefill puts a prompt (or a chunk of it) into its sequence's stream. The loop's
-sequence ids grow without end, llama.cpp's must stay below `n_seq_max`: the runner maps one to the
-other ("slots").
+sequence ids grow without end, llama.cpp's must stay below `n_seq_max`: a `SlotTable` maps one to
+the other.
 
 Prefix caching follows llama.cpp's own server (tools/server, ggml-org/llama.cpp): a released
 slot keeps its KV and the tokens it holds; a new request takes the idle slot sharing the longest
@@ -21,10 +21,8 @@ ctypes releases the GIL during every llama.cpp call, so the event loop keeps run
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -40,13 +38,15 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
     ) from exc
 
 from backend.engines.prefix_store import Parked, PrefixStore, common_prefix
+from backend.engines.slots import Slot, SlotTable
 from backend.errors import EngineError, SequencesFailed
 
 logger = logging.getLogger(__name__)
 _llama_log = logging.getLogger("llama.cpp")
 
-# Tokens one llama_decode call takes (n_batch = n_ubatch): longer prompts go in several calls.
-PREFILL_CHUNK = 512
+# llama.cpp's n_batch (= n_ubatch): tokens one llama_decode call takes; a longer prompt or chunk
+# of one (the loop's per-step budget, LLM_PREFILL_CHUNK_TOKENS) goes in several calls.
+N_BATCH = 512
 # A slot is picked for what it shares only above this fraction of the new prompt, else the least
 # recently used one is (the server's `slot_prompt_similarity`, default 0.1).
 _MIN_SIMILARITY = 0.1
@@ -133,16 +133,6 @@ class LlamaModel:
             self.handle = None
 
 
-@dataclass
-class _Slot:
-    """One llama.cpp sequence: its KV stream and the tokens that memory holds, in order."""
-
-    index: int
-    tokens: list[int] = field(default_factory=list)
-    owner: int | None = None  # the loop's sequence id; None while idle (its KV stays parked)
-    used_at: int = 0  # when it was last taken (a counter): the least recently used goes first
-
-
 class LlamaCppRunner:
     """`BatchRunner` over one llama.cpp context with one KV stream per sequence."""
 
@@ -164,7 +154,7 @@ class LlamaCppRunner:
         params.n_seq_max = n_seq_max
         params.kv_unified = False  # own stream per sequence: its cells, its attention
         params.n_ctx = n_ctx_seq * n_seq_max  # llama.cpp rounds each stream up to 256 cells
-        params.n_batch = params.n_ubatch = max(PREFILL_CHUNK, n_seq_max)
+        params.n_batch = params.n_ubatch = max(N_BATCH, n_seq_max)
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         ctx = llama.llama_init_from_model(model.handle, params)
@@ -175,17 +165,18 @@ class LlamaCppRunner:
             )
         self._ctx = ctx
         self._memory = llama.llama_get_memory(ctx)
-        self.n_seq_max = int(llama.llama_n_seq_max(ctx))
+        self.capacity = int(llama.llama_n_seq_max(ctx))
         self.n_ctx_seq = int(llama.llama_n_ctx_seq(ctx))
-        self._capacity = int(params.n_batch)
-        self._batch = llama.llama_batch_init(self._capacity, 0, 1)
+        self.slots = SlotTable(self.capacity)  # llama.cpp's sequence id = the slot's index
+        self._batch_tokens = int(params.n_batch)
+        self._batch = llama.llama_batch_init(self._batch_tokens, 0, 1)
         # numpy views of the batch's arrays; seq_id is an array of pointers, written per token.
-        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=(self._capacity,))
-        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=(self._capacity,))
-        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=(self._capacity,))
-        self._outputs = np.ctypeslib.as_array(self._batch.logits, shape=(self._capacity,))
+        shape = (self._batch_tokens,)
+        self._tokens = np.ctypeslib.as_array(self._batch.token, shape=shape)
+        self._pos = np.ctypeslib.as_array(self._batch.pos, shape=shape)
+        self._n_seq_id = np.ctypeslib.as_array(self._batch.n_seq_id, shape=shape)
+        self._outputs = np.ctypeslib.as_array(self._batch.logits, shape=shape)
         self._n_seq_id[:] = 1
-        self._clock = itertools.count(1)
         self.parked: PrefixStore[ctypes.Array[ctypes.c_uint8]] = PrefixStore(host_cache_bytes)
         self.reset()
 
@@ -197,20 +188,7 @@ class LlamaCppRunner:
     def reset(self) -> None:
         """Forget every sequence: all KV memory cleared (host copies stay valid and are kept)."""
         llama.llama_memory_clear(self._memory, False)
-        self._slots = [_Slot(i) for i in range(self.n_seq_max)]
-        self._owned: dict[int, _Slot] = {}  # loop's seq id -> its slot
-
-    def slots(self) -> dict[int, int]:
-        """The sequences in the runner: the loop's id -> llama.cpp's sequence id (a copy)."""
-        return {seq_id: slot.index for seq_id, slot in self._owned.items()}
-
-    def held_tokens(self) -> list[list[int]]:
-        """The tokens each llama.cpp sequence's memory holds (running or parked), by sequence id."""
-        return [list(slot.tokens) for slot in self._slots]
-
-    def pos_max(self, slot: int) -> int:
-        """The largest position in a slot's memory, -1 when it is empty (llama.cpp's own view)."""
-        return int(llama.llama_memory_seq_pos_max(self._memory, slot))
+        self.slots.clear()
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         """Give the sequence the slot (or host copy) sharing the longest prefix with its prompt;
@@ -223,14 +201,14 @@ class LlamaCppRunner:
         elif len(slot.tokens) - shared > _REWORDED_TAIL:  # it holds another conversation
             self._save(slot)
         keep = self._trim(slot, min(shared, len(prompt_ids) - 1))
-        self._own(slot, seq_id)
+        self.slots.lend(slot, seq_id)
         return keep
 
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
         """Put a prompt, or the next chunk of one, into the sequence; next-token logits [vocab]."""
         if not prompt_ids:
             raise EngineError("Cannot prefill an empty prompt.")
-        slot = self._owned.get(seq_id)
+        slot = self.slots.of(seq_id)
         start = 0 if slot is None else len(slot.tokens)
         if start + len(prompt_ids) > self.n_ctx_seq:
             raise EngineError(
@@ -238,11 +216,11 @@ class LlamaCppRunner:
                 f"{self.n_ctx_seq}."
             )
         if slot is None:  # not resumed: a slot of its own, emptied
-            slot, _ = self._pick_slot([])
+            slot = self.slots.least_recently_used()
             self._trim(slot, 0)
-            self._own(slot, seq_id)
-        for offset in range(0, len(prompt_ids), self._capacity):
-            chunk = prompt_ids[offset : offset + self._capacity]
+            self.slots.lend(slot, seq_id)
+        for offset in range(0, len(prompt_ids), self._batch_tokens):
+            chunk = prompt_ids[offset : offset + self._batch_tokens]
             n = len(chunk)
             self._tokens[:n] = chunk
             self._pos[:n] = np.arange(start + offset, start + offset + n)
@@ -258,7 +236,8 @@ class LlamaCppRunner:
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One token of every sequence in one batch; logits [len(seq_ids), vocab] in that order."""
         n = len(seq_ids)
-        slots = [self._owned[s] for s in seq_ids]
+        lent = self.slots.lent()
+        slots = [lent[s] for s in seq_ids]
         full = [
             s for s, slot in zip(seq_ids, slots, strict=True) if len(slot.tokens) >= self.n_ctx_seq
         ]
@@ -279,17 +258,13 @@ class LlamaCppRunner:
     def release(self, seq_id: int) -> None:
         """The sequence is done: its slot is free, its KV stays for a later prompt (prefix
         caching) or is removed; unknown ids are ignored."""
-        slot = self._owned.pop(seq_id, None)
-        if slot is None:
-            return
-        slot.owner = None
-        if not self.prefix_caching:
+        slot = self.slots.give_back(seq_id)
+        if slot is not None and not self.prefix_caching:
             self._trim(slot, 0)
 
     def kv_usage(self) -> float:
         """Tokens of running sequences over every sequence's cells."""
-        live = sum(len(slot.tokens) for slot in self._owned.values())
-        return live / (self.n_seq_max * self.n_ctx_seq)
+        return self.slots.usage(self.n_ctx_seq)
 
     def close(self) -> None:
         """Free the batch and the context (the runner is unusable afterwards)."""
@@ -298,23 +273,18 @@ class LlamaCppRunner:
             llama.llama_free(self._ctx)
             self._ctx = None
 
-    def _pick_slot(self, prompt_ids: list[int]) -> tuple[_Slot, int]:
+    def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int]:
         """The idle slot sharing the longest prefix with the prompt, else the least recently
         used one; and the tokens it shares."""
-        idle = [slot for slot in self._slots if slot.owner is None]
-        if not idle:
-            raise EngineError(f"All {self.n_seq_max} llama.cpp sequences are in use.")
+        idle = self.slots.idle()
         shared = [common_prefix(slot.tokens, prompt_ids) for slot in idle]
-        best = max(range(len(idle)), key=lambda i: (shared[i], -idle[i].used_at))
+        best = max(range(len(idle)), key=lambda i: (shared[i], -idle[i].lent_at))
         if shared[best] <= _MIN_SIMILARITY * len(prompt_ids):
-            best = min(range(len(idle)), key=lambda i: idle[i].used_at)
+            lru = self.slots.least_recently_used()
+            return lru, common_prefix(lru.tokens, prompt_ids)
         return idle[best], shared[best]
 
-    def _own(self, slot: _Slot, seq_id: int) -> None:
-        slot.owner, slot.used_at = seq_id, next(self._clock)
-        self._owned[seq_id] = slot
-
-    def _trim(self, slot: _Slot, keep: int) -> int:
+    def _trim(self, slot: Slot, keep: int) -> int:
         """Remove every position from `keep` on; returns what is kept (0 if llama.cpp cannot
         cut this sequence partially, in which case all of it goes, as the server does)."""
         cut = keep < len(slot.tokens) or keep == 0
@@ -324,7 +294,7 @@ class LlamaCppRunner:
         del slot.tokens[keep:]
         return keep
 
-    def _save(self, slot: _Slot) -> None:
+    def _save(self, slot: Slot) -> None:
         """Copy what the slot holds to host memory (if the budget allows one copy of it)."""
         if not slot.tokens or self.parked.budget_bytes == 0:
             return
@@ -336,7 +306,7 @@ class LlamaCppRunner:
         if written:
             self.parked.put(slot.tokens, state, int(written))
 
-    def _restore(self, slot: _Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
+    def _restore(self, slot: Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
         """Load a host copy into the slot instead of what it held; False if llama.cpp refused.
 
         The copy stays in host memory: the slot may keep only part of it. Once the slot's own

@@ -24,6 +24,7 @@ from packaging.specifiers import SpecifierSet
 from backend.engines.base import register_engine
 from backend.engines.neuron_artifacts import ArtifactStore
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.engines.slots import SlotTable
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -74,58 +75,54 @@ class NeuronSlotRunner:
 
     def __init__(self, model: Any, slots: int, window: int) -> None:
         self._model = model
-        self._slots = slots
+        self.capacity = slots
         self._window = window  # positions each slot's cache holds
-        self.reset()
+        self.slots = SlotTable(slots)  # the kernel's slot = the slot's index
 
     def reset(self) -> None:
         """Free every slot."""
-        self._free = list(range(self._slots))
-        self._slot: dict[int, int] = {}
-        self._position: dict[int, int] = {}
+        self.slots.clear()
 
     @torch.inference_mode()
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
         """Encode the prompt into a free slot; returns the logits of its last token."""
         if len(prompt_ids) < 2:  # one token would take the decode path and touch other slots
             raise EngineError("A prompt needs at least two tokens.")
-        if not self._free:
-            raise EngineError("No free cache slot: the batch is full.")
-        slot = self._free.pop(0)
-        self._slot[seq_id] = slot
-        self._position[seq_id] = len(prompt_ids)
+        slot = self.slots.least_recently_used()
+        self.slots.lend(slot, seq_id)
+        slot.tokens = list(prompt_ids)
         # One row: tokens [1, n], positions [1, n] (2-D, as continuous batching requires); the
         # library pads the prompt to its bucket itself.
         logits = self._model(
             _ids([prompt_ids]),
             cache_ids=_ids([list(range(len(prompt_ids)))]),
-            start_ids=_ids([slot]),
+            start_ids=_ids([slot.index]),
         )
         return logits[0]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One token for every live slot; logits come back in `seq_ids` order."""
-        positions = [[self._position[s]] for s in seq_ids]
+        lent = self.slots.lent()
+        slots = [lent[s] for s in seq_ids]
         logits = self._model(
             _ids([[token] for token in token_ids]),
-            cache_ids=_ids(positions),
-            start_ids=_ids([self._slot[s] for s in seq_ids]),
+            cache_ids=_ids([[len(slot.tokens)] for slot in slots]),
+            start_ids=_ids([slot.index for slot in slots]),
         )
-        for seq_id in seq_ids:
-            self._position[seq_id] += 1
+        for slot, token in zip(slots, token_ids, strict=True):
+            slot.tokens.append(token)
         return logits
 
     def kv_usage(self) -> float:
         """Running sequences' positions over every slot's window."""
-        return sum(self._position.values()) / (self._slots * self._window)
+        return self.slots.usage(self._window)
 
     def release(self, seq_id: int) -> None:
         """Free the slot; stale cache is masked by position and overwritten by its next user."""
-        slot = self._slot.pop(seq_id, None)
-        self._position.pop(seq_id, None)
+        slot = self.slots.give_back(seq_id)
         if slot is not None:
-            self._free.append(slot)
+            slot.tokens.clear()
 
 
 @register_engine

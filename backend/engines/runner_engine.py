@@ -16,6 +16,7 @@ from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
 from backend.generation import Delta, SamplingParams
 from backend.metrics import BatchGauges
+from backend.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +35,10 @@ class LoadedModel:
 class RunnerEngine(Engine):
     """An engine = a Hugging Face tokenizer + a `BatchRunner` that `ContinuousBatcher` drives."""
 
-    _loaded: LoadedModel | None = None
-    _batcher: ContinuousBatcher | None = None
+    def __init__(self, settings: BackendSettings) -> None:
+        super().__init__(settings)
+        self._loaded: LoadedModel | None = None
+        self._batcher: ContinuousBatcher | None = None
 
     @abstractmethod
     def _load(self) -> LoadedModel:
@@ -65,7 +68,6 @@ class RunnerEngine(Engine):
             self._loaded.runner,
             self._loaded.tokenizer,
             self._loaded.eos_ids,
-            self.settings.max_batch_size,
             prefill_budget=self.settings.prefill_chunk_tokens,
             observer=BatchGauges(self.model_id),
             stream_interval_s=self.settings.stream_interval_ms / 1000,
@@ -112,6 +114,13 @@ class RunnerEngine(Engine):
                 f"The conversation does not fit the model's chat template: {exc}", param="messages"
             ) from exc
         return list(ids)
+
+
+def context_window(native: int, configured: int) -> int:
+    """Tokens per sequence: `LLM_MAX_CONTEXT_LEN`, capped by what the model was trained on
+    (`native`, 0 when the model does not say; then the setting, else 2048)."""
+    native = native or configured or 2048
+    return min(configured, native) if configured else native
 
 
 def _merge_system_into_first_user(messages: list[dict[str, str]]) -> list[dict[str, str]]:

@@ -36,6 +36,7 @@ class CountingRunner:
     prefix_caching = False
 
     def __init__(self, length: int = 5, fail_on_step: int | None = None) -> None:
+        self.capacity = 8
         self.steps: list[tuple[str, int]] = []  # ("prefill", prompt tokens) or ("decode", batch)
         self.length = length
         self.fail_on_step = fail_on_step
@@ -128,11 +129,11 @@ def make_batcher(
     prefill_budget: int = 512,
     stream_interval_s: float = 0.0,
 ) -> ContinuousBatcher:
+    runner.capacity = max_batch_size
     batcher = ContinuousBatcher(
         runner,
         ByteTokenizer(),
         frozenset({EOS}),
-        max_batch_size,
         prefill_budget=prefill_budget,
         stream_interval_s=stream_interval_s,
     )
@@ -248,7 +249,8 @@ async def test_occupancy_reports_running_and_waiting_streams() -> None:
     runner = CountingRunner(length=30)
     runner.step_delay_s = 0.01
     observer = RecordingObserver()
-    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 2, observer=observer)
+    runner.capacity = 2
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), observer=observer)
     batcher.start()
     await asyncio.gather(*(collect(batcher, [1]) for _ in range(3)))
     await asyncio.sleep(0.05)
@@ -278,7 +280,8 @@ class FailingTokenizer(ByteTokenizer):
 async def test_text_that_cannot_be_made_fails_its_stream_alone() -> None:
     runner = CountingRunner(length=20)
     runner.step_delay_s = 0.01
-    batcher = ContinuousBatcher(runner, FailingTokenizer(), frozenset({EOS}), 8)
+    runner.capacity = 8
+    batcher = ContinuousBatcher(runner, FailingTokenizer(), frozenset({EOS}))
     batcher.start()
     other = asyncio.ensure_future(collect(batcher, [10]))
     with pytest.raises(EngineError, match="cannot decode 9"):  # 6, 7, 8, then 9 breaks it
@@ -484,7 +487,8 @@ async def test_cancelled_requests_waiting_for_a_slot_are_not_counted_waiting() -
     runner = CountingRunner(length=45)  # runs for seconds, within the vocabulary
     runner.step_delay_s = 0.05
     observer = RecordingObserver()
-    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 1, observer=observer)
+    runner.capacity = 1
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), observer=observer)
     batcher.start()
     running = asyncio.ensure_future(collect(batcher, [1]))
     queued = [batcher.stream([2], GREEDY) for _ in range(3)]
@@ -573,7 +577,8 @@ async def test_a_preempted_stream_is_computed_again_and_says_the_same() -> None:
     runner = ShortOfMemory()
     runner.step_delay_s = 0.01
     observer = RecordingObserver()
-    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), 8, observer=observer)
+    runner.capacity = 8
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), observer=observer)
     batcher.start()
     first_two = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 5)]
     await eventually(lambda: ("decode", 2) in runner.steps)

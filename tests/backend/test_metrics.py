@@ -43,6 +43,7 @@ class TimedRunner:
 
     chunked_prefill = False
     prefix_caching = False
+    capacity = 4
 
     def __init__(self) -> None:
         self.steps = 0
@@ -83,7 +84,7 @@ class LetterTokenizer:
 async def test_latencies_are_those_of_the_steps_whatever_the_stream_interval() -> None:
     tokens = 26  # the first from prefill, then five rounds of the five steps
     batcher = ContinuousBatcher(
-        TimedRunner(), LetterTokenizer(), frozenset(), 4, stream_interval_s=INTERVAL_S
+        TimedRunner(), LetterTokenizer(), frozenset(), stream_interval_s=INTERVAL_S
     )
     batcher.start()
     metrics = recorded_metrics()

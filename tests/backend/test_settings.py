@@ -68,3 +68,15 @@ def test_api_keys_can_come_from_a_mounted_secret_file(
 def test_max_replicas_below_num_replicas_is_rejected() -> None:
     with pytest.raises(ValidationError, match="LLM_MAX_REPLICAS"):
         BackendSettings(num_replicas=3, max_replicas=2)
+
+
+def test_a_renamed_setting_is_still_read_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("LLM_TORCH_THREADS", "3")
+    assert BackendSettings().cpu_threads == 3
+    assert "LLM_TORCH_THREADS is deprecated: set LLM_CPU_THREADS" in caplog.text
+    monkeypatch.setenv("LLM_CPU_THREADS", "2")  # the new name wins
+    assert BackendSettings().cpu_threads == 2
+    monkeypatch.delenv("LLM_CPU_THREADS")
+    assert BackendSettings(torch_threads=5).cpu_threads == 5  # the old name in serve config args

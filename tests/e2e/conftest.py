@@ -14,7 +14,7 @@ def backend() -> Iterator[BackendProcess]:
     """The backend, started once; tests that stop it must start it again."""
     # One llama.cpp thread: the tests share two cores with Chromium and pytest, and llama.cpp's
     # threads spin-wait for each other (see the README's llama.cpp section).
-    service = backend_service(free_port(), LLM_TORCH_THREADS="1")
+    service = backend_service(free_port(), LLM_CPU_THREADS="1")
     service.start()
     yield service
     service.stop()

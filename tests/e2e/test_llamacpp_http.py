@@ -25,7 +25,7 @@ RUNNING = "ray_vllm_num_requests_running"
 def llamacpp_backend() -> Iterator[BackendProcess]:
     """One thread: the engine's threads spin-wait for each other, badly on a busy machine."""
     service = backend_service(
-        free_port(), LLM_ENGINE="llamacpp", LLM_MAX_CONTEXT_LEN="2048", LLM_TORCH_THREADS="1"
+        free_port(), LLM_ENGINE="llamacpp", LLM_MAX_CONTEXT_LEN="2048", LLM_CPU_THREADS="1"
     )
     service.start()
     yield service

@@ -24,7 +24,7 @@ def two_replicas() -> Iterator[BackendProcess]:
         free_port(),
         LLM_NUM_REPLICAS="2",
         LLM_NUM_CPUS="0.5",
-        LLM_TORCH_THREADS="1",
+        LLM_CPU_THREADS="1",
         LLM_MAX_BATCH_SIZE="2",
         LLM_MAX_CONTEXT_LEN="2048",
     )

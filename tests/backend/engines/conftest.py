@@ -40,7 +40,7 @@ def llamacpp_engine() -> Iterator[LlamaCppEngine]:
     """
     from backend.engines.llamacpp import LlamaCppEngine
 
-    settings = BackendSettings(max_context_len=1024, max_batch_size=4, torch_threads=1)
+    settings = BackendSettings(max_context_len=1024, max_batch_size=4, cpu_threads=1)
     engine = LlamaCppEngine(settings)
     engine.start()
     yield engine

@@ -131,7 +131,7 @@ async def test_short_of_kv_the_youngest_stream_waits_and_says_the_same(hf_engine
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 
     async def replies(runner: PaddedBatchRunner) -> tuple[list[str], BatcherStats]:
-        batcher = ContinuousBatcher(runner, loaded.tokenizer, loaded.eos_ids, 4)
+        batcher = ContinuousBatcher(runner, loaded.tokenizer, loaded.eos_ids)
         batcher.start()
         texts = await asyncio.gather(*(text(batcher.stream(p, params)) for p in prompts))
         batcher.shutdown()

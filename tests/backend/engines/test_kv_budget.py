@@ -34,12 +34,12 @@ def test_kv_and_host_copies_beyond_three_quarters_of_memory_are_refused() -> Non
 
 def test_the_engine_sizes_each_window_from_the_budget() -> None:
     # 0.05 GiB of SmolLM2's 23040-byte tokens = 2330 tokens: 4 sequences get 512 each.
-    engine = LlamaCppEngine(BackendSettings(kv_cache_gib=0.05, max_batch_size=4, torch_threads=1))
+    engine = LlamaCppEngine(BackendSettings(kv_cache_gib=0.05, max_batch_size=4, cpu_threads=1))
     engine.start()
     try:
         assert engine.context_window == 512
     finally:
         engine.shutdown()
-    small = LlamaCppEngine(BackendSettings(kv_cache_gib=0.01, max_batch_size=4, torch_threads=1))
+    small = LlamaCppEngine(BackendSettings(kv_cache_gib=0.01, max_batch_size=4, cpu_threads=1))
     with pytest.raises(EngineError, match=r"holds 466 tokens .* fewer than 256 for each of 4"):
         small.start()

@@ -18,7 +18,6 @@ from backend.engines.hf import HFEngine
 from backend.engines.llamacpp import (
     LlamaCppEngine,
     check_vocab,
-    context_window,
     load_gguf_tokenizer,
     tokenizer_cache_dir,
 )
@@ -26,6 +25,7 @@ from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, model_pa
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 from backend.settings import BackendSettings
+from tests.backend.engines.llama_view import held_tokens, lent, pos_max
 
 QUESTIONS = [
     "Name a color.",
@@ -138,12 +138,17 @@ def teacher_forced_alone(
 def shift_positions(runner: LlamaCppRunner, seq_id: int) -> None:
     """Broken on purpose: the sequence's positions start at 5 instead of 0."""
     runner.resume(seq_id, [1])
-    runner._owned[seq_id].tokens = [0] * 5
+    slot = runner.slots.of(seq_id)
+    assert slot is not None
+    slot.tokens = [0] * 5
 
 
 def swap_sequences(runner: LlamaCppRunner, a: int, b: int) -> None:
     """Broken on purpose: each of two sequences' tokens goes to the other's sequence id."""
-    runner._owned[a], runner._owned[b] = runner._owned[b], runner._owned[a]
+    slot_a, slot_b = runner.slots.of(a), runner.slots.of(b)
+    assert slot_a is not None and slot_b is not None
+    runner.slots.lend(slot_b, a)
+    runner.slots.lend(slot_a, b)
 
 
 def batched_deviation(
@@ -175,7 +180,7 @@ def batched_deviation(
             got[seq].append(row)
             if len(got[seq]) > steps:
                 runner.release(seq)
-    assert runner.slots() == {}
+    assert lent(runner) == {}
     return [
         float((torch.stack(got[seq]) - reference).abs().max())
         for seq, (_, reference) in enumerate(alone)
@@ -242,8 +247,8 @@ def test_prefill_in_chunks_equals_prefill_in_one_call(
     cut = [0, 1, len(prompt) // 3, len(prompt) - 1, len(prompt)]
     for start, end in itertools.pairwise(cut):
         chunked = runner.prefill(1, prompt[start:end])
-    slot = runner.slots()[1]
-    assert runner.pos_max(slot) == runner.pos_max(runner.slots()[0]) == len(prompt) - 1
+    slot = lent(runner)[1]
+    assert pos_max(runner, slot) == pos_max(runner, lent(runner)[0]) == len(prompt) - 1
     assert float((chunked - whole).abs().max()) <= PREFILL_TOLERANCE
     assert int(chunked.argmax()) == int(whole.argmax())
     # Decoding on from either gives the same next step.
@@ -263,18 +268,18 @@ def test_release_removes_the_sequence_and_frees_its_capacity(
     prompt = prompts(llamacpp_engine, 1)[0]
     runner.prefill(10, prompt)
     runner.prefill(11, prompt[:5])
-    first = runner.slots()[10]
-    assert runner.pos_max(first) == len(prompt) - 1
+    first = lent(runner)[10]
+    assert pos_max(runner, first) == len(prompt) - 1
     with pytest.raises(EngineError, match="in use"):
         runner.prefill(12, prompt)
     runner.release(10)
-    assert runner.pos_max(first) == -1 and 10 not in runner.slots()
+    assert pos_max(runner, first) == -1 and 10 not in lent(runner)
     runner.release(10)  # twice, or an unknown id: nothing happens
     # The freed sequence id serves a new sequence from position 0, with no trace of the old one.
     fresh = runner.prefill(12, prompt)
-    assert runner.slots()[12] == first and runner.pos_max(first) == len(prompt) - 1
+    assert lent(runner)[12] == first and pos_max(runner, first) == len(prompt) - 1
     runner.reset()
-    assert runner.slots() == {} and runner.pos_max(first) == runner.pos_max(1 - first) == -1
+    assert lent(runner) == {} and pos_max(runner, first) == pos_max(runner, 1 - first) == -1
     assert float((runner.prefill(13, prompt) - fresh).abs().max()) == 0.0
 
 
@@ -291,24 +296,31 @@ def test_a_sequence_cannot_outgrow_its_window(
         runner.decode([1], [1])
 
 
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Wait for what the loop publishes (its occupancy) to meet `condition`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(
     llamacpp_engine: LlamaCppEngine,
 ) -> None:
     runner = llamacpp_engine._runner
-    assert runner is not None and runner.slots() == {}
+    assert runner is not None and lent(runner) == {}
     prompt = prompts(llamacpp_engine, 1)[0]
     stream = llamacpp_engine.generate(prompt, SamplingParams(max_tokens=1000, ignore_eos=True))
     await anext(stream)
-    (slot,) = runner.slots().values()
-    assert runner.pos_max(slot) >= len(prompt) - 1
+    (slot,) = lent(runner).values()
+    assert pos_max(runner, slot) >= len(prompt) - 1
+    await until(lambda: llamacpp_engine.batcher.occupancy() == (1, 0))
     await stream.aclose()  # the client has gone
-    deadline = time.monotonic() + 10
-    while runner.slots() and time.monotonic() < deadline:
-        await asyncio.sleep(0.01)
+    await until(lambda: llamacpp_engine.batcher.occupancy() == (0, 0))  # after its release
     # The slot is free; its KV stays parked for a prompt that begins the same way.
-    held = runner.held_tokens()[slot]
-    assert runner.slots() == {} and held[: len(prompt)] == prompt
-    assert runner.pos_max(slot) == len(held) - 1
+    held = held_tokens(runner)[slot]
+    assert lent(runner) == {} and held[: len(prompt)] == prompt
+    assert pos_max(runner, slot) == len(held) - 1
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     deltas = await collect(llamacpp_engine.generate(prompt, params))
     assert sum(d.tokens for d in deltas) == 4 and deltas[0].cached_tokens == len(prompt) - 1
@@ -337,13 +349,7 @@ def test_engine_reports_the_embedded_model_and_its_window(llamacpp_engine: Llama
     assert llamacpp_engine.model_id == EMBEDDED_MODEL_ID
     assert llamacpp_engine.context_window == 1024  # LLM_MAX_CONTEXT_LEN of the fixture
     runner = llamacpp_engine._runner
-    assert runner is not None and runner.n_seq_max == 4 and runner.n_ctx_seq >= 1024
-
-
-def test_context_window_is_the_setting_capped_by_training() -> None:
-    assert context_window(8192, 0) == 8192
-    assert context_window(8192, 1024) == 1024
-    assert context_window(8192, 32768) == 8192
+    assert runner is not None and runner.capacity == 4 and runner.n_ctx_seq >= 1024
 
 
 def test_model_may_name_any_local_gguf(tmp_path: Path, llamacpp_engine: LlamaCppEngine) -> None:

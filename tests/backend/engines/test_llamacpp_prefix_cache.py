@@ -11,6 +11,7 @@ import torch
 from backend.engines.llamacpp import LlamaCppEngine, kv_cache_bytes
 from backend.engines.llamacpp_runner import LlamaCppRunner
 from backend.generation import SamplingParams
+from tests.backend.engines.llama_view import held_tokens, lent, pos_max
 from tests.backend.engines.test_llamacpp import PREFILL_TOLERANCE, collect
 
 
@@ -81,7 +82,7 @@ def test_an_edited_conversation_never_sees_the_old_suffix(
     cached, _, resumed = turn(runner, 1, edited, 8)
     shared = next(i for i, (a, b) in enumerate(zip(original, edited, strict=False)) if a != b)
     assert cached == shared
-    assert runner.pos_max(0) == len(edited) + 8 - 1  # the old suffix's cells are gone
+    assert pos_max(runner, 0) == len(edited) + 8 - 1  # the old suffix's cells are gone
     _, _, whole = turn(fresh, 0, edited, 8)
     assert deviation(resumed, whole) <= PREFILL_TOLERANCE
 
@@ -92,7 +93,7 @@ def test_with_caching_off_nothing_is_kept(
     runner = make_runner(n_seq_max=2)
     prompt = llamacpp_engine.encode_chat(conversation("Hi"))
     turn(runner, 0, prompt, 3)
-    assert runner.held_tokens() == [[], []] and runner.pos_max(0) == runner.pos_max(1) == -1
+    assert held_tokens(runner) == [[], []] and pos_max(runner, 0) == pos_max(runner, 1) == -1
 
 
 def test_a_conversation_pushed_out_of_its_slot_comes_back_from_host_memory(
@@ -175,9 +176,9 @@ def test_after_many_mixed_requests_only_parked_prefixes_remain(
                 live[s] -= 1
     for seq_id in list(live):
         runner.release(seq_id)
-    assert runner.slots() == {} and runner.kv_usage() == 0.0  # parked KV counts as free
-    for index, tokens in enumerate(runner.held_tokens()):
-        assert runner.pos_max(index) == len(tokens) - 1
+    assert lent(runner) == {} and runner.kv_usage() == 0.0  # parked KV counts as free
+    for index, tokens in enumerate(held_tokens(runner)):
+        assert pos_max(runner, index) == len(tokens) - 1
     assert runner.parked.nbytes <= runner.parked.budget_bytes
 
 
@@ -202,6 +203,6 @@ async def test_more_streams_than_sequences_beside_parked_conversations(
     assert [sum(d.tokens for d in r) for r in results] == [6] * 8
     resumed = [r[0].cached_tokens for r in results[:4]]
     assert all(n > len(f) for n, f in zip(resumed, firsts, strict=False)), resumed
-    assert runner.slots() == {} and runner.kv_usage() == 0.0
-    for index, tokens in enumerate(runner.held_tokens()):
-        assert runner.pos_max(index) == len(tokens) - 1
+    assert lent(runner) == {} and runner.kv_usage() == 0.0
+    for index, tokens in enumerate(held_tokens(runner)):
+        assert pos_max(runner, index) == len(tokens) - 1

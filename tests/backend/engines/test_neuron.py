@@ -106,7 +106,7 @@ def test_a_live_slot_left_out_of_a_decode_call_loses_its_cache(engine: NeuronEng
 def test_released_slot_is_reused_and_a_full_batch_is_an_error(engine: NeuronEngine) -> None:
     runner = NeuronSlotRunner(model_of(engine), slots=1, window=64)
     runner.prefill(1, [1, 2])
-    with pytest.raises(EngineError, match="batch is full"):
+    with pytest.raises(EngineError, match="in use"):
         runner.prefill(2, [1, 2])
     runner.release(1)
     runner.prefill(2, [3, 4])

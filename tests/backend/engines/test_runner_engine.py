@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from backend.engines.runner_engine import LoadedModel, RunnerEngine
+from backend.engines.runner_engine import LoadedModel, RunnerEngine, context_window
 from backend.errors import InvalidRequestError
 from backend.settings import BackendSettings
 
@@ -95,3 +95,11 @@ def test_a_system_prompt_with_no_user_message_after_it_is_a_400_never_dropped(
     with pytest.raises(InvalidRequestError, match="system prompt") as raised:
         engine.encode_chat(messages)
     assert raised.value.param == "messages"
+
+
+def test_context_window_is_the_setting_capped_by_training() -> None:
+    assert context_window(8192, 0) == 8192
+    assert context_window(8192, 1024) == 1024
+    assert context_window(8192, 32768) == 8192
+    assert context_window(0, 1024) == 1024  # the model does not say
+    assert context_window(0, 0) == 2048
