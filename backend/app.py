@@ -10,16 +10,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.config import RequestRouterConfig
+from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from backend.api import build_api
 from backend.engines.base import engine_class
@@ -75,7 +76,7 @@ class ModelDeployment(ModelServer):
         super().__init__(settings)
         await self.start()
 
-    async def generate_routed(self, routed: RoutedChat) -> AsyncIterator[GenerationEvent]:
+    async def generate_routed(self, routed: RoutedChat) -> AsyncGenerator[GenerationEvent, None]:
         """`generate`, called through the handle with what the request router reads."""
         async with contextlib.aclosing(self.generate(routed.request)) as events:
             async for event in events:
@@ -149,7 +150,9 @@ class HandleModelClient:
             self._known = info
         return info
 
-    async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, request: ChatCompletionRequest
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """Stream events from the model replica; closing this generator cancels the request."""
         if self._max_streams is not None and self._streams >= self._max_streams:
             raise self._at_capacity()
@@ -157,7 +160,10 @@ class HandleModelClient:
         stream = None
         try:
             handle = self._handle.options(stream=True)
-            stream = handle.generate_routed.remote(RoutedChat(request))
+            # A streaming handle's call returns a response generator (Ray's stubs say either).
+            stream = cast(
+                DeploymentResponseGenerator, handle.generate_routed.remote(RoutedChat(request))
+            )
             async for event in stream:
                 if isinstance(event, PromptAccepted):
                     self._known = ModelInfo(event.model_id, event.context_window, ready=True)
@@ -177,7 +183,7 @@ class HandleModelClient:
 
     def _at_capacity(self) -> OverloadedError:
         """The refusal of a generation nobody has room for, counted."""
-        count_rejection(self._known.model_id if self._known else "", "overloaded")
+        count_rejection(self._known.model_id or "" if self._known else "", "overloaded")
         return OverloadedError(_AT_CAPACITY)
 
 
@@ -252,17 +258,22 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The Serve application; `args` (e.g. from `serve run ... engine=hf`) override settings."""
     settings = BackendSettings(**(args or {}))
     resources = {"neuron_cores": settings.num_neuron_cores} if settings.num_neuron_cores else {}
-    model = ModelDeployment.options(
-        **replica_options(settings),
-        **routing_options(settings),
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
-        ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
-    ).bind(settings)
+    # `@serve.deployment` makes each class a `Deployment`; type checkers keep the class type.
+    model = (
+        cast(Deployment, ModelDeployment)
+        .options(
+            **replica_options(settings),
+            **routing_options(settings),
+            max_ongoing_requests=settings.max_ongoing_requests,
+            max_queued_requests=settings.max_queued_requests,
+            ray_actor_options={"num_cpus": settings.model_cpus(), "resources": resources},
+        )
+        .bind(settings)
+    )
     # The ingress only awaits: it takes every request the model replicas can hold or queue,
     # plus room for health checks and model info, which must never wait behind generations.
     streams = stream_capacity(settings) or settings.max_ongoing_requests * _replicas(settings)
-    ingress = Ingress.options(max_ongoing_requests=streams + _CONTROL_REQUESTS)
+    ingress = cast(Deployment, Ingress).options(max_ongoing_requests=streams + _CONTROL_REQUESTS)
     return ingress.bind(model, settings)
 
 
@@ -285,10 +296,12 @@ def routing_options(settings: BackendSettings) -> dict[str, Any]:
         return {}
     if not engine_class(settings.engine).prefix_caching:
         return {}
-    router = RequestRouterConfig(
-        request_router_class=PREFIX_ROUTER,
-        # A replica a full batch busier than another gets no new conversation by prefix.
-        request_router_kwargs={"imbalanced_threshold": settings.max_batch_size},
+    router = RequestRouterConfig.model_validate(
+        {
+            "request_router_class": PREFIX_ROUTER,
+            # A replica a full batch busier than another gets no new conversation by prefix.
+            "request_router_kwargs": {"imbalanced_threshold": settings.max_batch_size},
+        }
     )
     return {"request_router_config": router}
 

@@ -24,7 +24,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -295,7 +295,9 @@ class ContinuousBatcher:
         """Whether the loop runs and takes requests (not stopping)."""
         return self._thread.is_alive() and not self._stopping.is_set()
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    async def stream(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[Delta, None]:
         """Submit a request and yield its deltas; leaving early frees its batch slot."""
         if not self.is_alive():
             raise EngineError("The batching loop is not running.")
@@ -319,7 +321,10 @@ class ContinuousBatcher:
                 # Everything that arrived meanwhile goes out as one item (one Ray stream item).
                 while _open(items[-1]) and not deltas.empty():
                     items.append(deltas.get_nowait())
-                error = items.pop() if isinstance(items[-1], BaseException) else None
+                last = items[-1]
+                error = last if isinstance(last, BaseException) else None
+                if error is not None:
+                    items.pop()
                 if items:
                     delta = _merge(items)  # type: ignore[arg-type]
                     next_send = loop.time() + self._stream_interval_s

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 from backend.engines.base import Engine, engine_class
@@ -55,7 +55,9 @@ class ModelServer:
             return ModelInfo(model_id=None, context_window=0, ready=False, error=self._load_error)
         return ModelInfo(self._engine.model_id, self._engine.context_window, ready=True)
 
-    async def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+    async def generate(
+        self, request: ChatCompletionRequest
+    ) -> AsyncGenerator[GenerationEvent, None]:
         """`PromptAccepted`, then the reply's deltas; invalid requests raise before the first."""
         try:
             prompt_ids, params = await self._admit(request)

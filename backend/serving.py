@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Protocol
 
@@ -40,7 +40,7 @@ class ModelClient(Protocol):
         """The model's id, window and readiness."""
         ...
 
-    def generate(self, request: ChatCompletionRequest) -> AsyncIterator[GenerationEvent]:
+    def generate(self, request: ChatCompletionRequest) -> AsyncGenerator[GenerationEvent, None]:
         """`PromptAccepted`, then deltas; errors before the first event are the request's fault."""
         ...
 
@@ -58,7 +58,7 @@ class ChatService:
 
     async def create(
         self, request: ChatCompletionRequest
-    ) -> ChatCompletionResponse | AsyncIterator[str]:
+    ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
         """Start generating; errors raised here happen before any byte is sent."""
         events = self._client.generate(request)
         first = await anext(events)
@@ -75,7 +75,7 @@ class ChatService:
         return response.choices[0].message.content
 
     async def _collect(
-        self, model_id: str, prompt_tokens: int, events: AsyncIterator[GenerationEvent]
+        self, model_id: str, prompt_tokens: int, events: AsyncGenerator[GenerationEvent, None]
     ) -> ChatCompletionResponse:
         parts: list[str] = []
         tokens = cached = 0
@@ -101,8 +101,8 @@ class ChatService:
         request: ChatCompletionRequest,
         model_id: str,
         prompt_tokens: int,
-        events: AsyncIterator[GenerationEvent],
-    ) -> AsyncIterator[str]:
+        events: AsyncGenerator[GenerationEvent, None],
+    ) -> AsyncGenerator[str, None]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
         tokens = cached = 0
         try:
@@ -126,7 +126,7 @@ class ChatService:
         yield SSE_DONE
 
 
-async def _deltas(events: AsyncIterator[GenerationEvent]) -> AsyncIterator[Delta]:
+async def _deltas(events: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[Delta, None]:
     async for event in events:
         if isinstance(event, Delta):
             yield event

@@ -16,7 +16,7 @@ from __future__ import annotations
 import codecs
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -115,7 +115,9 @@ class ChatClient(ABC):
         )
 
     @abstractmethod
-    def stream_chat(self, messages: Messages, options: ChatOptions) -> AsyncIterator[StreamEvent]:
+    def stream_chat(
+        self, messages: Messages, options: ChatOptions
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Text deltas of the reply to `messages`, then one `Finished`; raises `BackendError`s."""
 
     @abstractmethod
@@ -183,7 +185,7 @@ class OpenAIClient(ChatClient):
 
     async def stream_chat(
         self, messages: Messages, options: ChatOptions
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """Stream the reply; the HTTP response is closed however the iteration ends."""
         body = {
             "messages": [dict(message) for message in messages],
@@ -250,7 +252,7 @@ class InferClient(ChatClient):
 
     async def stream_chat(
         self, messages: Messages, options: ChatOptions
-    ) -> AsyncIterator[StreamEvent]:
+    ) -> AsyncGenerator[StreamEvent, None]:
         """One `TextDelta` with the whole reply, then `Finished("stop")`."""
         sentence = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         if sentence is None:

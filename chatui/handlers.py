@@ -13,7 +13,7 @@ import asyncio
 import re
 import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -169,7 +169,7 @@ class ChatHandlers:
         temperature: float,
         top_p: float,
         max_tokens: float,
-    ) -> AsyncIterator[tuple[Any, Any]]:
+    ) -> AsyncGenerator[tuple[Any, Any], None]:
         """Stream the answer to the history's last user message: yields (history, stats)."""
         if not history or history[-1]["role"] != "user":
             yield SKIP, SKIP  # nothing to answer (e.g. an empty message was submitted)
@@ -361,7 +361,8 @@ class ChatHandlers:
         current = find(saved, conversation_id)
         if current is None:  # a new chat: keeps the system prompt the user has set
             files: tuple[str | None, ...] = (None, None)
-            title, system_prompt = "", SKIP
+            system_prompt: str | dict[str, Any] = SKIP
+            title = ""
         else:
             files = self.exports.write(session, current)
             title, system_prompt = current.title, current.system_prompt

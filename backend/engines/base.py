@@ -13,7 +13,7 @@ adds a class directly (tests register fakes that way).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, ClassVar, TypeVar
 
@@ -53,7 +53,9 @@ class Engine(ABC):
         """Prompt token ids for a conversation, ready for the assistant's reply."""
 
     @abstractmethod
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the reply; closing the iterator early cancels the request."""
 
     @abstractmethod

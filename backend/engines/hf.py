@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.cache_utils import DynamicLayer
 
 from backend.engines.base import register_engine
 from backend.engines.batch_cache import BatchKVCache
@@ -187,7 +194,12 @@ def _bytes_per_token(layers: _Layers) -> int:
 
 
 def _layers(cache: DynamicCache) -> _Layers:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    layers: _Layers = []
+    for layer in cache.layers:  # a decoder's dynamic cache: every layer has keys and values
+        assert isinstance(layer, DynamicLayer) and layer.keys is not None
+        assert layer.values is not None
+        layers.append((layer.keys, layer.values))
+    return layers
 
 
 @register_engine
@@ -201,6 +213,8 @@ class HFEngine(RunnerEngine):
         if self.settings.cpu_threads:
             torch.set_num_threads(self.settings.cpu_threads)
         dtype = pick_dtype(self.settings.dtype)
+        model: PreTrainedModel
+        tokenizer: PreTrainedTokenizerBase
         if self.settings.model:
             model_id = self.settings.model
             tokenizer = AutoTokenizer.from_pretrained(model_id)

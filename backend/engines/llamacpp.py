@@ -180,5 +180,9 @@ def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
                 f"{gguf.name} has no chat template: set LLM_TOKENIZER to the model's Hugging "
                 "Face tokenizer (a directory or hub id)."
             )
-        write_atomically(target, tokenizer.save_pretrained, "tokenizer_config.json")
+
+        def save(staging: Path) -> None:
+            tokenizer.save_pretrained(staging)
+
+        write_atomically(target, save, "tokenizer_config.json")
     return AutoTokenizer.from_pretrained(target)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +84,9 @@ class RunnerEngine(Engine):
                 raise
             return self._apply_template(_merge_system_into_first_user(messages))
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams
+    ) -> AsyncGenerator[Delta, None]:
         """Stream the reply from the batching loop."""
         return self.batcher.stream(prompt_ids, params)
 
