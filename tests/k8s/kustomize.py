@@ -1,17 +1,30 @@
 """Render the kustomizations under k8s/: with `kubectl kustomize` when it is installed, otherwise
-with a small pure-Python renderer of the subset k8s/ uses.
+with a small pure-Python renderer of the kustomize features k8s/ uses, in kustomize's order.
 
-The subset: `resources` (files and directories), `components` (directories holding a
-`kind: Component`), `patches` whose patch is a JSON 6902 operation list (`add`, `remove`,
-`replace`, `copy`; from `path` or inline `patch`, selected by `target`), and `images` (name,
-newName, newTag, digest). Anything else raises `UnsupportedKustomization`, so the two renderers
-cannot silently disagree; a test compares them whenever kubectl is present.
+Covered (kustomize v4.4 and newer; kubernetes-sigs/kustomize api/internal/target/kusttarget.go):
+- `resources`: files and kustomization directories; `components`: directories holding a
+  `kind: Component`, whose edits apply to all the including kustomization has gathered;
+- `configMapGenerator`: `name`, `files` (`path` or `key=path`, read verbatim: api/kv/kv.go) and
+  `options` `annotations`, `labels`, `disableNameSuffixHash`, for a ConfigMap that is never
+  emitted (`config.kubernetes.io/local-config`) or whose name hash is disabled;
+- `patches` (JSON 6902 operation lists from `path` or inline `patch`, selected by `target`),
+  `images` and inline `replacements`, as tests/k8s/kustomize_edits.py describes;
+- objects annotated `config.kubernetes.io/local-config` (other than "false") are dropped from
+  the final result only, so an overlay still reads its bases' (`makeCustomizedResMap` calls
+  `IgnoreLocal` last, on the top-level build; bases are gathered by `AccumulateTarget`).
+The order within a kustomization (`accumulateTarget`, `configureBuiltinTransformers`): resources,
+generators, components, then patches, images, replacements.
+
+Not covered: any other kustomization field (namespace, name prefix or suffix, labels,
+strategic-merge patches, replicas, secretGenerator, generatorOptions, helm, vars, remote bases),
+a ConfigMap generator's `literals`, `envs`, `behavior` or hashed name, and generators beside
+components in one kustomization (kustomize before v5.1 ran the components first). Each raises
+`UnsupportedKustomization`, so the two renderers cannot silently disagree; a test compares them
+whenever kubectl is present.
 """
 
 from __future__ import annotations
 
-import copy
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -19,15 +32,29 @@ from typing import Any
 
 import yaml
 
+from tests.k8s.kustomize_edits import (
+    Manifest,
+    UnsupportedKustomization,
+    apply_json6902,
+    matches,
+    replace,
+    set_image,
+)
+
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
-_SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "components", "patches", "images"}
+LOCAL_CONFIG = "config.kubernetes.io/local-config"
+_SUPPORTED_KEYS = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "configMapGenerator",
+    "patches",
+    "images",
+    "replacements",
+}
 _TARGET_KEYS = {"group", "version", "kind", "name", "namespace"}
-
-Manifest = dict[str, Any]
-
-
-class UnsupportedKustomization(ValueError):
-    """Raised when a kustomization uses a feature the pure-Python renderer does not implement."""
+__all__ = ["Manifest", "UnsupportedKustomization", "local_config", "render", "render_python"]
 
 
 def kubectl() -> str | None:
@@ -55,32 +82,38 @@ def render_kubectl(directory: Path) -> list[Manifest]:
 
 def render_python(directory: Path) -> list[Manifest]:
     """Our rendering of the supported subset."""
+    return [obj for obj in _build(directory, []) if not local_config(obj)]
+
+
+def local_config(obj: Manifest) -> bool:
+    """Whether kustomize leaves the object out of its output (kept while building)."""
+    annotations = obj.get("metadata", {}).get("annotations") or {}
+    return LOCAL_CONFIG in annotations and annotations[LOCAL_CONFIG] != "false"
+
+
+def _build(directory: Path, objects: list[Manifest], component: bool = False) -> list[Manifest]:
+    """Add a kustomization's (or a component's) objects to `objects` and apply its edits."""
     spec = _load_kustomization(directory)
-    if spec.get("kind") == "Component":
-        raise UnsupportedKustomization(f"{directory} is a Component: render a kustomization")
-    objects: list[Manifest] = []
-    _accumulate(directory, spec, objects)
-    return objects
-
-
-def _accumulate(directory: Path, spec: dict[str, Any], objects: list[Manifest]) -> None:
-    """Add a kustomization's resources to `objects`, then apply its components and edits
-    (kustomize's order: components come after the resources, before the own patches)."""
+    if (spec.get("kind") == "Component") != component:
+        raise UnsupportedKustomization(f"{directory}: kind {spec.get('kind')} here")
+    if spec.get("configMapGenerator") and spec.get("components"):
+        raise UnsupportedKustomization(f"{directory}: generators and components together")
     for entry in spec.get("resources", []):
-        objects.extend(_load_resource(directory / entry))
+        path = directory / entry
+        if path.is_dir():
+            objects.extend(_build(path, []))
+        else:
+            objects.extend(doc for doc in yaml.safe_load_all(path.read_text()) if doc)
+    objects.extend(_config_map(directory, entry) for entry in spec.get("configMapGenerator", []))
     for entry in spec.get("components", []):
-        component = _load_kustomization(directory / entry)
-        if component.get("kind") != "Component":
-            raise UnsupportedKustomization(f"{directory / entry} is not a Component")
-        _accumulate(directory / entry, component, objects)
-    _apply_edits(directory, spec, objects)
-
-
-def _apply_edits(directory: Path, spec: dict[str, Any], objects: list[Manifest]) -> None:
+        _build(directory / entry, objects, component=True)
     for patch in spec.get("patches", []):
         _apply_patch(directory, objects, patch)
     for image in spec.get("images", []):
         set_image(objects, image)
+    for replacement in spec.get("replacements", []):
+        replace(objects, replacement)
+    return objects
 
 
 def _load_kustomization(directory: Path) -> dict[str, Any]:
@@ -95,10 +128,26 @@ def _load_kustomization(directory: Path) -> dict[str, Any]:
     raise FileNotFoundError(f"no kustomization file in {directory}")
 
 
-def _load_resource(path: Path) -> list[Manifest]:
-    if path.is_dir():
-        return render_python(path)
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+def _config_map(directory: Path, entry: dict[str, Any]) -> Manifest:
+    """The ConfigMap a configMapGenerator entry makes (kustomize api/kv/kv.go: files verbatim)."""
+    options = entry.get("options") or {}
+    if set(entry) - {"name", "files", "options"} or set(options) - {
+        "annotations",
+        "labels",
+        "disableNameSuffixHash",
+    }:
+        raise UnsupportedKustomization(f"configMapGenerator entry {entry!r}")
+    metadata: dict[str, Any] = {"name": entry["name"]}
+    for field in ("annotations", "labels"):
+        if options.get(field):
+            metadata[field] = dict(options[field])
+    config_map = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": {}}
+    if not local_config(config_map) and not options.get("disableNameSuffixHash"):
+        raise UnsupportedKustomization(f"{entry['name']}: the name hash suffix is not rendered")
+    for source in entry.get("files", []):
+        key, _, path = source.rpartition("=")
+        config_map["data"][key or Path(path).name] = (directory / path).read_text()
+    return config_map
 
 
 def _apply_patch(directory: Path, objects: list[Manifest], patch: dict[str, Any]) -> None:
@@ -114,106 +163,9 @@ def _apply_patch(directory: Path, objects: list[Manifest], patch: dict[str, Any]
     target = patch.get("target") or {}
     if not target or set(target) - _TARGET_KEYS:
         raise UnsupportedKustomization(f"patch target {target!r}")
-    matched = [obj for obj in objects if _matches(obj, target)]
+    matched = [obj for obj in objects if matches(obj, target)]
     if not matched:
         raise ValueError(f"patch target {target!r} matches no object")
     for obj in matched:
         for operation in operations:
             apply_json6902(obj, operation)
-
-
-def _matches(obj: Manifest, target: dict[str, str]) -> bool:
-    group, _, version = obj["apiVersion"].rpartition("/")
-    metadata = obj.get("metadata", {})
-    actual = {
-        "group": group,
-        "version": version,
-        "kind": obj["kind"],
-        "name": metadata.get("name", ""),
-        "namespace": metadata.get("namespace", ""),
-    }
-    return all(re.fullmatch(pattern, actual[key]) for key, pattern in target.items())
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise ValueError(f"bad JSON pointer {path!r}")
-    return [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[1:]]
-
-
-def _child(node: Any, key: str) -> Any:
-    return node[int(key)] if isinstance(node, list) else node[key]
-
-
-def _get(obj: Manifest, path: str) -> Any:
-    node: Any = obj
-    for key in _pointer(path):
-        node = _child(node, key)
-    return node
-
-
-def apply_json6902(obj: Manifest, operation: dict[str, Any]) -> None:
-    """Apply one `add`, `remove`, `replace` or `copy` operation in place (RFC 6902: `copy`
-    adds, at `path`, the value found at `from`)."""
-    op = operation["op"]
-    *parents, last = _pointer(operation["path"])
-    node: Any = obj
-    for key in parents:
-        node = _child(node, key)
-    if op == "copy":
-        op, value = "add", copy.deepcopy(_get(obj, operation["from"]))
-    else:
-        value = copy.deepcopy(operation.get("value"))
-    if op == "remove" or op == "replace":
-        _child(node, last)  # both require an existing target
-    if op == "remove":
-        del node[int(last) if isinstance(node, list) else last]
-    elif op == "replace":
-        node[int(last) if isinstance(node, list) else last] = value
-    elif op == "add":
-        if isinstance(node, list):
-            node.insert(len(node) if last == "-" else int(last), value)
-        else:
-            node[last] = value
-    else:
-        raise UnsupportedKustomization(f"JSON 6902 operation {op!r}")
-
-
-def split_image(image: str) -> tuple[str, str, str]:
-    """(name, tag, digest) of an image reference; tag and digest may be empty."""
-    name, _, digest = image.partition("@")
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    tag = ""
-    if colon > slash:
-        name, tag = name[:colon], name[colon + 1 :]
-    return name, tag, digest
-
-
-def set_image(objects: list[Manifest], image: dict[str, str]) -> None:
-    """kustomize's image transformer: rewrite matching `image` fields of (init)containers."""
-
-    def rewrite(reference: str) -> str:
-        name, tag, digest = split_image(reference)
-        if name != image["name"]:
-            return reference
-        name = image.get("newName") or name
-        # As kustomize's api/filters/imagetag/updater.go: a new tag or digest replaces both.
-        new_tag, new_digest = image.get("newTag", ""), image.get("digest", "")
-        if new_tag or new_digest:
-            tag, digest = new_tag, new_digest
-        return name + (f":{tag}" if tag else "") + (f"@{digest}" if digest else "")
-
-    def walk(node: Any) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("containers", "initContainers") and isinstance(value, list):
-                    for container in value:
-                        if isinstance(container, dict) and "image" in container:
-                            container["image"] = rewrite(container["image"])
-                walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(objects)
