@@ -1,7 +1,8 @@
 """The pods KubeRay builds from a RayService's pod templates, as far as pod security, volumes and
 service-account tokens go: what the API server admits is the pod, not the template.
 
-Follows KubeRay v1.7.0 `ray-operator/controllers/ray/common/pod.go`:
+Follows KubeRay v1.7.0 `ray-operator/controllers/ray/common/pod.go`, which builds these the same
+way as v1.3.0, the oldest release k8s/README.md requires:
 - `DefaultHeadPodTemplate`: with in-tree autoscaling, an `autoscaler` container (the Ray
   container's image; `autoscalerOptions` replace its resources and securityContext, append its
   env and volumeMounts), which calls the Kubernetes API with the pod's service-account token;
@@ -10,6 +11,10 @@ Follows KubeRay v1.7.0 `ray-operator/controllers/ray/common/pod.go`:
 - `BuildPod`: a memory emptyDir at /dev/shm unless one is mounted there; with the autoscaler, the
   `ray-logs` emptyDir (no sizeLimit) at /tmp/ray in both head containers, unless mounted there,
   reusing a pod volume of that name if the template has one.
+
+Not covered: the rest of the pods (probes, commands, ports, the environment KubeRay sets), and
+what KubeRay adds only on request (TLS init containers, history-server collectors, `/dev/shm`
+skipped for a `plasma-directory`), none of which the manifests ask for.
 """
 
 from __future__ import annotations

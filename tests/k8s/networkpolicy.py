@@ -5,6 +5,11 @@ of its namespace selects it with that policy type; an isolated pod accepts a con
 rule of any such policy matches the peer and the port; a connection needs both the source's
 egress and the destination's ingress. Peers outside the cluster are `External` addresses.
 Named ports are refused (our policies use numbers), so nothing is silently misread.
+
+Not covered: what depends on the network plugin (whether pod addresses match `ipBlock`s, taken as
+yes; Service addresses translated before or after evaluation; traffic from the node, which is
+always allowed), replies (connections are judged at their opening) and anything beyond
+networking.k8s.io/v1 (Cilium's or Calico's own policies).
 """
 
 from __future__ import annotations

@@ -1,24 +1,22 @@
 """The Pod Security Standards' `restricted` profile, checked field by field on the pods the
-manifests create, and the hardening the manifests add beyond it.
-
-`RESTRICTED` has one function per control that pod-security-admission runs for
+manifests create: `RESTRICTED` has one rule per control that pod-security-admission runs for
 `enforce: restricted` at the pinned version (kubernetes/pod-security-admission, `policy/check_*.go`;
-the baseline controls are part of the profile). `HARDENING` holds what restricted does not ask:
-read-only root filesystems with writable volumes where the processes write, no
-service-account token where nothing calls the API, ephemeral-storage requests and limits,
-sized emptyDirs. Each rule carries `breaks`, a change that makes a compliant pod violate exactly
-that rule, so a test can prove the rule can fail.
+the baseline controls are part of the profile). Each `Rule` carries `breaks`, a change that makes
+a compliant pod violate exactly that rule, so a test can prove the rule can fail. `pods` lists
+every pod a rendering creates, KubeRay's as kuberay.py builds them.
+
+Not here: what restricted does not ask (hardening.py), the namespaces' admission labels
+(test_pod_security.py), and controls of other profiles or versions.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from tests.k8s import kuberay
-from tests.k8s.checks import REPO, pod_templates
+from tests.k8s.checks import pod_templates
 from tests.k8s.kustomize import Manifest
 
 Pod = dict[str, Any]
@@ -34,10 +32,9 @@ class Rule:
 
 
 RESTRICTED: dict[str, Rule] = {}
-HARDENING: dict[str, Rule] = {}
 
 
-def _rule(registry: dict[str, Rule], name: str, breaks: Callable[[Pod], None]) -> Any:
+def rule(registry: dict[str, Rule], name: str, breaks: Callable[[Pod], None]) -> Any:
     def register(check: Check) -> Check:
         registry[name] = Rule(check, breaks)
         return check
@@ -66,22 +63,22 @@ def containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     yield from spec.get("ephemeralContainers", [])
 
 
-def _context(container: dict[str, Any]) -> dict[str, Any]:
+def context_of(container: dict[str, Any]) -> dict[str, Any]:
     return container.get("securityContext") or {}
 
 
-def _first(pod: Pod) -> dict[str, Any]:
+def first(pod: Pod) -> dict[str, Any]:
     return pod["spec"]["containers"][0]
 
 
-def _set(pod: Pod, **fields: Any) -> None:
-    _first(pod).setdefault("securityContext", {}).update(fields)
+def set_context(pod: Pod, **fields: Any) -> None:
+    first(pod).setdefault("securityContext", {}).update(fields)
 
 
 # --- restricted (baseline controls included) -------------------------------------------------
 
 
-@_rule(RESTRICTED, "hostNamespaces", lambda pod: pod["spec"].update(hostNetwork=True))
+@rule(RESTRICTED, "hostNamespaces", lambda pod: pod["spec"].update(hostNetwork=True))
 def host_namespaces(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """spec.hostNetwork, hostPID, hostIPC: undefined or false."""
     return [
@@ -91,13 +88,13 @@ def host_namespaces(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]
     ]
 
 
-@_rule(RESTRICTED, "privileged", lambda pod: _set(pod, privileged=True))
+@rule(RESTRICTED, "privileged", lambda pod: set_context(pod, privileged=True))
 def privileged(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """securityContext.privileged of every container: undefined or false."""
-    return [f"{c['name']}: privileged" for c in containers(spec) if _context(c).get("privileged")]
+    return [f"{c['name']}: privileged" for c in containers(spec) if context_of(c).get("privileged")]
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "hostPathVolumes",
     lambda pod: (
@@ -109,10 +106,10 @@ def host_path_volumes(metadata: dict[str, Any], spec: dict[str, Any]) -> list[st
     return [f"volume {v['name']}: hostPath" for v in spec.get("volumes", []) if "hostPath" in v]
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "hostPorts",
-    lambda pod: _first(pod).setdefault("ports", []).append({"containerPort": 1, "hostPort": 1}),
+    lambda pod: first(pod).setdefault("ports", []).append({"containerPort": 1, "hostPort": 1}),
 )
 def host_ports(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """ports[*].hostPort of every container: undefined or 0."""
@@ -127,7 +124,11 @@ def host_ports(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
 _APPARMOR_ANNOTATION = "container.apparmor.security.beta.kubernetes.io/"
 
 
-@_rule(RESTRICTED, "appArmorProfile", lambda pod: _set(pod, appArmorProfile={"type": "Unconfined"}))
+@rule(
+    RESTRICTED,
+    "appArmorProfile",
+    lambda pod: set_context(pod, appArmorProfile={"type": "Unconfined"}),
+)
 def app_armor_profile(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """appArmorProfile.type (pod, containers): RuntimeDefault, Localhost or undefined; the
     deprecated annotations: runtime/default, localhost/* or empty."""
@@ -140,7 +141,7 @@ def app_armor_profile(metadata: dict[str, Any], spec: dict[str, Any]) -> list[st
         and not value.startswith("localhost/")
     ]
     holders = [("pod", spec.get("securityContext") or {})]
-    holders += [(c["name"], _context(c)) for c in containers(spec)]
+    holders += [(c["name"], context_of(c)) for c in containers(spec)]
     for who, context in holders:
         kind = (context.get("appArmorProfile") or {}).get("type")
         if kind is not None and kind not in {"RuntimeDefault", "Localhost"}:
@@ -151,12 +152,12 @@ def app_armor_profile(metadata: dict[str, Any], spec: dict[str, Any]) -> list[st
 _SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
 
 
-@_rule(RESTRICTED, "seLinuxOptions", lambda pod: _set(pod, seLinuxOptions={"user": "root"}))
+@rule(RESTRICTED, "seLinuxOptions", lambda pod: set_context(pod, seLinuxOptions={"user": "root"}))
 def se_linux_options(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """seLinuxOptions (pod, containers): type among the container types, no user, no role."""
     problems = []
     holders = [("pod", spec.get("securityContext") or {})]
-    holders += [(c["name"], _context(c)) for c in containers(spec)]
+    holders += [(c["name"], context_of(c)) for c in containers(spec)]
     for who, context in holders:
         options = context.get("seLinuxOptions") or {}
         if options.get("type", "") not in _SELINUX_TYPES:
@@ -167,13 +168,13 @@ def se_linux_options(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str
     return problems
 
 
-@_rule(RESTRICTED, "procMount", lambda pod: _set(pod, procMount="Unmasked"))
+@rule(RESTRICTED, "procMount", lambda pod: set_context(pod, procMount="Unmasked"))
 def proc_mount(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """securityContext.procMount of every container: undefined or Default."""
     return [
-        f"{c['name']}: procMount {_context(c)['procMount']}"
+        f"{c['name']}: procMount {context_of(c)['procMount']}"
         for c in containers(spec)
-        if _context(c).get("procMount", "Default") != "Default"
+        if context_of(c).get("procMount", "Default") != "Default"
     ]
 
 
@@ -194,7 +195,7 @@ _SAFE_SYSCTLS = {
 }
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "sysctls",
     lambda pod: (
@@ -212,13 +213,15 @@ def sysctls(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     ]
 
 
-@_rule(
-    RESTRICTED, "windowsHostProcess", lambda pod: _set(pod, windowsOptions={"hostProcess": True})
+@rule(
+    RESTRICTED,
+    "windowsHostProcess",
+    lambda pod: set_context(pod, windowsOptions={"hostProcess": True}),
 )
 def windows_host_process(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """windowsOptions.hostProcess (pod, containers): undefined or false."""
     holders = [("pod", spec.get("securityContext") or {})]
-    holders += [(c["name"], _context(c)) for c in containers(spec)]
+    holders += [(c["name"], context_of(c)) for c in containers(spec)]
     return [
         f"{who}: windowsOptions.hostProcess"
         for who, context in holders
@@ -237,10 +240,10 @@ def _probe_hosts(container: dict[str, Any]) -> Iterator[str]:
                 yield f"{action}.host {host}"
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "hostProbesAndHostLifecycle",
-    lambda pod: _first(pod).update(livenessProbe={"tcpSocket": {"port": 1, "host": "10.0.0.1"}}),
+    lambda pod: first(pod).update(livenessProbe={"tcpSocket": {"port": 1, "host": "10.0.0.1"}}),
 )
 def host_probes_and_lifecycle(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """Probes and lifecycle handlers name no host (a control from v1.34 on, met already)."""
@@ -260,7 +263,7 @@ _VOLUME_TYPES = {
 }
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "restrictedVolumes",
     lambda pod: (
@@ -279,13 +282,17 @@ def restricted_volumes(metadata: dict[str, Any], spec: dict[str, Any]) -> list[s
     ]
 
 
-@_rule(RESTRICTED, "allowPrivilegeEscalation", lambda pod: _set(pod, allowPrivilegeEscalation=None))
+@rule(
+    RESTRICTED,
+    "allowPrivilegeEscalation",
+    lambda pod: set_context(pod, allowPrivilegeEscalation=None),
+)
 def allow_privilege_escalation(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """securityContext.allowPrivilegeEscalation of every container: false (not undefined)."""
     return [
         f"{c['name']}: allowPrivilegeEscalation is not false"
         for c in containers(spec)
-        if _context(c).get("allowPrivilegeEscalation") is not False
+        if context_of(c).get("allowPrivilegeEscalation") is not False
     ]
 
 
@@ -294,7 +301,7 @@ def _pod_or_containers(spec: dict[str, Any], field: str, good: Callable[[Any], b
     pod_value = (spec.get("securityContext") or {}).get(field)
     problems = [] if pod_value is None or good(pod_value) else [f"pod: {field} {pod_value!r}"]
     for container in containers(spec):
-        value = _context(container).get(field)
+        value = context_of(container).get(field)
         if value is None and (pod_value is None or not good(pod_value)):
             problems.append(f"{container['name']}: no {field} on the pod or the container")
         elif value is not None and not good(value):
@@ -302,7 +309,7 @@ def _pod_or_containers(spec: dict[str, Any], field: str, good: Callable[[Any], b
     return problems
 
 
-@_rule(
+@rule(
     RESTRICTED, "runAsNonRoot", lambda pod: pod["spec"]["securityContext"].pop("runAsNonRoot", None)
 )
 def run_as_non_root(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
@@ -310,15 +317,15 @@ def run_as_non_root(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]
     return _pod_or_containers(spec, "runAsNonRoot", lambda value: value is True)
 
 
-@_rule(RESTRICTED, "runAsUser", lambda pod: _set(pod, runAsUser=0))
+@rule(RESTRICTED, "runAsUser", lambda pod: set_context(pod, runAsUser=0))
 def run_as_user(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """runAsUser (pod, containers): undefined or non-zero."""
     holders = [("pod", spec.get("securityContext") or {})]
-    holders += [(c["name"], _context(c)) for c in containers(spec)]
+    holders += [(c["name"], context_of(c)) for c in containers(spec)]
     return [f"{who}: runAsUser 0" for who, context in holders if context.get("runAsUser") == 0]
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "seccompProfile",
     lambda pod: pod["spec"]["securityContext"].update(seccompProfile={"type": "Unconfined"}),
@@ -332,139 +339,20 @@ def seccomp_profile(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]
     )
 
 
-@_rule(
+@rule(
     RESTRICTED,
     "capabilities",
-    lambda pod: _set(pod, capabilities={"drop": ["ALL"], "add": ["NET_RAW"]}),
+    lambda pod: set_context(pod, capabilities={"drop": ["ALL"], "add": ["NET_RAW"]}),
 )
 def capabilities(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
     """capabilities.drop of every container includes ALL; capabilities.add at most
     NET_BIND_SERVICE (this control replaces baseline's capabilities one)."""
     problems = []
     for container in containers(spec):
-        caps = _context(container).get("capabilities") or {}
+        caps = context_of(container).get("capabilities") or {}
         if "ALL" not in (caps.get("drop") or []):
             problems.append(f"{container['name']}: capabilities.drop lacks ALL")
         added = set(caps.get("add") or []) - {"NET_BIND_SERVICE"}
         if added:
             problems.append(f"{container['name']}: capabilities.add {sorted(added)}")
     return problems
-
-
-# --- hardening beyond restricted ---------------------------------------------------------------
-
-
-@_rule(HARDENING, "readOnlyRootFilesystem", lambda pod: _set(pod, readOnlyRootFilesystem=False))
-def read_only_root_filesystem(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """Every container's root filesystem is read-only: what it writes goes to volumes."""
-    return [
-        f"{c['name']}: root filesystem writable"
-        for c in containers(spec)
-        if _context(c).get("readOnlyRootFilesystem") is not True
-    ]
-
-
-def _flip_token(pod: Pod) -> None:
-    uses = any(c["name"] == kuberay.AUTOSCALER for c in pod["spec"]["containers"])
-    pod["spec"]["automountServiceAccountToken"] = not uses
-
-
-@_rule(HARDENING, "serviceAccountToken", _flip_token)
-def service_account_token(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """No service-account token unless the pod runs KubeRay's autoscaler, which calls the API
-    (and then the token must be there)."""
-    mounted = spec.get("automountServiceAccountToken", True)
-    uses = any(c["name"] == kuberay.AUTOSCALER for c in spec["containers"])
-    if uses and not mounted:
-        return ["the autoscaler needs the service-account token"]
-    if mounted and not uses:
-        return ["service-account token mounted, but nothing here calls the API"]
-    return []
-
-
-@_rule(
-    HARDENING,
-    "ephemeralStorage",
-    lambda pod: _first(pod)["resources"]["limits"].pop("ephemeral-storage", None),
-)
-def ephemeral_storage(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """ephemeral-storage requests and limits on every container but KubeRay's wait-gcs-ready
-    (KubeRay fixes its resources): logs, spill and temporary files are bounded."""
-    problems = []
-    for container in containers(spec):
-        if container["name"] == kuberay.WAIT_GCS_READY:
-            continue
-        resources = container.get("resources") or {}
-        for kind in ("requests", "limits"):
-            if "ephemeral-storage" not in (resources.get(kind) or {}):
-                problems.append(f"{container['name']}: no ephemeral-storage {kind}")
-    return problems
-
-
-def _empty_dir(pod: Pod) -> dict[str, Any]:
-    return next(v for v in pod["spec"]["volumes"] if "emptyDir" in v)["emptyDir"]
-
-
-@_rule(HARDENING, "emptyDirSizeLimit", lambda pod: _empty_dir(pod).pop("sizeLimit", None))
-def empty_dir_size_limit(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """Every emptyDir has a sizeLimit (KubeRay's ray-logs too: the head template declares it)."""
-    return [
-        f"emptyDir {v['name']}: no sizeLimit"
-        for v in spec.get("volumes", [])
-        if "emptyDir" in v and "sizeLimit" not in (v["emptyDir"] or {})
-    ]
-
-
-# Environment variables naming directories the processes write: caches, temporary files.
-PATH_ENV = (
-    "TMPDIR",
-    "HF_HOME",
-    "NEURON_COMPILE_CACHE_URL",
-    "GRADIO_TEMP_DIR",
-    "XDG_CACHE_HOME",
-    "GGUF_DIR",
-)
-_WRITABLE_SOURCES = ("emptyDir", "persistentVolumeClaim", "ephemeral")
-
-
-def image_home(dockerfile: str) -> str | None:
-    """The home directory a Dockerfile's `useradd --home-dir` creates (Gradio writes there)."""
-    match = re.search(r"--home-dir\s+(\S+)", (REPO / dockerfile).read_text())
-    return match.group(1) if match else None
-
-
-def written_paths(container: dict[str, Any]) -> set[str]:
-    """Directories a container's processes write: Python's and Ray's temporary directory
-    (/tmp: Ray's session, logs and spilled objects, the Neuron compiler's work directories), the
-    directories its environment names, Ray's log directory for the autoscaler, and the UI image's
-    home (Gradio's caches)."""
-    env = {e["name"]: e.get("value") for e in container.get("env", [])}
-    paths = {env.get("TMPDIR") or "/tmp"}
-    paths |= {env[name] for name in PATH_ENV if env.get(name)}
-    if container["name"] == kuberay.AUTOSCALER:
-        paths.add(kuberay.RAY_LOGS_PATH)
-    if "mistral-inf2-chat-ui" in container.get("image", ""):
-        paths.add(image_home("Dockerfile.ui") or "/")
-    return paths
-
-
-def writable(container: dict[str, Any], spec: dict[str, Any], path: str) -> bool:
-    """Whether `path` lies in a writable volume (emptyDir or claim) the container mounts."""
-    sources = {v["name"]: v for v in spec.get("volumes", [])}
-    for mount in container.get("volumeMounts", []):
-        volume = sources.get(mount["name"], {})
-        inside = path == mount["mountPath"] or path.startswith(mount["mountPath"].rstrip("/") + "/")
-        if inside and not mount.get("readOnly") and any(s in volume for s in _WRITABLE_SOURCES):
-            return True
-    return False
-
-
-@_rule(HARDENING, "writablePaths", lambda pod: _first(pod).update(volumeMounts=[]))
-def writable_paths(metadata: dict[str, Any], spec: dict[str, Any]) -> list[str]:
-    """What each container writes lies in a writable volume (its root filesystem is read-only)."""
-    return [
-        f"{c['name']}: {path} is not on a writable volume"
-        for c in containers(spec)
-        for path in sorted(written_paths(c))
-        if not writable(c, spec, path)
-    ]

@@ -1,6 +1,10 @@
 """Pod security of every pod that every kustomization creates (KubeRay's additions included): both
-namespaces enforce `restricted`, every pod meets it control by control, and the hardening beyond
-it holds. Each rule also reports a deliberately broken copy of every real pod."""
+namespaces enforce `restricted`, every pod meets it control by control (pod_security.py), the
+hardening beyond it holds (hardening.py), and the pods run as their images' numeric users. Each
+rule also reports a deliberately broken copy of every real pod.
+
+Not here: what the admission controller itself does with the labels (no cluster runs here).
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,19 @@ from tests.k8s.checks import (
     K8S_VERSION,
     KUSTOMIZATIONS,
     RAY_NAMESPACE,
+    RAYSERVICE,
+    REPO,
+    UI_DEPLOYMENT,
     UI_NAMESPACE,
     find,
+    one,
+    pod_templates,
     rendered,
 )
+from tests.k8s.dockerfiles import dockerfile_stages, stage_user
+from tests.k8s.hardening import HARDENING
 from tests.k8s.kustomize import Manifest
-from tests.k8s.pod_security import HARDENING, RESTRICTED, Rule, pods
+from tests.k8s.pod_security import RESTRICTED, Rule, pods
 
 PSA = "pod-security.kubernetes.io/"
 PINNED = "v" + ".".join(K8S_VERSION.split(".")[:2])
@@ -92,3 +103,22 @@ def test_each_rule_reports_a_broken_pod(rule: str) -> None:
         broken = copy.deepcopy(pod)
         RULES[rule].breaks(broken)
         assert RULES[rule].check(broken.get("metadata") or {}, broken["spec"]), label
+
+
+def test_ui_runs_as_the_image_user() -> None:
+    """The pod's runAsUser is the numeric USER of Dockerfile.ui (so runAsNonRoot can be checked)."""
+    deployment = one(rendered("gradio"), "Deployment", UI_DEPLOYMENT)
+    user = stage_user(dockerfile_stages(REPO / "Dockerfile.ui")[-1])
+    assert user.split(":")[0] == str(
+        deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
+    )
+
+
+def test_ray_pods_run_as_the_image_user() -> None:
+    """Ray pods run as the serve image's numeric, non-root USER."""
+    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+    uid, _, gid = stage_user(dockerfile_stages(REPO / "Dockerfile.serve")[-1]).partition(":")
+    for _, template in pod_templates(rayservice):
+        context = template["spec"]["securityContext"]
+        assert context["runAsNonRoot"] is True
+        assert (str(context["runAsUser"]), str(context["runAsGroup"])) == (uid, gid)
