@@ -113,6 +113,14 @@ def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
         raise InvalidRequestError(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.")
+    unsupported = ChatCompletionRequest.unsupported_fields(data)
+    if unsupported:
+        raise InvalidRequestError(
+            f"'{unsupported[0]}' is not supported by this server (see the README's list of "
+            "what the API honours); remove it from the request.",
+            param=unsupported[0],
+            code="unsupported_parameter",
+        )
     try:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:

@@ -32,8 +32,10 @@ import torch
 
 from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
 from backend.errors import EngineError, Preempt, SequencesFailed
-from backend.generation import Delta, FinishReason, SamplingParams
+from backend.generation import Delta, FinishReason, SamplingParams, TokenLogprob
+from backend.processors import adjust, adjusts
 from backend.sampling import make_generator, sample_next_tokens
+from backend.structured import Constraint, GrammarTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,9 @@ class _Sequence:
         self._prompt_length = len(prompt_ids)
         self._sampled: list[int] = []
         self._sampled_at: list[float] = []  # of the tokens not yet reported
+        self._logprobs: list[TokenLogprob] = []  # of the tokens not yet reported, if asked
+        self._adjusts = adjusts(params)
+        self.constraint: Constraint | None = None  # set by the loop for a grammar
 
     def start_at(self, cached: int) -> None:
         """The runner already holds the prompt's first `cached` tokens."""
@@ -164,11 +169,24 @@ class _Sequence:
         self.prefilled = 0
         self.started = False
 
-    def accept(self, token_id: int, eos_ids: frozenset[int]) -> bool:
+    def adjust(self, logits: torch.Tensor) -> None:
+        """Apply the request's logits processors and grammar to its row (float), in place."""
+        if self._adjusts:
+            adjust(logits, self.params, self.prompt_ids[: self._prompt_length], self._sampled)
+        if self.constraint is not None:
+            self.constraint.mask(logits)
+
+    def accept(
+        self, token_id: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None
+    ) -> bool:
         """Take the sampled token, deliver any finished text; return True when done."""
+        if self.constraint is not None:
+            self.constraint.advance(token_id)
         self.next_token = token_id
         self._sampled.append(token_id)
         self._sampled_at.append(time.monotonic())
+        if logprob is not None:
+            self._logprobs.append(logprob)
         self._generated += 1
         self._unreported += 1
         if token_id in eos_ids and not self.params.ignore_eos:
@@ -195,10 +213,11 @@ class _Sequence:
         self._emit(text, "stop" if stopped else reason)
 
     def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
-        times = tuple(self._sampled_at)
-        self._deliver(Delta(text, self._unreported, finish_reason, self._cached, times))
+        times, logprobs = tuple(self._sampled_at), tuple(self._logprobs)
+        self._deliver(Delta(text, self._unreported, finish_reason, self._cached, times, logprobs))
         self._unreported = self._cached = 0
         self._sampled_at.clear()
+        self._logprobs.clear()
 
 
 class _Inbox:
@@ -271,6 +290,7 @@ class ContinuousBatcher:
         self._observed_at = 0.0
         self._tokenizer = tokenizer
         self._eos_ids = eos_ids
+        self._grammar_tokenizer = GrammarTokenizer(tokenizer, eos_ids)
         self._inbox = _Inbox()
         self._prefilling: collections.deque[_Sequence] = collections.deque()  # in arrival order
         # Preempted, waiting for memory: back to prefill when a running stream finishes.
@@ -419,6 +439,14 @@ class ContinuousBatcher:
             self._runner.release(seq.id)
             seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
             return False
+        if seq.params.grammar is not None and seq.constraint is None:
+            try:
+                seq.constraint = Constraint(self._grammar_tokenizer.get(), seq.params.grammar)
+            except Exception as exc:
+                self._prefilling.popleft()
+                self._runner.release(seq.id)
+                seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
+                return False
         seq.start_at(cached)
         self.stats.prompt_tokens += len(seq.prompt_ids)
         self.stats.cached_tokens += cached
@@ -431,7 +459,6 @@ class ContinuousBatcher:
             if seq.prefilled < len(seq.prompt_ids):
                 return
             self._prefilling.popleft()
-            token = sample_next_tokens(logits.unsqueeze(0), [seq.params], [seq.generator])[0]
         except Exception as exc:
             logger.exception("prefill failed")
             if self._prefilling and self._prefilling[0] is seq:
@@ -440,7 +467,11 @@ class ContinuousBatcher:
             seq.fail(EngineError(f"Generation failed during prefill: {exc}"))
             return
         self.stats.prefills += 1
-        if not self._accept(seq, token):
+        [choice] = self._sample([seq], logits.unsqueeze(0))
+        if isinstance(choice, Exception):
+            self._runner.release(seq.id)
+            seq.fail(EngineError(f"Generation failed while sampling: {choice}"))
+        elif not self._accept(seq, *choice):
             self._active.append(seq)
 
     def _drop_cancelled(self) -> None:
@@ -469,19 +500,20 @@ class ContinuousBatcher:
             return
         self.stats.decode_steps += 1
         self.stats.decoded_tokens += len(batch)
-        for seq, token in zip(batch, self._sample(batch, logits), strict=True):
-            if token is None:
-                continue  # that stream has ended with an error
-            if self._accept(seq, token):
+        for seq, choice in zip(batch, self._sample(batch, logits), strict=True):
+            if isinstance(choice, Exception):  # that stream alone ends
+                self._end(seq, EngineError(f"Generation failed while sampling: {choice}"))
+                continue
+            if self._accept(seq, *choice):
                 self._active.remove(seq)
                 if self._preempted:  # its memory is free: the oldest preempted stream goes on
                     self._prefilling.appendleft(self._preempted.popleft())
 
-    def _accept(self, seq: _Sequence, token: int) -> bool:
+    def _accept(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> bool:
         """Give `seq` its token; True when it is done (finished, or failed alone: its text could
         not be made), and then released. It must not be in `_prefilling`."""
         try:
-            done = seq.accept(token, self._eos_ids)
+            done = seq.accept(token, self._eos_ids, logprob)
         except Exception as exc:
             logger.exception("delivering a token failed")
             seq.fail(EngineError(f"Generation failed while detokenizing: {exc}"))
@@ -490,23 +522,73 @@ class ContinuousBatcher:
             self._runner.release(seq.id)
         return done
 
-    def _sample(self, batch: list[_Sequence], logits: torch.Tensor) -> list[int | None]:
-        """The next token of each sequence; a row the sampler cannot take (its logits or its
-        parameters) ends that stream alone."""
-        try:
-            params, generators = [s.params for s in batch], [s.generator for s in batch]
-            return list(sample_next_tokens(logits, params, generators))
-        except Exception:
-            logger.exception("sampling a batch failed; sampling its rows one by one")
-        tokens: list[int | None] = []
+    def _sample(
+        self, batch: list[_Sequence], logits: torch.Tensor
+    ) -> list[tuple[int, TokenLogprob | None] | Exception]:
+        """The next token of each sequence (with its log-probability, if asked); a row the
+        sampler cannot take (its logits, parameters or grammar) is that row's exception alone.
+
+        Only rows whose requests ask for logits processors, a grammar or log-probabilities cost
+        anything beyond the batch's sampling."""
+        logits = logits.float()
+        scores = {
+            row: torch.log_softmax(logits[row], dim=-1)  # before any processor, as vLLM's raw
+            for row, seq in enumerate(batch)
+            if seq.params.logprobs is not None
+        }
+        failed: dict[int, Exception] = {}
         for row, seq in enumerate(batch):
             try:
-                one = logits[row : row + 1]
-                tokens.append(sample_next_tokens(one, [seq.params], [seq.generator])[0])
+                seq.adjust(logits[row])
             except Exception as exc:
-                self._end(seq, EngineError(f"Generation failed while sampling: {exc}"))
-                tokens.append(None)
+                logger.exception("adjusting a row's logits failed")
+                failed[row] = exc
+        tokens = self._sample_rows(batch, logits, failed)
+        return [
+            failed[row]
+            if row in failed
+            else (tokens[row], self._logprob(seq, scores, row, tokens[row]))
+            for row, seq in enumerate(batch)
+        ]
+
+    def _sample_rows(
+        self, batch: list[_Sequence], logits: torch.Tensor, failed: dict[int, Exception]
+    ) -> list[int]:
+        """Sample every row at once; if that fails, row by row, recording the rows that fail."""
+        params, generators = [s.params for s in batch], [s.generator for s in batch]
+        if not failed:
+            try:
+                return list(sample_next_tokens(logits, params, generators))
+            except Exception:
+                logger.exception("sampling a batch failed; sampling its rows one by one")
+        tokens = [0] * len(batch)
+        for row in range(len(batch)):
+            if row in failed:
+                continue
+            try:
+                one = logits[row : row + 1]
+                tokens[row] = sample_next_tokens(one, [params[row]], [generators[row]])[0]
+            except Exception as exc:
+                failed[row] = exc
         return tokens
+
+    def _logprob(
+        self, seq: _Sequence, scores: dict[int, torch.Tensor], row: int, token: int
+    ) -> TokenLogprob | None:
+        """OpenAI's log-probability entry of the sampled token, when the request asked."""
+        if row not in scores or seq.params.logprobs is None:
+            return None
+        top = scores[row].topk(seq.params.logprobs) if seq.params.logprobs else None
+        alternatives = (
+            tuple(
+                (self._tokenizer.decode([int(t)], skip_special_tokens=False), float(v))
+                for v, t in zip(top.values, top.indices, strict=True)
+            )
+            if top is not None
+            else ()
+        )
+        text = self._tokenizer.decode([token], skip_special_tokens=False)
+        return TokenLogprob(text, float(scores[row][token]), alternatives)
 
     def _preempt(self, seq: _Sequence) -> None:
         """Out of the batch until a running stream finishes, then prefilled again with its output
@@ -542,4 +624,5 @@ def _merge(deltas: list[Delta]) -> Delta:
         finish_reason=deltas[-1].finish_reason,
         cached_tokens=sum(d.cached_tokens for d in deltas),
         token_times=tuple(t for d in deltas for t in d.token_times),
+        logprobs=tuple(entry for d in deltas for entry in d.logprobs),
     )

@@ -21,6 +21,27 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    # Logits processors (backend.processors); the defaults change nothing.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    top_k: int = 0  # 0 = no cut
+    min_p: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    # Log-probabilities of each sampled token and this many alternatives; None = none.
+    logprobs: int | None = None
+    # An llguidance grammar the reply must follow (backend.structured); None = free text.
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A sampled token's text and log-probability (of the model's own distribution, before
+    sampling parameters), and the most likely alternatives at its position."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -39,6 +60,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     cached_tokens: int = 0
     token_times: tuple[float, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from backend.generation import GenerationEvent, ModelInfo, PromptAccepted, Sampl
 from backend.metrics import RequestMetrics
 from backend.protocol import ChatCompletionRequest
 from backend.settings import BackendSettings
+from backend.structured import json_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,10 @@ class ModelServer:
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
-        return prompt_ids, request.to_sampling_params(max_tokens)
+        grammar = None
+        if request.response_format is not None and request.response_format.constrained():
+            grammar = json_grammar(request.response_format.target_schema())
+        return prompt_ids, request.to_sampling_params(max_tokens, grammar)
 
     def check_health(self) -> None:
         """Raise if loading failed or the engine broke."""

@@ -6,9 +6,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from backend.generation import SamplingParams
+from backend.generation import SamplingParams, TokenLogprob
 
 MAX_STOP_SEQUENCES = 4
 
@@ -39,8 +39,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    """`response_format.json_schema`: the schema a JSON reply must follow."""
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(BaseModel):
+    """`response_format`: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a 'json_schema' object")
+        return self
+
+    def constrained(self) -> bool:
+        """Whether the reply must be JSON."""
+        return self.type != "text"
+
+    def target_schema(self) -> dict[str, Any] | None:
+        """The schema the reply follows; None = any JSON object."""
+        return self.json_schema.schema_ if self.json_schema is not None else None
+
+
+MAX_TOP_LOGPROBS = 20
+
+
 class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions` body; unknown OpenAI fields are accepted and ignored."""
+    """`POST /v1/chat/completions` body. A field this server does not honour is refused
+    (`unsupported_fields`); those that cannot change the output are accepted (the last ones)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -55,8 +91,49 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    # vLLM's extension: generate to max_tokens (benchmarks, and tests that need a long reply).
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] | None = Field(
+        None, description="Token id -> bias added to its logit, in [-100, 100]."
+    )
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+    # vLLM's extensions: `top_k` (0 or -1 = no cut), `min_p`, `repetition_penalty`, and
+    # `ignore_eos` (generate to max_tokens: benchmarks, and tests that need a long reply).
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
+    # Accepted, never used: they cannot change the reply.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+
+    @classmethod
+    def unsupported_fields(cls, body: dict[str, Any]) -> list[str]:
+        """The body's fields this server does not know, in order (`tools`, `audio`, …)."""
+        return [name for name in body if name not in cls.model_fields]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value and any(not -100.0 <= bias <= 100.0 for bias in value.values()):
+            raise ValueError("every bias must be in [-100, 100]")
+        if value and any(token < 0 for token in value):
+            raise ValueError("token ids must not be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if self.ignore_eos and self.response_format and self.response_format.constrained():
+            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
+        return self
 
     @field_validator("stop")
     @classmethod
@@ -80,8 +157,9 @@ class ChatCompletionRequest(BaseModel):
         """Messages as plain role/content dicts for a chat template."""
         return [{"role": m.role, "content": m.text()} for m in self.messages]
 
-    def to_sampling_params(self, max_tokens: int) -> SamplingParams:
-        """Engine sampling parameters, with `max_tokens` already resolved by the server."""
+    def to_sampling_params(self, max_tokens: int, grammar: str | None = None) -> SamplingParams:
+        """Engine sampling parameters, with `max_tokens` resolved and the grammar of
+        `response_format` compiled by the server."""
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
             max_tokens=max_tokens,
@@ -90,6 +168,14 @@ class ChatCompletionRequest(BaseModel):
             stop=tuple(stops),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            top_k=max(self.top_k, 0),
+            min_p=self.min_p,
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
+            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            grammar=grammar,
         )
 
 
@@ -110,6 +196,43 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
+class TopLogprob(BaseModel):
+    """One candidate token and its log-probability."""
+
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprobs(TopLogprob):
+    """A generated token's log-probability, and the most likely tokens at its position."""
+
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    """`choices[].logprobs`: one entry per generated token."""
+
+    content: list[TokenLogprobs]
+
+    @classmethod
+    def of(cls, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+        """The wire form of the loop's entries."""
+        return cls(
+            content=[
+                TokenLogprobs(
+                    **_candidate(entry.token, entry.logprob),
+                    top_logprobs=[TopLogprob(**_candidate(t, lp)) for t, lp in entry.top],
+                )
+                for entry in entries
+            ]
+        )
+
+
+def _candidate(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
 class ResponseMessage(BaseModel):
     """The assistant's message in a non-streamed response."""
 
@@ -123,6 +246,7 @@ class Choice(BaseModel):
     index: int = 0
     message: ResponseMessage
     finish_reason: str | None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -149,6 +273,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: DeltaMessage
     finish_reason: str | None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

@@ -13,12 +13,13 @@ from contextlib import aclosing
 from typing import Protocol
 
 from backend.errors import EngineError, ServiceError
-from backend.generation import Delta, GenerationEvent, ModelInfo, PromptAccepted
+from backend.generation import Delta, GenerationEvent, ModelInfo, PromptAccepted, TokenLogprob
 from backend.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
     PromptTokensDetails,
@@ -66,7 +67,7 @@ class ChatService:
             raise EngineError("The model deployment did not acknowledge the prompt.")
         if request.stream:
             return self._stream(request, first.model_id, first.prompt_tokens, events)
-        return await self._collect(first.model_id, first.prompt_tokens, events)
+        return await self._collect(request, first.model_id, first.prompt_tokens, events)
 
     async def reply_text(self, request: ChatCompletionRequest) -> str:
         """Only the reply's text (for the blueprint's `/infer`)."""
@@ -75,24 +76,33 @@ class ChatService:
         return response.choices[0].message.content
 
     async def _collect(
-        self, model_id: str, prompt_tokens: int, events: AsyncGenerator[GenerationEvent, None]
+        self,
+        request: ChatCompletionRequest,
+        model_id: str,
+        prompt_tokens: int,
+        events: AsyncGenerator[GenerationEvent, None],
     ) -> ChatCompletionResponse:
         parts: list[str] = []
+        logprobs: list[TokenLogprob] = []
         tokens = cached = 0
         finish_reason = None
         async with aclosing(events):
             async for delta in _deltas(events):
                 parts.append(delta.text)
+                logprobs.extend(delta.logprobs)
                 tokens += delta.tokens
                 cached += delta.cached_tokens
                 finish_reason = delta.finish_reason or finish_reason
+        choice = Choice(
+            message=ResponseMessage(content="".join(parts)),
+            finish_reason=finish_reason,
+            logprobs=ChoiceLogprobs.of(logprobs) if request.logprobs else None,
+        )
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),
             model=model_id,
-            choices=[
-                Choice(message=ResponseMessage(content="".join(parts)), finish_reason=finish_reason)
-            ],
+            choices=[choice],
             usage=_usage(prompt_tokens, tokens, cached),
         )
 
@@ -110,8 +120,9 @@ class ChatService:
             async for delta in _deltas(events):
                 tokens += delta.tokens
                 cached += delta.cached_tokens
-                if delta.text:
-                    yield chunk.delta(DeltaMessage(content=delta.text))
+                if delta.text or delta.logprobs:
+                    logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
+                    yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs)
                 if delta.finish_reason:
                     yield chunk.delta(DeltaMessage(), delta.finish_reason)
             if request.wants_usage_chunk():
@@ -147,8 +158,13 @@ class _ChunkWriter:
     def __init__(self, chunk_id: str, created: int, model: str) -> None:
         self._base = {"id": chunk_id, "created": created, "model": model}
 
-    def delta(self, delta: DeltaMessage, finish_reason: str | None = None) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish_reason)
+    def delta(
+        self,
+        delta: DeltaMessage,
+        finish_reason: str | None = None,
+        logprobs: ChoiceLogprobs | None = None,
+    ) -> str:
+        choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
         data = ChatCompletionChunk(**self._base, choices=[choice]).model_dump(exclude={"usage"})
         data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # `{}` on the last chunk
         return sse_event(json.dumps(data, ensure_ascii=False))

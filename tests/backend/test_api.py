@@ -50,7 +50,8 @@ async def test_stream_order_role_deltas_finish_usage_done(
     events = sse_payloads(response.text)
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["a", "b"]
-    assert events[3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop"}
+    last = {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}  # as OpenAI
+    assert events[3]["choices"][0] == last
     assert events[4]["choices"] == [] and events[4]["usage"]["completion_tokens"] == 2
     assert events[5] == "[DONE]"
     assert len({e["id"] for e in events[:5]}) == 1
@@ -64,6 +65,50 @@ async def test_stream_without_usage_option_sends_no_usage_chunk(
     events = sse_payloads(response.text)
     assert all("usage" not in e for e in events[:-1])
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("field", ["tools", "audio", "function_call", "prediction"])
+async def test_a_field_this_server_does_not_honour_is_a_400_naming_it(
+    client: httpx.AsyncClient, script: Script, field: str
+) -> None:
+    response = await client.post(CHAT, json={"messages": HELLO, field: {"x": 1}})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == field
+    assert error["code"] == "unsupported_parameter" and script.history == []
+
+
+async def test_fields_that_cannot_change_the_reply_are_accepted(client: httpx.AsyncClient) -> None:
+    harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
+    response = await client.post(CHAT, json={"messages": HELLO, **harmless})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"top_logprobs": 3}, None),  # without logprobs
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"response_format": {"type": "json_schema"}}, "response_format"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+    ],
+)
+async def test_sampling_fields_out_of_range_are_a_400(
+    client: httpx.AsyncClient, body: dict[str, object], param: str | None
+) -> None:
+    response = await client.post(CHAT, json={"messages": HELLO, **body})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == param
+
+
+async def test_a_schema_that_cannot_be_compiled_is_a_400_before_generating(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/nowhere"}}}
+    response = await client.post(CHAT, json={"messages": HELLO, "response_format": bad})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+    assert script.history == []
 
 
 async def test_a_stream_the_engine_cannot_take_is_a_503_before_any_byte(

@@ -591,3 +591,25 @@ async def test_a_preempted_stream_is_computed_again_and_says_the_same() -> None:
     assert runner.resumed[-1] == 1
     assert sum(d.tokens for d in third) == 21 and sum(d.cached_tokens for d in third) == 0
     batcher.shutdown()
+
+
+async def test_logits_processors_change_only_the_rows_that_asked() -> None:
+    batcher = make_batcher(CountingRunner(length=4))
+    biased = SamplingParams(max_tokens=4, temperature=0.0, logit_bias=((5, 2e9),))
+    plain, pushed = await asyncio.gather(collect(batcher, [1]), collect(batcher, [1], biased))
+    assert "".join(d.text for d in plain) == "BCDE"  # what the runner says
+    assert "".join(d.text for d in pushed) == "EEEE"  # token 5, every step
+    batcher.shutdown()
+
+
+async def test_log_probabilities_come_one_per_token_with_their_alternatives() -> None:
+    batcher = make_batcher(CountingRunner(length=3), stream_interval_s=0.05)
+    params = SamplingParams(max_tokens=10, temperature=0.0, logprobs=2)
+    deltas = await collect(batcher, [1], params)
+    entries = [entry for d in deltas for entry in d.logprobs]
+    assert len(entries) == sum(d.tokens for d in deltas) == 4  # B, C, D and the end
+    assert [e.token for e in entries[:3]] == ["B", "C", "D"]
+    assert all(e.logprob == 0.0 and len(e.top) == 2 and e.top[0][0] == e.token for e in entries)
+    unasked = await collect(batcher, [1])
+    assert all(d.logprobs == () for d in unasked)
+    batcher.shutdown()

@@ -1,0 +1,100 @@
+"""Structured output: a reply constrained to a grammar, token by token, with llguidance.
+
+A request's `response_format` (a JSON schema, or any JSON object) becomes an llguidance grammar
+when the request is validated (`json_grammar`: a schema llguidance cannot compile is the
+request's 400). In the batching loop each constrained sequence owns a `Constraint`: before its
+token is sampled, every token the grammar does not allow next is masked out of its logits row
+(other rows are not touched), and the sampled token advances the grammar. The end-of-sequence
+token is allowed only once the grammar accepts, so a reply that ends by itself always parses.
+
+llguidance (used by llama.cpp's server and vLLM) was chosen over xgrammar (vLLM, SGLang) because
+its matcher needs no precompiled tokenizer info beyond a fast Hugging Face tokenizer, computes a
+mask lazily per step on the CPU in microseconds with no GPU kernel, and its wheels need no
+compiler here; both compile JSON schemas to the same kind of token masks.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import numpy as np
+import torch
+from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
+
+from backend.errors import EngineError, InvalidRequestError
+
+# Compact JSON: no free whitespace for a small model to wander in.
+_JSON_OPTIONS: Any = {"whitespace_flexible": False}
+
+
+def json_grammar(schema: dict[str, Any] | None, param: str = "response_format") -> str:
+    """The grammar of JSON that follows `schema` (None: any JSON object); a schema llguidance
+    cannot compile is an `InvalidRequestError` naming `param`."""
+    try:
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema if schema is not None else {"type": "object"}),
+            defaults=_JSON_OPTIONS,
+        )
+    except (TypeError, ValueError) as exc:
+        raise InvalidRequestError(f"The JSON schema cannot be used: {exc}", param=param) from exc
+    error = llguidance.LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequestError(f"The JSON schema cannot be used: {error}", param=param)
+    return grammar
+
+
+class GrammarTokenizer:
+    """llguidance's view of a Hugging Face tokenizer, built once on first use (it takes a
+    fraction of a second) and shared by every constrained sequence."""
+
+    def __init__(self, hf_tokenizer: Any, eos_ids: Iterable[int]) -> None:
+        self._hf_tokenizer = hf_tokenizer
+        self._eos_ids = sorted(eos_ids)
+        self._built: llguidance.LLTokenizer | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> llguidance.LLTokenizer:
+        with self._lock:
+            if self._built is None:
+                try:
+                    self._built = llguidance.hf.from_tokenizer(
+                        self._hf_tokenizer, eos_token=self._eos_ids
+                    )
+                except Exception as exc:
+                    raise EngineError(
+                        f"Structured output needs a fast Hugging Face tokenizer: {exc}"
+                    ) from exc
+            return self._built
+
+
+class Constraint:
+    """One sequence's grammar: masks its logits row, advances with each sampled token."""
+
+    def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self._vocab = tokenizer.vocab_size
+        self._bitmask = allocate_token_bitmask(1, self._vocab)
+        self._check()
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Set every token the grammar does not allow next to -inf (in place, one row)."""
+        fill_next_token_bitmask(self._matcher, self._bitmask, 0)
+        bits = np.unpackbits(self._bitmask[0].view(np.uint8), bitorder="little")
+        allowed = torch.from_numpy(bits[: self._vocab].astype(np.bool_))
+        width = min(logits.shape[-1], self._vocab)
+        logits[:width].masked_fill_(~allowed[:width], float("-inf"))
+        logits[width:] = float("-inf")  # columns the tokenizer has no token for
+
+    def advance(self, token: int) -> None:
+        """The sampled token; it was allowed by `mask`, so this fails only on a bug."""
+        self._matcher.consume_token(token)
+        self._check()
+
+    def _check(self) -> None:
+        if self._matcher.is_error():
+            raise EngineError(f"The output grammar failed: {self._matcher.get_error()}")

@@ -1,0 +1,75 @@
+"""Structured output with llguidance on the embedded model's real tokenizer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from backend.engines.embedded import embedded_gguf_path
+from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.errors import InvalidRequestError
+from backend.settings import BackendSettings
+from backend.structured import Constraint, GrammarTokenizer, json_grammar
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+    },
+    "required": ["name", "age", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_gguf_tokenizer(embedded_gguf_path(), BackendSettings().cache_dir)
+
+
+def random_constrained_text(
+    tokenizer: PreTrainedTokenizerBase, grammar: str, seed: int, masked: bool = True
+) -> str:
+    """Tokens drawn at random (uniform logits), masked by the grammar, until end of sequence."""
+    eos = tokenizer.eos_token_id
+    constraint = Constraint(GrammarTokenizer(tokenizer, [eos]).get(), grammar)
+    rng = random.Random(seed)
+    tokens: list[int] = []
+    for _ in range(400):
+        logits = torch.tensor([rng.random() for _ in range(len(tokenizer))])
+        if masked:
+            constraint.mask(logits)
+        token = int(logits.argmax())
+        if token == eos:
+            break
+        tokens.append(token)
+        if masked:
+            constraint.advance(token)
+    return tokenizer.decode(tokens)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_any_tokens_the_mask_allows_make_json_that_follows_the_schema(
+    tokenizer: PreTrainedTokenizerBase, seed: int
+) -> None:
+    reply = json.loads(random_constrained_text(tokenizer, json_grammar(SCHEMA), seed))
+    assert set(reply) == {"name", "age", "tags"} and len(reply["name"]) <= 12
+    assert isinstance(reply["age"], int) and 0 <= reply["age"] <= 150
+    assert set(reply["tags"]) <= {"a", "b"} and len(reply["tags"]) <= 3
+
+
+def test_without_the_mask_random_tokens_are_not_json(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The check above can fail: the same draw, unmasked, does not parse."""
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(random_constrained_text(tokenizer, json_grammar(SCHEMA), 0, masked=False))
+
+
+def test_a_schema_llguidance_cannot_use_is_a_400_naming_the_field() -> None:
+    with pytest.raises(InvalidRequestError) as raised:
+        json_grammar({"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}})
+    assert raised.value.param == "response_format"
