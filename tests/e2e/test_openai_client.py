@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import openai
+import pydantic
 import pytest
 
 from tests.e2e.services import ServiceProcess
@@ -52,3 +53,56 @@ def test_errors_surface_as_openai_exceptions(backend: ServiceProcess) -> None:
         assert "messages" in str(exc)
     else:
         raise AssertionError("an empty conversation must be rejected")
+
+
+class City(pydantic.BaseModel):
+    """What `parse` asks the model for; its JSON schema goes out as `response_format`."""
+
+    name: str = pydantic.Field(max_length=20)
+    country: str = pydantic.Field(max_length=20)
+    population_millions: int = pydantic.Field(ge=0, le=100)
+
+
+def test_parse_returns_the_pydantic_model(backend: ServiceProcess) -> None:
+    """The SDK's structured-output helper: the reply parses into the model, every time."""
+    for temperature in (0.0, 1.0):
+        completion = client(backend).chat.completions.parse(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "Describe Paris as JSON."}],
+            response_format=City,
+            max_tokens=120,
+            temperature=temperature,
+        )
+        choice = completion.choices[0]
+        assert choice.finish_reason == "stop"
+        assert isinstance(choice.message.parsed, City)
+
+
+def test_logprobs_come_with_each_token(backend: ServiceProcess) -> None:
+    completion = client(backend).chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=6,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = completion.choices[0].logprobs.content  # type: ignore[union-attr]
+    assert content is not None and len(content) == 6
+    for entry in content:
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 3
+        # Greedy: the sampled token is the most likely one.
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)
+    assert "".join(e.token for e in content) == completion.choices[0].message.content
+
+
+def test_a_field_the_server_does_not_honour_is_refused_by_name(backend: ServiceProcess) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client(backend).chat.completions.create(
+            model="SmolLM2-135M-Instruct",
+            messages=[{"role": "user", "content": "Hi"}],
+            tools=[tool],  # type: ignore[list-item]
+        )
+    assert "tools" in str(raised.value)
