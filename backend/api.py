@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from backend.auth import BearerKeyMiddleware
 from backend.errors import (
@@ -20,19 +20,31 @@ from backend.errors import (
     RequestTooLargeError,
     ServiceError,
 )
+from backend.openapi import json_body, publish, replies
 from backend.protocol import (
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessage,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
     now,
     validation_param,
 )
 from backend.serving import ChatService, ModelClient
 from backend.settings import BackendSettings
+from backend.text_completions import CompletionService
 
 logger = logging.getLogger(__name__)
+
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 _LOADING = "The model is still loading; retry in a few seconds."
 # Server-sent events must not be buffered by proxies (nginx honours this header).
@@ -44,19 +56,52 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
     every route but `/healthz` requires one."""
     app = FastAPI(title="Mistral chat backend", version="0.1.0")
     service = ChatService(client)
+    completions = CompletionService(client)
     _add_error_handlers(app)
     keys = settings.api_keys()
     if keys:
         app.add_middleware(BearerKeyMiddleware, keys=keys)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post(
+        "/v1/chat/completions",
+        response_model=None,
+        openapi_extra=json_body(ChatCompletionRequest),
+        responses=replies(ChatCompletionResponse, streamed=True),
+    )
     async def chat_completions(raw: Request) -> Response:
         """OpenAI Chat Completions, streamed as SSE when `stream` is true."""
         body = await _read_body(raw, settings.max_request_bytes)
-        result = await service.create(_parse_chat_request(body))
+        result = await service.create(_parse(ChatCompletionRequest, body))
         if isinstance(result, ChatCompletionResponse):
             return JSONResponse(result.model_dump())
         return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post(
+        "/v1/completions",
+        response_model=None,
+        openapi_extra=json_body(CompletionRequest),
+        responses=replies(CompletionResponse, streamed=True),
+    )
+    async def text_completions(raw: Request) -> Response:
+        """OpenAI's legacy text completion of one prompt, streamed as SSE when `stream` is
+        true (no chat template: the prompt is continued as it is)."""
+        body = await _read_body(raw, settings.max_request_bytes)
+        result = await completions.create(_parse(CompletionRequest, body))
+        if isinstance(result, CompletionResponse):
+            return JSONResponse(result.model_dump())
+        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+    async def tokenize(raw: Request) -> TokenizeResponse:
+        """vLLM's tokenizer route: a prompt's (or a conversation's) token ids."""
+        body = await _read_body(raw, settings.max_request_bytes)
+        return await client.tokenize(_parse(TokenizeRequest, body))
+
+    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+    async def detokenize(raw: Request) -> DetokenizeResponse:
+        """vLLM's detokenizer route: the text of token ids."""
+        body = await _read_body(raw, settings.max_request_bytes)
+        return await client.detokenize(_parse(DetokenizeRequest, body))
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -77,16 +122,28 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         status = "unavailable" if info.error else "loading"
         return JSONResponse({"status": status, "error": info.error or _LOADING}, status_code=503)
 
+    @app.get("/health")
+    async def health() -> Response:
+        """vLLM's health route (benchmark clients probe it): 200 with no body while a model
+        replica can serve, else 503 as `/healthz`."""
+        info = await client.info()
+        if info.ready:
+            return Response(status_code=200)
+        return JSONResponse({"error": info.error or _LOADING}, status_code=503)
+
     @app.get("/infer")
-    async def infer(sentence: str = Query("", max_length=settings.max_request_bytes)) -> list[str]:
+    async def infer(
+        sentence: str = Query(min_length=1, max_length=settings.max_request_bytes, pattern=r"\S"),
+    ) -> list[str]:
         """The original blueprint's endpoint: one user message in, the reply alone out."""
-        if not sentence.strip():
-            raise InvalidRequestError(
-                "The query parameter 'sentence' is required.", param="sentence"
-            )
         request = ChatCompletionRequest(messages=[ChatMessage(role="user", content=sentence)])
         return [await service.reply_text(request)]
 
+    publish(
+        app,
+        requests=[ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest],
+        responses=[ChatCompletionResponse, ChatCompletionChunk, CompletionResponse, ErrorResponse],
+    )
     return app
 
 
@@ -106,27 +163,31 @@ def _too_large(limit: int) -> RequestTooLargeError:
     return RequestTooLargeError(f"The request body is larger than the limit of {limit} bytes.")
 
 
-def _parse_chat_request(body: bytes) -> ChatCompletionRequest:
+def _parse(model: type[RequestT], body: bytes) -> RequestT:
     try:
         data: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.")
-    unsupported = ChatCompletionRequest.unsupported_fields(data)
-    if unsupported:
-        raise InvalidRequestError(
-            f"'{unsupported[0]}' is not supported by this server (see the README's list of "
-            "what the API honours); remove it from the request.",
-            param=unsupported[0],
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _invalid(exc.errors()[0]) from exc
+
+
+def _invalid(error: Any) -> InvalidRequestError:
+    """The client's error for pydantic's first complaint; a field the server does not know is
+    one it does not honour."""
+    param = validation_param(error["loc"])
+    if error["type"] == "extra_forbidden":
+        return InvalidRequestError(
+            f"'{param}' is not supported by this server (see the README's list of what the API "
+            "honours); remove it from the request.",
+            param=param,
             code="unsupported_parameter",
         )
-    try:
-        return ChatCompletionRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = validation_param(first["loc"])
-        raise InvalidRequestError(f"Invalid '{param}': {first['msg']}.", param=param) from exc
+    return InvalidRequestError(f"Invalid '{param}': {error['msg']}.", param=param)
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -28,7 +28,14 @@ from backend.errors import EngineError, OverloadedError, ServiceError
 from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
 from backend.metrics import count_rejection
 from backend.model_server import ModelServer
-from backend.protocol import ChatCompletionRequest
+from backend.protocol import (
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerationRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from backend.settings import BackendSettings
 
 logger = logging.getLogger(__name__)
@@ -91,12 +98,14 @@ class RoutedChat:
     """A chat request as Ray Serve's prefix-aware router reads it: the router takes the text of
     `.messages` of the handle call's first argument, from dicts or strings only."""
 
-    request: ChatCompletionRequest
+    request: GenerationRequest
 
     @property
     def messages(self) -> list[dict[str, str]]:
-        """The conversation as role/content dicts."""
-        return self.request.chat()
+        """The conversation as role/content dicts (a text prompt as one user message)."""
+        if isinstance(self.request, ChatCompletionRequest):
+            return self.request.chat()
+        return [{"role": "user", "content": self.request.text()}]
 
 
 ReplicaStates = Callable[[], Awaitable[Mapping[str, int]]]
@@ -150,9 +159,7 @@ class HandleModelClient:
             self._known = info
         return info
 
-    async def generate(
-        self, request: ChatCompletionRequest
-    ) -> AsyncGenerator[GenerationEvent, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """Stream events from the model replica; closing this generator cancels the request."""
         if self._max_streams is not None and self._streams >= self._max_streams:
             raise self._at_capacity()
@@ -180,6 +187,20 @@ class HandleModelClient:
                 # Cancelling a request Ray refused re-raises its refusal: already translated.
                 with contextlib.suppress(Exception):
                     stream.cancel()
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """The model replica's tokenizer, through the handle (Ray errors translated)."""
+        try:
+            return cast(TokenizeResponse, await self._handle.tokenize.remote(request))
+        except Exception as exc:
+            raise translate_ray_error(exc) from None
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """The model replica's tokenizer, through the handle (Ray errors translated)."""
+        try:
+            return cast(DetokenizeResponse, await self._handle.detokenize.remote(request))
+        except Exception as exc:
+            raise translate_ray_error(exc) from None
 
     def _at_capacity(self) -> OverloadedError:
         """The refusal of a generation nobody has room for, counted."""

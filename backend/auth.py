@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from backend.errors import AuthenticationError
 
 # Reached without a key: Kubernetes probes and load balancers carry none.
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/health"})
 
 
 def _digest(key: str) -> bytes:

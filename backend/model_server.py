@@ -22,7 +22,14 @@ from backend.errors import (
 )
 from backend.generation import GenerationEvent, ModelInfo, PromptAccepted, SamplingParams
 from backend.metrics import RequestMetrics
-from backend.protocol import ChatCompletionRequest
+from backend.protocol import (
+    ChatCompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerationRequest,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from backend.settings import BackendSettings
 from backend.structured import json_grammar
 
@@ -56,9 +63,7 @@ class ModelServer:
             return ModelInfo(model_id=None, context_window=0, ready=False, error=self._load_error)
         return ModelInfo(self._engine.model_id, self._engine.context_window, ready=True)
 
-    async def generate(
-        self, request: ChatCompletionRequest
-    ) -> AsyncGenerator[GenerationEvent, None]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """`PromptAccepted`, then the reply's deltas; invalid requests raise before the first."""
         try:
             prompt_ids, params = await self._admit(request)
@@ -83,22 +88,54 @@ class ModelServer:
             if tracker is not None:
                 tracker.finished(reason)
 
-    async def _admit(self, request: ChatCompletionRequest) -> tuple[list[int], SamplingParams]:
+    async def _admit(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         self._require_ready()
-        if request.model and request.model != self._engine.model_id:
+        self._check_model(request.model)
+        grammar = None
+        # In a thread: templating a long conversation must not hold up other streams' tokens.
+        if isinstance(request, ChatCompletionRequest):
+            prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
+            if request.response_format is not None and request.response_format.constrained():
+                grammar = json_grammar(request.response_format.target_schema())
+        else:
+            prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
+        max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
+        return prompt_ids, request.to_sampling_params(max_tokens, grammar)
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's `/tokenize`: the prompt's token ids, as a generation would encode it."""
+        self._require_ready()
+        self._check_model(request.model)
+        messages = request.chat()
+        if messages is not None:
+            tokens = await asyncio.to_thread(self._engine.encode_chat, messages)
+        else:
+            tokens = await asyncio.to_thread(self._engine.encode_text, request.prompt or "")
+        window = self._engine.context_window
+        return TokenizeResponse(count=len(tokens), max_model_len=window, tokens=tokens)
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's `/detokenize`: the text of token ids."""
+        self._require_ready()
+        self._check_model(request.model)
+        return DetokenizeResponse(prompt=await asyncio.to_thread(self._decode, request.tokens))
+
+    def _decode(self, tokens: list[int]) -> str:
+        try:
+            return self._engine.decode(tokens)
+        except (IndexError, OverflowError, TypeError, ValueError) as exc:
+            raise InvalidRequestError(
+                f"The tokens cannot be decoded: {exc}", param="tokens"
+            ) from exc
+
+    def _check_model(self, model: str | None) -> None:
+        if model and model != self._engine.model_id:
             raise NotFoundError(
-                f"The model {request.model!r} does not exist; this server serves "
+                f"The model {model!r} does not exist; this server serves "
                 f"{self._engine.model_id!r} (see GET /v1/models).",
                 param="model",
                 code="model_not_found",
             )
-        # In a thread: templating a long conversation must not hold up other streams' tokens.
-        prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
-        max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
-        grammar = None
-        if request.response_format is not None and request.response_format.constrained():
-            grammar = json_grammar(request.response_format.target_schema())
-        return prompt_ids, request.to_sampling_params(max_tokens, grammar)
 
     def check_health(self) -> None:
         """Raise if loading failed or the engine broke."""

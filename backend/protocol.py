@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
 
 from backend.generation import SamplingParams, TokenLogprob
 
 MAX_STOP_SEQUENCES = 4
+StopText = Annotated[str, Field(min_length=1)]
+PromptText = Annotated[str, Field(min_length=1)]
+TokenIdText = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # JSON keys are strings
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
+# Only token-id keys: the schema says so too (pydantic alone would allow any other key there).
+LogitBias = Annotated[
+    dict[TokenIdText, Bias],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "patternProperties": {
+                "^[0-9]{1,9}$": {"type": "number", "minimum": -100, "maximum": 100}
+            },
+            "additionalProperties": False,
+        }
+    ),
+]
 
 
 class TextPart(BaseModel):
@@ -74,31 +92,27 @@ class ResponseFormat(BaseModel):
 MAX_TOP_LOGPROBS = 20
 
 
-class ChatCompletionRequest(BaseModel):
-    """`POST /v1/chat/completions` body. A field this server does not honour is refused
-    (`unsupported_fields`); those that cannot change the output are accepted (the last ones)."""
+class SamplingRequest(BaseModel):
+    """What every generation request carries: length, sampling and streaming. A field the
+    server does not know is refused (`extra="forbid"`, so the published schema says so too);
+    the last ones, which cannot change the output, are accepted and not used."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
-    messages: list[ChatMessage] = Field(min_length=1)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
     seed: int | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[int, float] | None = Field(
-        None, description="Token id -> bias added to its logit, in [-100, 100]."
+    logit_bias: LogitBias | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit."
     )
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    response_format: ResponseFormat | None = None
     # vLLM's extensions: `top_k` (0 or -1 = no cut), `min_p`, `repetition_penalty`, and
     # `ignore_eos` (generate to max_tokens: benchmarks, and tests that need a long reply).
     top_k: int = Field(0, ge=-1)
@@ -113,53 +127,21 @@ class ChatCompletionRequest(BaseModel):
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
 
-    @classmethod
-    def unsupported_fields(cls, body: dict[str, Any]) -> list[str]:
-        """The body's fields this server does not know, in order (`tools`, `audio`, …)."""
-        return [name for name in body if name not in cls.model_fields]
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _check_bias(cls, value: dict[int, float] | None) -> dict[int, float] | None:
-        if value and any(not -100.0 <= bias <= 100.0 for bias in value.values()):
-            raise ValueError("every bias must be in [-100, 100]")
-        if value and any(token < 0 for token in value):
-            raise ValueError("token ids must not be negative")
-        return value
-
-    @model_validator(mode="after")
-    def _consistent(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
-        if self.ignore_eos and self.response_format and self.response_format.constrained():
-            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
-        return self
-
-    @field_validator("stop")
-    @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
-        stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(not stop for stop in stops):
-            raise ValueError("stop sequences must not be empty")
-        return value
-
     def requested_max_tokens(self) -> int | None:
-        """`max_completion_tokens` (current OpenAI name) or `max_tokens` (legacy)."""
-        return self.max_completion_tokens or self.max_tokens
+        """The longest reply asked for; None = the server's default."""
+        return self.max_tokens
 
     def wants_usage_chunk(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
 
-    def chat(self) -> list[dict[str, str]]:
-        """Messages as plain role/content dicts for a chat template."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
+    def logprobs_asked(self) -> int | None:
+        """How many alternatives per token the reply reports; None = no log-probabilities."""
+        return None
 
     def to_sampling_params(self, max_tokens: int, grammar: str | None = None) -> SamplingParams:
-        """Engine sampling parameters, with `max_tokens` resolved and the grammar of
-        `response_format` compiled by the server."""
+        """Engine sampling parameters, with `max_tokens` resolved and a grammar (from
+        `response_format`) compiled by the server."""
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
         return SamplingParams(
             max_tokens=max_tokens,
@@ -173,10 +155,103 @@ class ChatCompletionRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             top_k=max(self.top_k, 0),
             min_p=self.min_p,
-            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
-            logprobs=(self.top_logprobs or 0) if self.logprobs else None,
+            logit_bias=tuple(sorted((int(t), b) for t, b in (self.logit_bias or {}).items())),
+            logprobs=self.logprobs_asked(),
             grammar=grammar,
         )
+
+
+class ChatCompletionRequest(SamplingRequest):
+    """`POST /v1/chat/completions` body."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    response_format: ResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if self.ignore_eos and self.response_format and self.response_format.constrained():
+            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
+        return self
+
+    def requested_max_tokens(self) -> int | None:
+        """`max_completion_tokens` (current OpenAI name) or `max_tokens` (legacy)."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def chat(self) -> list[dict[str, str]]:
+        """Messages as plain role/content dicts for a chat template."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+
+class CompletionRequest(SamplingRequest):
+    """`POST /v1/completions` body (OpenAI's legacy text completion): one text prompt."""
+
+    prompt: PromptText | Annotated[list[PromptText], Field(min_length=1, max_length=1)] = Field(
+        description="The text to continue (or a list of one text)."
+    )
+    # OpenAI's default for this route, unlike chat's.
+    max_tokens: int | None = Field(16, ge=1)
+    echo: Literal[False] = Field(False, description="Echoing the prompt is not supported.")
+    suffix: None = Field(None, description="Insertion (a suffix) is not supported.")
+    best_of: int = Field(1, ge=1, le=1, description="Only one candidate is supported.")
+    logprobs: None = Field(None, description="Use /v1/chat/completions for log-probabilities.")
+
+    def text(self) -> str:
+        """The prompt as one string."""
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a text prompt, or chat messages through the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give either 'prompt' or 'messages'")
+        return self
+
+    def chat(self) -> list[dict[str, str]] | None:
+        """The messages as role/content dicts (templated with the reply's start), if given."""
+        return [{"role": m.role, "content": m.text()} for m in self.messages or []] or None
+
+
+class TokenizeResponse(BaseModel):
+    """Token ids of the input, their count and the model's context window."""
+
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    """vLLM's `POST /detokenize`: token ids back to text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    """The text of the token ids."""
+
+    prompt: str
 
 
 class PromptTokensDetails(BaseModel):
@@ -287,6 +362,41 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class CompletionChoice(BaseModel):
+    """The one choice of a text completion, whole or one chunk of its stream."""
+
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """`POST /v1/completions`: a whole text completion, or one chunk of a streamed one."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ErrorBody(BaseModel):
+    """What went wrong, in OpenAI's error shape."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every error response's body."""
+
+    error: ErrorBody
+
+
 class ModelCard(BaseModel):
     """One entry of `GET /v1/models`."""
 
@@ -317,6 +427,10 @@ def now() -> int:
 def validation_param(loc: tuple[Any, ...]) -> str | None:
     """OpenAI-style `param` (`messages.0.content`) from a pydantic error location."""
     parts = [str(p) for p in loc if p not in ("body", "query")]
-    # Union members add their type name to the location; it names no field.
-    parts = [p for p in parts if p not in ("str", "list[TextPart]", "TextPart")]
+    # Union members add their type's name to the location (`str`, `list[TextPart]`,
+    # `constrained-str`); it names no field.
+    parts = [p for p in parts if not _UNION_MEMBER.fullmatch(p)]
     return ".".join(parts) or None
+
+
+_UNION_MEMBER = re.compile(r"str|int|TextPart|constrained-\w+|[\w-]+\[.*\]")

@@ -22,8 +22,13 @@ from backend.protocol import (
     ChoiceLogprobs,
     ChunkChoice,
     DeltaMessage,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    GenerationRequest,
     PromptTokensDetails,
     ResponseMessage,
+    TokenizeRequest,
+    TokenizeResponse,
     Usage,
     completion_id,
     now,
@@ -41,9 +46,30 @@ class ModelClient(Protocol):
         """The model's id, window and readiness."""
         ...
 
-    def generate(self, request: ChatCompletionRequest) -> AsyncGenerator[GenerationEvent, None]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """`PromptAccepted`, then deltas; errors before the first event are the request's fault."""
         ...
+
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
+        """The token ids of a prompt or conversation."""
+        ...
+
+    async def detokenize(self, request: DetokenizeRequest) -> DetokenizeResponse:
+        """The text of token ids."""
+        ...
+
+
+async def start_generation(
+    client: ModelClient, request: GenerationRequest
+) -> tuple[PromptAccepted, AsyncGenerator[GenerationEvent, None]]:
+    """Submit `request`; its acknowledgement and the rest of its events. Errors raised here
+    happen before any byte of the response is sent."""
+    events = client.generate(request)
+    first = await anext(events)
+    if not isinstance(first, PromptAccepted):
+        await events.aclose()
+        raise EngineError("The model deployment did not acknowledge the prompt.")
+    return first, events
 
 
 def sse_event(payload: str) -> str:
@@ -61,10 +87,7 @@ class ChatService:
         self, request: ChatCompletionRequest
     ) -> ChatCompletionResponse | AsyncGenerator[str, None]:
         """Start generating; errors raised here happen before any byte is sent."""
-        events = self._client.generate(request)
-        first = await anext(events)
-        if not isinstance(first, PromptAccepted):
-            raise EngineError("The model deployment did not acknowledge the prompt.")
+        first, events = await start_generation(self._client, request)
         if request.stream:
             return self._stream(request, first.model_id, first.prompt_tokens, events)
         return await self._collect(request, first.model_id, first.prompt_tokens, events)
@@ -87,7 +110,7 @@ class ChatService:
         tokens = cached = 0
         finish_reason = None
         async with aclosing(events):
-            async for delta in _deltas(events):
+            async for delta in deltas_of(events):
                 parts.append(delta.text)
                 logprobs.extend(delta.logprobs)
                 tokens += delta.tokens
@@ -103,10 +126,19 @@ class ChatService:
             created=now(),
             model=model_id,
             choices=[choice],
-            usage=_usage(prompt_tokens, tokens, cached),
+            usage=usage_of(prompt_tokens, tokens, cached),
         )
 
-    async def _stream(
+    def _stream(
+        self,
+        request: ChatCompletionRequest,
+        model_id: str,
+        prompt_tokens: int,
+        events: AsyncGenerator[GenerationEvent, None],
+    ) -> AsyncGenerator[str, None]:
+        return framed(self._chunks(request, model_id, prompt_tokens, events), events)
+
+    async def _chunks(
         self,
         request: ChatCompletionRequest,
         model_id: str,
@@ -115,35 +147,47 @@ class ChatService:
     ) -> AsyncGenerator[str, None]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
         tokens = cached = 0
-        try:
-            yield chunk.delta(DeltaMessage(role="assistant", content=""))
-            async for delta in _deltas(events):
-                tokens += delta.tokens
-                cached += delta.cached_tokens
-                if delta.text or delta.logprobs:
-                    logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
-                    yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs)
-                if delta.finish_reason:
-                    yield chunk.delta(DeltaMessage(), delta.finish_reason)
-            if request.wants_usage_chunk():
-                yield chunk.usage(_usage(prompt_tokens, tokens, cached))
-        except ServiceError as exc:
-            yield sse_event(json.dumps(exc.to_dict()))
-        except Exception as exc:  # the stream has started: report the failure in-band
-            logger.exception("stream failed")
-            yield sse_event(json.dumps(EngineError(f"Generation failed: {exc}").to_dict()))
-        finally:
-            await events.aclose()
-        yield SSE_DONE
+        yield chunk.delta(DeltaMessage(role="assistant", content=""))
+        async for delta in deltas_of(events):
+            tokens += delta.tokens
+            cached += delta.cached_tokens
+            if delta.text or delta.logprobs:
+                logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
+                yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs)
+            if delta.finish_reason:
+                yield chunk.delta(DeltaMessage(), delta.finish_reason)
+        if request.wants_usage_chunk():
+            yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
 
 
-async def _deltas(events: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[Delta, None]:
+async def framed(
+    chunks: AsyncGenerator[str, None], events: AsyncGenerator[GenerationEvent, None]
+) -> AsyncGenerator[str, None]:
+    """A stream's SSE events, then `[DONE]`. A failure after the first byte is reported in-band
+    (the status line is gone); the generation is closed however the stream ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except ServiceError as exc:
+        yield sse_event(json.dumps(exc.to_dict()))
+    except Exception as exc:
+        logger.exception("stream failed")
+        yield sse_event(json.dumps(EngineError(f"Generation failed: {exc}").to_dict()))
+    finally:
+        await chunks.aclose()
+        await events.aclose()
+    yield SSE_DONE
+
+
+async def deltas_of(events: AsyncGenerator[GenerationEvent, None]) -> AsyncGenerator[Delta, None]:
+    """The deltas among a generation's events."""
     async for event in events:
         if isinstance(event, Delta):
             yield event
 
 
-def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+def usage_of(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+    """OpenAI's usage block."""
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,

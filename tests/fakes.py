@@ -11,6 +11,8 @@ from backend.engines.base import Engine
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 
+VOCAB = 1000
+
 
 @dataclass
 class Script:
@@ -48,6 +50,15 @@ def scripted_engine(script: Script) -> type[Engine]:
         def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
             self._messages = messages
             return [len(word) for m in messages for word in m["content"].split()] or [0]
+
+        def encode_text(self, text: str) -> list[int]:
+            self._messages = [{"role": "prompt", "content": text}]
+            return [len(word) for word in text.split()] or [0]
+
+        def decode(self, token_ids: list[int]) -> str:
+            if any(n >= VOCAB for n in token_ids):  # as a real tokenizer's vocabulary ends
+                raise IndexError("token id out of range")
+            return " ".join("x" * n for n in token_ids)
 
         async def generate(
             self, prompt_ids: list[int], params: SamplingParams

@@ -53,6 +53,15 @@ class Engine(ABC):
         """Prompt token ids for a conversation, ready for the assistant's reply."""
 
     @abstractmethod
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text (a completion's prompt), with the tokenizer's special
+        tokens (BOS) as the model expects them."""
+
+    @abstractmethod
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of token ids, special tokens left out."""
+
+    @abstractmethod
     def generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[Delta, None]:

@@ -84,6 +84,14 @@ class RunnerEngine(Engine):
                 raise
             return self._apply_template(_merge_system_into_first_user(messages))
 
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text, BOS included where the tokenizer adds it."""
+        return list(self._model().tokenizer(text)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of token ids, without special tokens."""
+        return str(self._model().tokenizer.decode(token_ids, skip_special_tokens=True))
+
     def generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[Delta, None]:

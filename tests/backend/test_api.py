@@ -88,7 +88,7 @@ async def test_fields_that_cannot_change_the_reply_are_accepted(client: httpx.As
     [
         ({"top_logprobs": 3}, None),  # without logprobs
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias.5"),
         ({"response_format": {"type": "json_schema"}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"presence_penalty": 2.5}, "presence_penalty"),
@@ -291,6 +291,9 @@ async def test_an_unexpected_failure_is_a_json_500_and_its_traceback_is_logged(
 KEYS = ("first-key-3f9a1c", "second-key-77b2e0")
 LOCKED_ROUTES = [
     ("POST", CHAT),
+    ("POST", "/v1/completions"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
     ("GET", "/v1/models"),
     ("GET", "/infer?sentence=hi"),
     ("GET", "/v1/nothing"),
@@ -362,6 +365,7 @@ async def test_each_configured_key_opens_every_route(
 async def test_health_needs_no_key(locked: httpx.AsyncClient) -> None:
     response = await locked.get("/healthz")
     assert response.status_code == 200 and response.json()["status"] == "ok"
+    assert (await locked.get("/health")).status_code == 200  # vLLM's, for benchmark clients
 
 
 async def test_keys_are_compared_in_full_against_every_key(
@@ -400,3 +404,63 @@ def test_settings_do_not_show_the_keys() -> None:
     shown = repr(settings) + str(settings) + str(settings.model_dump())
     assert settings.api_keys() == KEYS
     assert not any(key in shown for key in KEYS)
+
+
+# --- legacy completions, tokenizer routes, vLLM's health -------------------------------------
+
+
+async def test_a_text_completion_continues_the_prompt_without_a_template(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a", "b"])
+    response = await client.post("/v1/completions", json={"prompt": "Once upon", "max_tokens": 5})
+    reply = response.json()
+    assert response.status_code == 200 and reply["object"] == "text_completion"
+    assert reply["choices"][0]["text"] == "ab" and reply["choices"][0]["finish_reason"] == "stop"
+    assert reply["usage"]["prompt_tokens"] == 2  # the scripted engine: one id per word
+    assert script.history[-1][0] == [{"role": "prompt", "content": "Once upon"}]  # no template
+
+
+async def test_a_streamed_text_completion_ends_with_usage_and_done(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a", "b"])
+    body = {"prompt": ["Hi"], "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_payloads((await client.post("/v1/completions", json=body)).text)
+    assert [e["choices"][0]["text"] for e in events[:2]] == ["a", "b"]
+    assert events[1]["choices"][0]["finish_reason"] == "stop"
+    assert events[2]["choices"] == [] and events[2]["usage"]["completion_tokens"] == 2
+    assert events[3] == "[DONE]" and {e["object"] for e in events[:3]} == {"text_completion"}
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": "a", "echo": True}, "echo"),
+        ({"prompt": "a", "logprobs": 2}, "logprobs"),
+        ({"prompt": "a", "suffix": "z"}, "suffix"),
+        ({"prompt": "a", "tools": []}, "tools"),
+    ],
+)
+async def test_what_text_completions_do_not_do_is_a_400(
+    client: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
+    response = await client.post("/v1/completions", json=body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+async def test_tokenize_and_detokenize_use_the_model_tokenizer(client: httpx.AsyncClient) -> None:
+    text = await client.post("/tokenize", json={"prompt": "one three"})
+    assert text.json() == {"count": 2, "max_model_len": 64, "tokens": [3, 5]}
+    chat = await client.post("/tokenize", json={"messages": HELLO})
+    assert chat.json()["count"] == len(chat.json()["tokens"]) >= 1
+    back = await client.post("/detokenize", json={"tokens": [3, 5]})
+    assert back.json() == {"prompt": "xxx xxxxx"}
+    both = await client.post("/tokenize", json={"prompt": "a", "messages": HELLO})
+    assert both.status_code == 400
+
+
+async def test_health_is_vllms_empty_200_when_ready(client: httpx.AsyncClient) -> None:
+    response = await client.get("/health")
+    assert response.status_code == 200 and response.content == b""

@@ -58,6 +58,8 @@ class ThirdPartyEngine(Engine):
 
     def start(self): pass
     def encode_chat(self, messages): return [1]
+    def encode_text(self, text): return [1]
+    def decode(self, token_ids): return ""
     def generate(self, prompt_ids, params): raise NotImplementedError
     def check_health(self): pass
     def shutdown(self): pass

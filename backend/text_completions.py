@@ -1,0 +1,92 @@
+"""OpenAI's legacy text completions (`POST /v1/completions`) over a model client: whole
+responses and SSE streams, as many benchmark clients expect them. The prompt is plain text,
+continued as it is (no chat template)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from backend.generation import GenerationEvent
+from backend.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, now
+from backend.serving import (
+    ModelClient,
+    deltas_of,
+    framed,
+    sse_event,
+    start_generation,
+    usage_of,
+)
+
+
+@dataclass(frozen=True)
+class _Completion:
+    """What every response or chunk of one completion shares."""
+
+    id: str
+    created: int
+    model: str
+
+    def response(
+        self, choices: list[CompletionChoice], usage: Usage | None = None
+    ) -> CompletionResponse:
+        return CompletionResponse(
+            id=self.id, created=self.created, model=self.model, choices=choices, usage=usage
+        )
+
+    def chunk(self, choices: list[CompletionChoice], usage: Usage | None = None) -> str:
+        response = self.response(choices, usage)
+        return sse_event(response.model_dump_json(exclude=None if usage else {"usage"}))
+
+
+class CompletionService:
+    """Turns a validated `CompletionRequest` into a response or a stream of SSE events."""
+
+    def __init__(self, client: ModelClient) -> None:
+        self._client = client
+
+    async def create(
+        self, request: CompletionRequest
+    ) -> CompletionResponse | AsyncGenerator[str, None]:
+        """Start generating; errors raised here happen before any byte is sent."""
+        first, events = await start_generation(self._client, request)
+        completion = _Completion(f"cmpl-{uuid.uuid4().hex}", now(), first.model_id)
+        if request.stream:
+            return self._stream(request, completion, first.prompt_tokens, events)
+        text: list[str] = []
+        tokens = cached = 0
+        finish_reason = None
+        async with aclosing(events):
+            async for delta in deltas_of(events):
+                text.append(delta.text)
+                tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
+                finish_reason = delta.finish_reason or finish_reason
+        choice = CompletionChoice(text="".join(text), finish_reason=finish_reason)
+        return completion.response([choice], usage_of(first.prompt_tokens, tokens, cached))
+
+    def _stream(
+        self,
+        request: CompletionRequest,
+        completion: _Completion,
+        prompt_tokens: int,
+        events: AsyncGenerator[GenerationEvent, None],
+    ) -> AsyncGenerator[str, None]:
+        return framed(self._chunks(request, completion, prompt_tokens, events), events)
+
+    async def _chunks(
+        self,
+        request: CompletionRequest,
+        completion: _Completion,
+        prompt_tokens: int,
+        events: AsyncGenerator[GenerationEvent, None],
+    ) -> AsyncGenerator[str, None]:
+        tokens = cached = 0
+        async for delta in deltas_of(events):
+            tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
+            if delta.text or delta.finish_reason:
+                choice = CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)
+                yield completion.chunk([choice])
+        if request.wants_usage_chunk():
+            yield completion.chunk([], usage_of(prompt_tokens, tokens, cached))
