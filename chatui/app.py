@@ -107,6 +107,12 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
                 label="Max tokens per answer",
                 elem_id="max-tokens",
             )
+            json_output = gr.Checkbox(
+                settings.json_output,
+                label="JSON output",
+                info="Each answer is one JSON object, shown as a code block when complete.",
+                elem_id="json-output",
+            )
         timer = gr.Timer(settings.health_poll_interval_s)
 
         controls = [msg, send, stop, regenerate, undo]
@@ -117,7 +123,7 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
         def answer(start: Any) -> None:
             reply = start.then(
                 h.respond,
-                [chatbot, system_prompt, temperature, top_p, max_tokens],
+                [chatbot, system_prompt, temperature, top_p, max_tokens, json_output],
                 [chatbot, stats],
                 concurrency_limit=settings.concurrency_limit,
                 concurrency_id="chat",

@@ -4,8 +4,10 @@
     ├── BackendUnavailable   no connection, or no answer in time (nothing of the reply received)
     ├── BackendHTTPError     the backend answered with an error status (4xx/5xx, or a redirect);
     │                        carries the server's message and the status code
-    └── StreamInterrupted    the reply broke off: cut before its end, an error event mid-stream,
-                             or data that cannot be read
+    ├── StreamInterrupted    the reply broke off: cut before its end, an error event mid-stream,
+    │                        or data that cannot be read
+    └── UnsupportedOption    the selected API cannot honour an option (JSON output over `infer`);
+                             raised before any request is made
 
 Clients raise only these. httpx's exceptions are translated where they enter (`raise … from exc`),
 so callers never see a bare `httpx` exception.
@@ -49,6 +51,11 @@ class StreamInterrupted(BackendError):
     """Raised when a reply breaks off; the text received before it has already been delivered."""
 
 
+class UnsupportedOption(BackendError):
+    """Raised before any request when the client's API cannot honour an option of the reply;
+    the message names the option and the setting that makes it possible."""
+
+
 @dataclass(frozen=True)
 class ChatOptions:
     """Sampling options of one reply."""
@@ -56,6 +63,7 @@ class ChatOptions:
     temperature: float
     top_p: float
     max_tokens: int
+    json_output: bool = False  # the reply is one JSON object (the backend constrains it)
 
 
 @dataclass(frozen=True)
@@ -195,6 +203,8 @@ class OpenAIClient(ChatClient):
             "top_p": options.top_p,
             "max_tokens": options.max_tokens,
         }
+        if options.json_output:  # absent otherwise: a plain chat's request is unchanged
+            body["response_format"] = {"type": "json_object"}
         if self._model:
             body["model"] = self._model
         request = self._http.build_request("POST", "/v1/chat/completions", json=body)
@@ -254,6 +264,11 @@ class InferClient(ChatClient):
         self, messages: Messages, options: ChatOptions
     ) -> AsyncGenerator[StreamEvent, None]:
         """One `TextDelta` with the whole reply, then `Finished("stop")`."""
+        if options.json_output:
+            raise UnsupportedOption(
+                "JSON output needs the OpenAI API (CHATUI_BACKEND_API=openai): the blueprint's "
+                "GET /infer cannot constrain a reply to JSON."
+            )
         sentence = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         if sentence is None:
             raise ValueError("InferClient.stream_chat needs at least one user message")

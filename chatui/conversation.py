@@ -4,11 +4,18 @@ import, saved-conversation lists, and per-answer stats. Pure functions, no I/O.
 A Gradio history is a list of message dicts (`role`, `content`, optional `metadata`); `content`
 is a string, one part or a list of parts like `{"type": "text", "text": …}`. Messages whose
 metadata has a `title` are notices (errors shown in the chat): the user sees them, the model never.
+
+With JSON output on, a reply that parses is shown as a pretty-printed ```json block, but the model
+and the exports get its text as it came. Gradio keeps only its own metadata keys through the
+browser and shows them only on titled messages, so that text rides in the metadata's `log`;
+`reply_text` reads it back.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,9 +61,43 @@ def user_message(text: str) -> dict[str, Any]:
     return _message("user", text)
 
 
-def assistant_message(text: str) -> dict[str, Any]:
-    """An assistant message for the chat history."""
+def assistant_message(text: str, *, json_output: bool = False) -> dict[str, Any]:
+    """An assistant message for the chat history; with `json_output`, a reply that parses as JSON
+    is shown as a pretty-printed ```json block and keeps its own text (see `reply_text`)."""
+    if json_output:
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return _message("assistant", text)  # cut short, or not JSON: shown as it came
+        pretty = json.dumps(value, indent=2, ensure_ascii=False)
+        message = _message("assistant", fenced(pretty, "json"))
+        message["metadata"] = {"log": text}
+        return message
     return _message("assistant", text)
+
+
+def fenced(text: str, language: str = "") -> str:
+    """`text` as a Markdown code block, fenced by more backticks than it has in a row."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}{language}\n{text}\n{fence}"
+
+
+def is_json_reply(message: dict[str, Any]) -> bool:
+    """Whether `message` is a JSON reply shown as a code block (see `assistant_message`)."""
+    metadata = message.get("metadata") or {}
+    return (
+        message.get("role") == "assistant"
+        and not metadata.get("title")
+        and isinstance(metadata.get("log"), str)
+    )
+
+
+def reply_text(message: dict[str, Any]) -> str:
+    """A message's text as written: for a JSON reply, the reply as it came, not its display."""
+    if is_json_reply(message):
+        return str(message["metadata"]["log"])
+    return text_of(message.get("content"))
 
 
 def notice_message(title: str, text: str) -> dict[str, Any]:
@@ -80,7 +121,7 @@ def to_openai(history: History, system_prompt: str) -> list[OpenAIMessage]:
     if system_prompt.strip():
         messages.append({"role": "system", "content": system_prompt.strip()})
     for message in history:
-        role, text = message.get("role"), text_of(message.get("content")).strip()
+        role, text = message.get("role"), reply_text(message).strip()
         if role not in ("user", "assistant") or is_notice(message) or not text:
             continue
         previous = messages[-1]["role"] if messages else "system"
@@ -125,11 +166,14 @@ def fit_context(messages: list[OpenAIMessage], context_window: int, max_tokens: 
 
 
 class RecordMessage(BaseModel):
-    """One message of an exported conversation; `notice` holds a notice's title."""
+    """One message of an exported conversation; `notice` holds a notice's title, `json_reply`
+    marks a JSON reply (its text as it came; written only when true, so plain chats export as
+    they always did)."""
 
     role: Literal["user", "assistant"]
     content: str
     notice: str | None = None
+    json_reply: bool = Field(False, exclude_if=lambda value: not value)
 
 
 class ConversationRecord(BaseModel):
@@ -160,8 +204,9 @@ def to_record(history: History, title: str, system_prompt: str) -> ConversationR
     messages = [
         RecordMessage(
             role=m["role"],
-            content=text_of(m["content"]),
+            content=reply_text(m),
             notice=(m.get("metadata") or {}).get("title") or None,
+            json_reply=is_json_reply(m),
         )
         for m in history
         if m.get("role") in ("user", "assistant")
@@ -171,7 +216,12 @@ def to_record(history: History, title: str, system_prompt: str) -> ConversationR
 
 def to_history(record: ConversationRecord) -> History:
     """The chat history of a record."""
-    return [_message(m.role, m.content, m.notice) for m in record.messages]
+    return [
+        assistant_message(m.content, json_output=True)
+        if m.json_reply and m.role == "assistant" and not m.notice
+        else _message(m.role, m.content, m.notice)
+        for m in record.messages
+    ]
 
 
 def export_json(record: ConversationRecord) -> str:
@@ -202,7 +252,8 @@ def export_markdown(record: ConversationRecord) -> str:
             parts.append(f"> **{message.notice}**\n>\n> {quoted}")
         else:
             speaker = "You" if message.role == "user" else "Assistant"
-            parts.append(f"### {speaker}\n\n{message.content}")
+            text = fenced(message.content, "json") if message.json_reply else message.content
+            parts.append(f"### {speaker}\n\n{text}")
     return "\n\n".join(parts) + "\n"
 
 

@@ -29,6 +29,7 @@ from chatui.clients import (
     ChatOptions,
     Finished,
     TextDelta,
+    UnsupportedOption,
 )
 from chatui.conversation import (
     AnswerStats,
@@ -47,6 +48,7 @@ from chatui.conversation import (
     is_notice,
     load_saved,
     notice_message,
+    reply_text,
     save,
     text_of,
     title_for,
@@ -111,9 +113,13 @@ def notice_for(error: BackendError) -> dict[str, Any]:
         title = "⚠️ Backend unreachable"
     elif isinstance(error, BackendHTTPError):
         title = f"⚠️ Backend error (HTTP {error.status_code})"
+    elif isinstance(error, UnsupportedOption):
+        title = "⚠️ Not possible with this backend API"
     else:
         title = "⚠️ Answer cut off"
     advice = "The conversation is kept: send a message or press Regenerate to try again."
+    if isinstance(error, UnsupportedOption):
+        advice = "The conversation is kept: change the setting, then press Regenerate."
     if isinstance(error, BackendHTTPError) and error.status_code == 401:
         # Retrying cannot help: the operator has to fix the key.
         title = "⚠️ The backend refused the UI's API key (HTTP 401)"
@@ -169,12 +175,14 @@ class ChatHandlers:
         temperature: float,
         top_p: float,
         max_tokens: float,
+        json_output: bool,
     ) -> AsyncGenerator[tuple[Any, Any], None]:
-        """Stream the answer to the history's last user message: yields (history, stats)."""
+        """Stream the answer to the history's last user message: yields (history, stats).
+        A JSON reply streams as it comes and is shown as a code block once complete."""
         if not history or history[-1]["role"] != "user":
             yield SKIP, SKIP  # nothing to answer (e.g. an empty message was submitted)
             return
-        options = ChatOptions(temperature, top_p, int(max_tokens))
+        options = ChatOptions(temperature, top_p, int(max_tokens), json_output)
         status = await self.monitor.status()
         window = status.context_window or self.settings.default_context_window
         fitted = fit_context(to_openai(history, system_prompt), window, options.max_tokens)
@@ -204,7 +212,7 @@ class ChatHandlers:
             prompt_tokens=finished.usage.prompt_tokens if finished.usage else None,
             cached_tokens=finished.usage.cached_tokens if finished.usage else 0,
         )
-        reply = [assistant_message(answer)] if answer else []
+        reply = [assistant_message(answer, json_output=json_output)] if answer else []
         yield [*history, *reply], _lines(stats.to_markdown(), note)
 
     def regenerate(self, history: History) -> tuple[Any, ...]:
@@ -328,9 +336,11 @@ class ChatHandlers:
         temperature: float | None = None,
         top_p: float | None = None,
         max_tokens: int | None = None,
+        json_output: bool | None = None,
     ) -> dict[str, Any]:
         """One chat turn: `message` after `history` (OpenAI-style user/assistant messages).
-        Returns {"reply": str, "history": [...]}; pass that history to the next call."""
+        Returns {"reply": str, "history": [...]}; pass that history to the next call. With
+        `json_output` the reply is one JSON object, returned as the text the model wrote."""
         if not message.strip():
             raise gr.Error("The message is empty.")
         turns = [*_api_history(history or []), user_message(message)]
@@ -341,6 +351,7 @@ class ChatHandlers:
             self.settings.temperature if temperature is None else temperature,
             self.settings.top_p if top_p is None else top_p,
             self.settings.max_tokens if max_tokens is None else max_tokens,
+            self.settings.json_output if json_output is None else json_output,
         ):
             result = update
         last = result[-1]
@@ -350,8 +361,8 @@ class ChatHandlers:
         if last["role"] != "assistant":
             result = [*result, assistant_message("")]  # the model chose to say nothing
         return {
-            "reply": text_of(result[-1]["content"]),
-            "history": [{"role": m["role"], "content": text_of(m["content"])} for m in result],
+            "reply": reply_text(result[-1]),
+            "history": [{"role": m["role"], "content": reply_text(m)} for m in result],
         }
 
     def _view(

@@ -68,6 +68,11 @@ class ChatUISettings(BaseSettings):
     max_tokens: int = Field(
         512, ge=1, description="Default longest reply in tokens (editable in the UI)."
     )
+    json_output: bool = Field(
+        False,
+        description="Default of the JSON output toggle (editable in the UI): ask for replies "
+        "that are one JSON object (`response_format` `json_object`); needs the `openai` API.",
+    )
     health_poll_interval_s: float = Field(
         5.0, ge=0.5, description="Seconds between two backend health checks (the status line)."
     )
@@ -128,6 +133,15 @@ class ChatUISettings(BaseSettings):
                 f"{ENV_PREFIX}MAX_TOKENS ({self.max_tokens}) must be smaller than "
                 f"{ENV_PREFIX}DEFAULT_CONTEXT_WINDOW ({self.default_context_window}): "
                 "lower the first or raise the second"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _json_needs_openai(self) -> ChatUISettings:
+        if self.json_output and self.backend_api != "openai":
+            raise ValueError(
+                f"{ENV_PREFIX}JSON_OUTPUT needs {ENV_PREFIX}BACKEND_API=openai: the `infer` API "
+                "cannot constrain a reply to JSON; unset the first or change the second"
             )
         return self
 

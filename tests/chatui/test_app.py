@@ -53,11 +53,31 @@ def test_chatbot_edits_user_messages_and_offers_copy_buttons(config: dict[str, A
     assert "copy" in chatbot["buttons"] and chatbot["examples"]
 
 
+@pytest.mark.parametrize("default", [False, True])
+def test_settings_offer_a_json_output_toggle_that_every_reply_reads(
+    client: ScriptedClient, default: bool
+) -> None:
+    config = build_app(ChatUISettings(json_output=default), client).get_config_file()
+    toggle = components(config)["json-output"]
+    assert toggle["type"] == "checkbox" and toggle["props"]["value"] is default
+    assert toggle["props"]["label"] == "JSON output"
+    replies = [d for d in config["dependencies"] if str(d["api_name"]).startswith("respond")]
+    assert len(replies) == 4 and all(toggle["id"] in d["inputs"] for d in replies)
+
+
 def test_only_the_chat_endpoint_is_public(settings: ChatUISettings, client: ScriptedClient) -> None:
     api = build_app(settings, client).get_api_info()
     assert list(api["named_endpoints"]) == ["/chat"]
     params = [p["parameter_name"] for p in api["named_endpoints"]["/chat"]["parameters"]]
-    assert params == ["message", "history", "system_prompt", "temperature", "top_p", "max_tokens"]
+    assert params == [
+        "message",
+        "history",
+        "system_prompt",
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "json_output",
+    ]
 
 
 def test_replies_share_the_configured_concurrency_limit(
@@ -127,6 +147,16 @@ def test_gradio_client_two_turn_chat(served: str, client: ScriptedClient) -> Non
     assert (first["reply"], second["reply"]) == ("Hi Ada!", "You are Ada.")
     sent = [m["content"] for m in client.calls[1][0]]
     assert sent == ["Be brief.", "My name is Ada.", "Hi Ada!", "Who am I?"]
+
+
+def test_gradio_client_json_output_defaults_to_the_setting(
+    served: str, client: ScriptedClient
+) -> None:
+    api = Client(served, verbose=False)
+    client.enqueue_text('{"a":1}')
+    assert api.predict("hi", json_output=True, api_name="/chat")["reply"] == '{"a":1}'
+    api.predict("hi", api_name="/chat")
+    assert [options.json_output for _, options in client.calls] == [True, False]
 
 
 def test_gradio_client_sees_backend_errors(served: str, client: ScriptedClient) -> None:

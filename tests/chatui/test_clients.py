@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -23,6 +24,7 @@ from chatui.clients import (
     SSEDecoder,
     StreamInterrupted,
     TextDelta,
+    UnsupportedOption,
     Usage,
     create_client,
 )
@@ -114,12 +116,12 @@ def stream_response(stream: ChunkedStream) -> httpx.Response:
 
 
 async def collect(
-    client: ChatClient, messages: list[dict[str, str]] = HELLO
+    client: ChatClient, messages: list[dict[str, str]] = HELLO, options: ChatOptions = OPTIONS
 ) -> tuple[list[Any], BaseException | None]:
     """Every event of one reply, and the error that ended it, if any."""
     events: list[Any] = []
     try:
-        async for event in client.stream_chat(messages, OPTIONS):
+        async for event in client.stream_chat(messages, options):
             events.append(event)
     except BackendError as exc:
         return events, exc
@@ -141,6 +143,29 @@ async def test_stream_yields_deltas_then_finish_with_usage(router: respx.Router)
     assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
     assert (sent["temperature"], sent["top_p"], sent["max_tokens"]) == (0.5, 0.8, 64)
     assert "model" not in sent
+
+
+async def test_json_output_asks_for_a_json_object_and_a_plain_chat_does_not(
+    router: respx.Router,
+) -> None:
+    route = router.post(CHAT)
+    route.side_effect = lambda _: stream_response(ChunkedStream([full_reply()]))
+    client = make_client(router)
+    await collect(client)
+    plain = json.loads(route.calls.last.request.content)
+    _, error = await collect(client, options=replace(OPTIONS, json_output=True))
+    constrained = json.loads(route.calls.last.request.content)
+    assert error is None
+    # A plain chat's request is what it was before JSON output existed: no response_format.
+    assert set(plain) == {
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "max_tokens",
+    }
+    assert constrained == {**plain, "response_format": {"type": "json_object"}}
 
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
@@ -429,6 +454,15 @@ async def test_infer_client_rejects_an_unexpected_reply(router: respx.Router, bo
     router.get("/infer").mock(return_value=httpx.Response(200, json=body))
     _, error = await collect(make_client(router, InferClient))
     assert isinstance(error, StreamInterrupted)
+
+
+async def test_infer_client_refuses_json_output_before_any_request(router: respx.Router) -> None:
+    route = router.get("/infer").mock(return_value=httpx.Response(200, json=["{}"]))
+    client = make_client(router, InferClient)
+    events, error = await collect(client, options=replace(OPTIONS, json_output=True))
+    assert events == [] and isinstance(error, UnsupportedOption)
+    assert "CHATUI_BACKEND_API=openai" in str(error) and "JSON" in str(error)
+    assert not route.called
 
 
 async def test_infer_client_maps_http_and_transport_errors(router: respx.Router) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import gradio as gr
 import pytest
 
 from chatui.conversation import (
@@ -15,11 +16,15 @@ from chatui.conversation import (
     estimate_tokens,
     export_json,
     export_markdown,
+    fenced,
     find,
     fit_context,
     import_json,
+    is_json_reply,
+    is_notice,
     load_saved,
     notice_message,
+    reply_text,
     save,
     text_of,
     title_for,
@@ -29,6 +34,17 @@ from chatui.conversation import (
     trim_note,
     user_message,
 )
+
+# A JSON reply as a model writes it: compact, a non-ASCII character, backticks in a string.
+RAW_JSON = '{"city":"Zürich","note":"```x```", "tags":[1,2]}'
+PRETTY_JSON = """{
+  "city": "Zürich",
+  "note": "```x```",
+  "tags": [
+    1,
+    2
+  ]
+}"""
 
 
 def parts(*texts: str) -> list[dict[str, str]]:
@@ -89,6 +105,45 @@ def test_notice_metadata_from_the_browser_is_recognised() -> None:
         {"role": "user", "content": "q"},
         {"role": "assistant", "content": "y"},
     ]
+
+
+def test_a_json_reply_shows_pretty_in_a_code_block_and_keeps_its_own_text() -> None:
+    message = assistant_message(RAW_JSON, json_output=True)
+    assert text_of(message["content"]) == f"````json\n{PRETTY_JSON}\n````"  # longer than ```
+    assert is_json_reply(message) and not is_notice(message)
+    assert reply_text(message) == RAW_JSON
+    # The model sees its reply as it wrote it, never the block that shows it.
+    assert to_openai([user_message("q"), message, user_message("next")], "")[1] == {
+        "role": "assistant",
+        "content": RAW_JSON,
+    }
+
+
+@pytest.mark.parametrize("text", ['{"cut": "at the max tok', "Sure! Here it is.", ""])
+def test_a_reply_that_does_not_parse_stays_as_it_came(text: str) -> None:
+    message = assistant_message(text, json_output=True)
+    assert message == assistant_message(text) and not is_json_reply(message)
+
+
+def test_without_json_output_a_json_reply_is_plain_text() -> None:
+    message = assistant_message(RAW_JSON)
+    assert text_of(message["content"]) == reply_text(message) == RAW_JSON
+    assert "metadata" not in message
+
+
+def test_the_reply_text_survives_the_browser_round_trip() -> None:
+    # Gradio keeps only its own metadata keys; `log` is one, shown only on titled messages.
+    chatbot = gr.Chatbot()
+    history = [user_message("q"), assistant_message(RAW_JSON, json_output=True)]
+    payload = chatbot.data_model.model_validate(chatbot.postprocess(history).model_dump())
+    back = chatbot.preprocess(payload)
+    assert reply_text(back[1]) == RAW_JSON and is_json_reply(back[1])
+    assert not is_notice(back[1])
+
+
+def test_fences_outgrow_the_backticks_of_the_text() -> None:
+    assert fenced("x") == "```\nx\n```"
+    assert fenced("a ````` b", "json") == "``````json\na ````` b\n``````"
 
 
 def conversation(turns: int, chars: int = 300) -> list[dict[str, str]]:
@@ -163,6 +218,29 @@ def test_json_export_import_round_trip() -> None:
     )
     assert to_history(restored)[3]["metadata"] == {"title": "⚠️ Backend unreachable"}
     assert json.loads(export_json(record))["format"] == "chatui-conversation"
+
+
+def test_exports_keep_a_json_reply_as_it_came_and_reopen_it_as_a_code_block() -> None:
+    history = [user_message("a city?"), assistant_message(RAW_JSON, json_output=True)]
+    record = to_record(history, "City", "")
+    assert record.messages[1].content == RAW_JSON and record.messages[1].json_reply
+    exported = json.loads(export_json(record))
+    assert exported["messages"][1] == {
+        "role": "assistant",
+        "content": RAW_JSON,
+        "notice": None,
+        "json_reply": True,
+    }
+    restored = import_json(export_json(record))
+    assert to_history(restored) == history
+    saved, _ = save([], record, None)
+    assert to_history(load_saved(json.loads(json.dumps(dump_saved(saved))))[0]) == history
+    assert f"### Assistant\n\n````json\n{RAW_JSON}\n````" in export_markdown(record)
+
+
+def test_a_plain_chat_exports_as_it_always_did() -> None:
+    exported = json.loads(export_json(to_record(sample_history(), "Code", "")))
+    assert all(set(m) == {"role", "content", "notice"} for m in exported["messages"])
 
 
 def test_markdown_export_shows_speakers_code_and_notices() -> None:

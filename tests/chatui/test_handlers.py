@@ -8,20 +8,25 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import httpx
 import pytest
 
 from chatui.clients import (
     BackendHTTPError,
     BackendStatus,
     BackendUnavailable,
+    Finished,
+    InferClient,
     StreamInterrupted,
     TextDelta,
 )
 from chatui.conversation import (
     assistant_message,
     export_json,
+    is_json_reply,
     is_notice,
     notice_message,
+    reply_text,
     text_of,
     to_record,
     user_message,
@@ -47,10 +52,14 @@ def handlers(client: ScriptedClient, tmp_path: Path) -> ChatHandlers:
 
 
 async def run(
-    handlers: ChatHandlers, history: list[dict[str, Any]], max_tokens: float = 128
+    handlers: ChatHandlers,
+    history: list[dict[str, Any]],
+    max_tokens: float = 128,
+    json_output: bool = False,
 ) -> list[tuple[Any, Any]]:
     """Every (history, stats) update of one reply."""
-    return [u async for u in handlers.respond(history, SYSTEM, 0.2, 0.9, max_tokens)]
+    updates = handlers.respond(history, SYSTEM, 0.2, 0.9, max_tokens, json_output)
+    return [u async for u in updates]
 
 
 def texts(history: list[dict[str, Any]]) -> list[tuple[str, str]]:
@@ -145,6 +154,68 @@ async def test_the_next_message_after_an_error_works_without_the_notice(
     assert client.calls[1][0][1:] == [{"role": "user", "content": "first try\n\nagain"}]
 
 
+async def test_json_output_streams_raw_text_then_shows_a_code_block(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue_text('{"name":', ' "Ada", "born": 1815}')
+    updates = await run(handlers, [user_message("Who?")], json_output=True)
+    assert client.calls[0][1].json_output is True
+    assert texts(updates[1][0])[-1] == ("assistant", '{"name":')  # streamed as it comes
+    final, stats = updates[-1]
+    assert texts(final)[-1] == ("assistant", '```json\n{\n  "name": "Ada",\n  "born": 1815\n}\n```')
+    assert "2 tokens" in stats
+    # The next turn gives the model its reply as it wrote it, not the code block.
+    await run(handlers, [*final, user_message("And?")], json_output=True)
+    assert client.calls[1][0][2] == {
+        "role": "assistant",
+        "content": '{"name": "Ada", "born": 1815}',
+    }
+
+
+async def test_a_json_reply_cut_at_max_tokens_stays_as_it_came(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue(TextDelta('{"story": "Once upon'), Finished("length"))
+    final, stats = (await run(handlers, [user_message("Story?")], json_output=True))[-1]
+    assert texts(final)[-1] == ("assistant", '{"story": "Once upon')
+    assert not is_json_reply(final[-1]) and "max tokens limit" in stats
+
+
+async def test_without_json_output_nothing_changes(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue_text('{"a": 1}')
+    final, _ = (await run(handlers, [user_message("q")]))[-1]
+    assert client.calls[0][1].json_output is False
+    assert final[-1] == assistant_message('{"a": 1}')
+
+
+async def test_json_output_over_the_infer_api_is_a_notice_and_nothing_is_sent(
+    tmp_path: Path,
+) -> None:
+    requests: list[httpx.Request] = []
+
+    def backend(request: httpx.Request) -> httpx.Response:
+        requests.append(request)
+        return httpx.Response(200, json=["not JSON"])
+
+    client = InferClient(
+        "http://infer.test", timeout=httpx.Timeout(1.0), transport=httpx.MockTransport(backend)
+    )
+    settings = ChatUISettings(backend_api="infer")
+    handlers = ChatHandlers(settings, client, ExportFolder(tmp_path))
+    history = [user_message("one"), assistant_message("1"), user_message("two")]
+    final, _ = (await run(handlers, history, json_output=True))[-1]
+    assert final[:3] == history and is_notice(final[3])
+    assert final[3]["metadata"]["title"] == "⚠️ Not possible with this backend API"
+    content = text_of(final[3]["content"])
+    assert "JSON output" in content and "CHATUI_BACKEND_API=openai" in content
+    assert "change the setting" in content
+    assert all(r.url.path != "/infer" for r in requests)  # health checks only
+    final, _ = (await run(handlers, history))[-1]  # unticked, the same question is answered
+    assert texts(final)[-1] == ("assistant", "not JSON")
+
+
 async def test_other_exceptions_propagate(handlers: ChatHandlers, client: ScriptedClient) -> None:
     client.enqueue(TextDelta("a"), RuntimeError("a bug"))
     with pytest.raises(RuntimeError, match="a bug"):
@@ -185,7 +256,7 @@ async def test_stopping_closes_the_backend_stream(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue_text(*["word "] * 100)
-    updates = handlers.respond([user_message("long")], SYSTEM, 0.7, 0.9, 512)
+    updates = handlers.respond([user_message("long")], SYSTEM, 0.7, 0.9, 512, False)
     await anext(updates)  # "waiting for the first token"
     await anext(updates)  # the first words: the stream is open and `respond` waits at a yield
     # Stop makes Gradio close the callback's generator (`queueing.reset_iterators` awaits
@@ -255,6 +326,17 @@ def test_finish_turn_saves_and_exports_then_keeps_id_and_title(handlers: ChatHan
     again = handlers.finish_turn(longer, conversation_id, saved, SYSTEM)
     assert again[0] == conversation_id and again[3] == "Hello there"
     assert len(again[1]) == 1 and len(again[1][0]["messages"]) == 4
+
+
+def test_a_saved_json_reply_keeps_its_text_and_reopens_as_a_code_block(
+    handlers: ChatHandlers,
+) -> None:
+    history = [user_message("q"), assistant_message('{"a":1}', json_output=True)]
+    conversation_id, saved, _, _, _, _, js, *_ = handlers.finish_turn(history, None, [], SYSTEM)
+    assert saved[0]["messages"][1]["content"] == '{"a":1}'
+    assert json.loads(Path(js["value"]).read_text())["messages"][1]["content"] == '{"a":1}'
+    reopened, *_ = handlers.open_conversation(conversation_id, saved)
+    assert reopened == history and reply_text(reopened[1]) == '{"a":1}'
 
 
 def test_finish_turn_without_messages_saves_nothing(handlers: ChatHandlers) -> None:
@@ -357,6 +439,19 @@ async def test_chat_api_two_turns(handlers: ChatHandlers, client: ScriptedClient
     ]
     assert client.calls[1][1].max_tokens == 32
     assert len(second["history"]) == 4
+
+
+async def test_chat_api_json_output_returns_the_reply_as_written(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    client.enqueue_text('{"capital":"Paris"}')
+    result = await handlers.chat("Capital of France, as JSON?", json_output=True)
+    assert client.calls[0][1].json_output is True
+    assert result["reply"] == '{"capital":"Paris"}'
+    assert result["history"][1] == {"role": "assistant", "content": '{"capital":"Paris"}'}
+    await handlers.chat("Again", result["history"])
+    assert client.calls[1][1].json_output is False  # the setting's default
+    assert client.calls[1][0][2]["content"] == '{"capital":"Paris"}'
 
 
 async def test_chat_api_raises_backend_errors_and_bad_input(

@@ -24,6 +24,7 @@ def test_defaults_talk_to_a_local_openai_backend() -> None:
     assert (settings.host, settings.port) == ("127.0.0.1", 7860)
     assert (settings.temperature, settings.top_p, settings.max_tokens) == (0.7, 0.9, 512)
     assert settings.system_prompt == ""  # the model's own default applies
+    assert settings.json_output is False  # plain chat unless the user ticks JSON output
     assert settings.auth_credentials() is None and settings.api_key is None
 
 
@@ -91,6 +92,16 @@ def test_invalid_values_name_the_variable_and_the_fix(
     message = str(info.value)
     assert f"  {name}: " in message and hint in message
     assert "justauser" not in message  # secrets are not echoed
+
+
+def test_json_output_can_be_on_by_default_but_not_over_the_infer_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CHATUI_JSON_OUTPUT", "true")
+    assert load_settings().json_output is True
+    monkeypatch.setenv("CHATUI_BACKEND_API", "infer")
+    with pytest.raises(SettingsError, match=r"CHATUI_JSON_OUTPUT needs CHATUI_BACKEND_API=openai"):
+        load_settings()
 
 
 def test_reply_budget_must_fit_the_default_window(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 
@@ -175,6 +176,31 @@ def test_regenerate_asks_the_same_question_again(page: Page, tap: Tap) -> None:
     # The old answer is not sent back as history: the same question, alone, is asked again.
     assert tap.exchanges[asked].messages == tap.exchanges[asked - 1].messages
     assert len(texts(page, BOT)) == 1 and len(texts(page, USER)) == 1
+
+
+def test_json_output_shows_a_code_block_and_sends_the_reply_back_as_it_came(
+    page: Page, tap: Tap
+) -> None:
+    page.locator("#settings").get_by_text("Settings").click()
+    toggle = page.locator("#json-output input[type='checkbox']")
+    toggle.check()
+    # The backend refuses ignore_eos with a JSON response_format: the object ends by itself.
+    del tap.extra_body["ignore_eos"]
+    tap.extra_body["max_tokens"] = 300
+    try:
+        ask(page, "What is the capital of France? Answer as JSON with the key capital.")
+    finally:
+        del tap.extra_body["max_tokens"]
+        tap.extra_body["ignore_eos"] = True
+    asked = tap.last()
+    assert asked.body.get("response_format") == {"type": "json_object"}
+    assert asked.completed and isinstance(json.loads(asked.reply), dict)
+    code = page.locator(BOT).last.locator("pre code")
+    assert json.loads(code.inner_text()) == json.loads(asked.reply)
+    toggle.uncheck()
+    ask(page, "Thank you.")
+    assert "response_format" not in tap.last().body  # a plain chat again
+    assert tap.last().messages[1] == {"role": "assistant", "content": asked.reply.strip()}
 
 
 def test_backend_down_shows_error_keeps_history_and_recovers(
