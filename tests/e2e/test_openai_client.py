@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pydantic
 import pytest
@@ -106,3 +107,25 @@ def test_a_field_the_server_does_not_honour_is_refused_by_name(backend: ServiceP
             tools=[tool],  # type: ignore[list-item]
         )
     assert "tools" in str(raised.value)
+
+
+def test_text_completions_and_the_tokenizer_routes(backend: ServiceProcess) -> None:
+    """What benchmark clients use: legacy completions (streamed), /tokenize, /health."""
+    sdk = client(backend)
+    stream = sdk.completions.create(
+        model="SmolLM2-135M-Instruct",
+        prompt="The capital of France is",
+        max_tokens=8,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == 8 and text
+    tokens = httpx.post(backend.url + "/tokenize", json={"prompt": "The capital of France is"})
+    assert tokens.json()["count"] == usage.prompt_tokens  # the prompt the completion encoded
+    back = httpx.post(backend.url + "/detokenize", json={"tokens": tokens.json()["tokens"]})
+    assert back.json()["prompt"].strip() == "The capital of France is"
+    assert httpx.get(backend.url + "/health").status_code == 200
