@@ -89,7 +89,8 @@ class ChatService:
         """Start generating; errors raised here happen before any byte is sent."""
         first, events = await start_generation(self._client, request)
         if request.stream:
-            return self._stream(request, first.model_id, first.prompt_tokens, events)
+            chunks = self._chunks(request, first.model_id, first.prompt_tokens, events)
+            return framed(chunks, events)
         return await self._collect(request, first.model_id, first.prompt_tokens, events)
 
     async def reply_text(self, request: ChatCompletionRequest) -> str:
@@ -128,15 +129,6 @@ class ChatService:
             choices=[choice],
             usage=usage_of(prompt_tokens, tokens, cached),
         )
-
-    def _stream(
-        self,
-        request: ChatCompletionRequest,
-        model_id: str,
-        prompt_tokens: int,
-        events: AsyncGenerator[GenerationEvent, None],
-    ) -> AsyncGenerator[str, None]:
-        return framed(self._chunks(request, model_id, prompt_tokens, events), events)
 
     async def _chunks(
         self,

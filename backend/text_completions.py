@@ -54,7 +54,8 @@ class CompletionService:
         first, events = await start_generation(self._client, request)
         completion = _Completion(f"cmpl-{uuid.uuid4().hex}", now(), first.model_id)
         if request.stream:
-            return self._stream(request, completion, first.prompt_tokens, events)
+            chunks = self._chunks(request, completion, first.prompt_tokens, events)
+            return framed(chunks, events)
         text: list[str] = []
         tokens = cached = 0
         finish_reason = None
@@ -65,15 +66,6 @@ class CompletionService:
                 finish_reason = delta.finish_reason or finish_reason
         choice = CompletionChoice(text="".join(text), finish_reason=finish_reason)
         return completion.response([choice], usage_of(first.prompt_tokens, tokens, cached))
-
-    def _stream(
-        self,
-        request: CompletionRequest,
-        completion: _Completion,
-        prompt_tokens: int,
-        events: AsyncGenerator[GenerationEvent, None],
-    ) -> AsyncGenerator[str, None]:
-        return framed(self._chunks(request, completion, prompt_tokens, events), events)
 
     async def _chunks(
         self,
