@@ -37,6 +37,7 @@ from backend.protocol import (
     TokenizeResponse,
 )
 from backend.settings import BackendSettings
+from backend.tools import request_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class RoutedChat:
     def messages(self) -> list[dict[str, str]]:
         """The conversation as role/content dicts (a text prompt as one user message)."""
         if isinstance(self.request, ChatCompletionRequest):
-            return self.request.chat()
+            return request_conversation(self.request)
         return [{"role": "user", "content": self.request.text()}]
 
 

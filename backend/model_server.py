@@ -32,6 +32,7 @@ from backend.protocol import (
 )
 from backend.settings import BackendSettings
 from backend.structured import json_grammar
+from backend.tools import conversation, request_conversation, tools_grammar
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +95,11 @@ class ModelServer:
         grammar = None
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         if isinstance(request, ChatCompletionRequest):
-            prompt_ids = await asyncio.to_thread(self._engine.encode_chat, request.chat())
-            if request.response_format is not None and request.response_format.constrained():
+            messages = request_conversation(request)
+            prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)
+            if request.calls_tools():
+                grammar = tools_grammar(request)
+            elif request.response_format is not None and request.response_format.constrained():
                 grammar = json_grammar(request.response_format.target_schema())
         else:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
@@ -106,8 +110,8 @@ class ModelServer:
         """vLLM's `/tokenize`: the prompt's token ids, as a generation would encode it."""
         self._require_ready()
         self._check_model(request.model)
-        messages = request.chat()
-        if messages is not None:
+        if request.messages is not None:
+            messages = conversation(request.messages, tools=None)
             tokens = await asyncio.to_thread(self._engine.encode_chat, messages)
         else:
             tokens = await asyncio.to_thread(self._engine.encode_text, request.prompt or "")

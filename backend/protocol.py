@@ -7,7 +7,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    WithJsonSchema,
+    model_serializer,
+    model_validator,
+)
 
 from backend.generation import SamplingParams, TokenLogprob
 
@@ -38,17 +46,77 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """A chat message; content is a string or a list of text parts."""
+class FunctionCall(BaseModel):
+    """A function's name and its arguments, as a JSON text."""
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    """One call the assistant made."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """A chat message; content is a string or a list of text parts. An assistant message may
+    carry the tool calls it made instead of content; a `tool` message answers one of them."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required (an assistant message may have tool_calls)")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a 'tool' message, and only one, has a tool_call_id")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        return self
 
     def text(self) -> str:
         """The content as one string."""
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+class FunctionDef(BaseModel):
+    """A function the model may call: its name, what it does, its arguments' JSON schema."""
+
+    name: FunctionName
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None
+
+
+class ToolDef(BaseModel):
+    """`tools[]`: one function."""
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    name: FunctionName
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice` naming the function the model must call."""
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -169,14 +237,38 @@ class ChatCompletionRequest(SamplingRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     response_format: ResponseFormat | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        if self.ignore_eos and self.response_format and self.response_format.constrained():
-            raise ValueError("ignore_eos cannot be combined with a JSON response_format")
+        constrained = self.calls_tools() or bool(
+            self.response_format and self.response_format.constrained()
+        )
+        if self.ignore_eos and constrained:
+            raise ValueError("ignore_eos cannot be combined with a JSON reply or tool calls")
+        if self.tools and self.tool_choice in (None, "auto"):
+            raise ValueError(
+                "tool_choice 'auto' (the default with tools) needs a model-specific parser of "
+                "tool calls, which this server does not have: use 'required', a named "
+                "function, or 'none'"
+            )
+        if self.tool_choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
+            tool.function.name for tool in self.tools or []
+        }:
+            raise ValueError("tool_choice names a function that is not in tools")
+        if self.calls_tools() and self.response_format and self.response_format.constrained():
+            raise ValueError("response_format cannot be combined with tool calls")
         return self
+
+    def calls_tools(self) -> bool:
+        """Whether the reply must be tool calls (`required` or a named function)."""
+        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (current OpenAI name) or `max_tokens` (legacy)."""
@@ -184,10 +276,6 @@ class ChatCompletionRequest(SamplingRequest):
 
     def logprobs_asked(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
-
-    def chat(self) -> list[dict[str, str]]:
-        """Messages as plain role/content dicts for a chat template."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages]
 
 
 class CompletionRequest(SamplingRequest):
@@ -225,10 +313,6 @@ class TokenizeRequest(BaseModel):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give either 'prompt' or 'messages'")
         return self
-
-    def chat(self) -> list[dict[str, str]] | None:
-        """The messages as role/content dicts (templated with the reply's start), if given."""
-        return [{"role": m.role, "content": m.text()} for m in self.messages or []] or None
 
 
 class TokenizeResponse(BaseModel):
@@ -309,10 +393,18 @@ def _candidate(token: str, logprob: float) -> dict[str, Any]:
 
 
 class ResponseMessage(BaseModel):
-    """The assistant's message in a non-streamed response."""
+    """The assistant's message in a non-streamed response: text, or the tool calls it made."""
 
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("tool_calls") is None:  # as OpenAI: no key when no calls were made
+            data.pop("tool_calls", None)
+        return data
 
 
 class Choice(BaseModel):
@@ -335,11 +427,18 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(ToolCall):
+    """A tool call in a stream chunk, with its place among the message's calls."""
+
+    index: int
+
+
 class DeltaMessage(BaseModel):
     """What one stream chunk adds to the assistant's message."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChunkChoice(BaseModel):

@@ -29,10 +29,12 @@ from backend.protocol import (
     ResponseMessage,
     TokenizeRequest,
     TokenizeResponse,
+    ToolCallDelta,
     Usage,
     completion_id,
     now,
 )
+from backend.tools import parse_calls
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ class ChatService:
         """Only the reply's text (for the blueprint's `/infer`)."""
         response = await self.create(request.model_copy(update={"stream": False}))
         assert isinstance(response, ChatCompletionResponse)
-        return response.choices[0].message.content
+        return response.choices[0].message.content or ""  # `/infer` sends no tools
 
     async def _collect(
         self,
@@ -117,9 +119,16 @@ class ChatService:
                 tokens += delta.tokens
                 cached += delta.cached_tokens
                 finish_reason = delta.finish_reason or finish_reason
+        text = "".join(parts)
+        reason: str | None = finish_reason
+        if request.calls_tools() and finish_reason == "stop":  # the grammar's calls, complete
+            message = ResponseMessage(content=None, tool_calls=parse_calls(text))
+            reason = "tool_calls"
+        else:
+            message = ResponseMessage(content=text)
         choice = Choice(
-            message=ResponseMessage(content="".join(parts)),
-            finish_reason=finish_reason,
+            message=message,
+            finish_reason=reason,
             logprobs=ChoiceLogprobs.of(logprobs) if request.logprobs else None,
         )
         return ChatCompletionResponse(
@@ -139,10 +148,16 @@ class ChatService:
     ) -> AsyncGenerator[str, None]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
         tokens = cached = 0
+        calls: list[str] = []  # tool calls go out whole, once parsed
         yield chunk.delta(DeltaMessage(role="assistant", content=""))
         async for delta in deltas_of(events):
             tokens += delta.tokens
             cached += delta.cached_tokens
+            if request.calls_tools():
+                calls.append(delta.text)
+                if delta.finish_reason:
+                    yield from_calls(chunk, "".join(calls), delta.finish_reason)
+                continue
             if delta.text or delta.logprobs:
                 logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
                 yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs)
@@ -150,6 +165,17 @@ class ChatService:
                 yield chunk.delta(DeltaMessage(), delta.finish_reason)
         if request.wants_usage_chunk():
             yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
+
+
+def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str) -> str:
+    """The chunks that end a tool-calling stream: its calls and `tool_calls`, or the text it got
+    to when `max_tokens` cut it."""
+    if finish_reason != "stop":
+        return chunk.delta(DeltaMessage(content=text)) + chunk.delta(DeltaMessage(), finish_reason)
+    deltas = [
+        ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(parse_calls(text))
+    ]
+    return chunk.delta(DeltaMessage(tool_calls=deltas)) + chunk.delta(DeltaMessage(), "tool_calls")
 
 
 async def framed(

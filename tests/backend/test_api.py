@@ -67,7 +67,7 @@ async def test_stream_without_usage_option_sends_no_usage_chunk(
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
 
 
-@pytest.mark.parametrize("field", ["tools", "audio", "function_call", "prediction"])
+@pytest.mark.parametrize("field", ["functions", "audio", "function_call", "prediction"])
 async def test_a_field_this_server_does_not_honour_is_a_400_naming_it(
     client: httpx.AsyncClient, script: Script, field: str
 ) -> None:
@@ -190,7 +190,7 @@ async def test_sampling_fields_reach_the_engine(client: httpx.AsyncClient, scrip
         ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role"),
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages.0.content"),
-        ({"messages": [{"role": "user"}]}, "messages.0.content"),
+        ({"messages": [{"role": "user"}]}, "messages.0"),  # content is required
         ({"messages": HELLO, "n": 2}, "n"),
         ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ({"messages": HELLO, "max_tokens": -3}, "max_tokens"),
@@ -440,7 +440,7 @@ async def test_a_streamed_text_completion_ends_with_usage_and_done(
         ({"prompt": "a", "echo": True}, "echo"),
         ({"prompt": "a", "logprobs": 2}, "logprobs"),
         ({"prompt": "a", "suffix": "z"}, "suffix"),
-        ({"prompt": "a", "tools": []}, "tools"),
+        ({"prompt": "a", "tools": []}, "tools"),  # chat only
     ],
 )
 async def test_what_text_completions_do_not_do_is_a_400(

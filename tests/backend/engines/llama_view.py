@@ -3,6 +3,10 @@ llama.cpp's own memory API for what the KV cells really contain (never changed h
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
 from backend.engines.llamacpp_runner import LlamaCppRunner, llama
 
 
@@ -19,3 +23,12 @@ def held_tokens(runner: LlamaCppRunner) -> list[list[int]]:
 def pos_max(runner: LlamaCppRunner, index: int) -> int:
     """The largest position in a sequence's KV cells, -1 when empty (llama.cpp's own view)."""
     return int(llama.llama_memory_seq_pos_max(runner._memory, index))
+
+
+async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
+    """Wait for what the batching loop publishes (its occupancy) to meet `condition`: a stream's
+    last delta reaches its client just before the loop releases its sequence."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "not met in time"
+        await asyncio.sleep(0.01)

@@ -25,7 +25,7 @@ from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, model_pa
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 from backend.settings import BackendSettings
-from tests.backend.engines.llama_view import held_tokens, lent, pos_max
+from tests.backend.engines.llama_view import held_tokens, lent, pos_max, until
 
 QUESTIONS = [
     "Name a color.",
@@ -296,19 +296,13 @@ def test_a_sequence_cannot_outgrow_its_window(
         runner.decode([1], [1])
 
 
-async def until(condition: Callable[[], bool], timeout_s: float = 10) -> None:
-    """Wait for what the loop publishes (its occupancy) to meet `condition`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "not met in time"
-        await asyncio.sleep(0.01)
-
-
 async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(
     llamacpp_engine: LlamaCppEngine,
 ) -> None:
     runner = llamacpp_engine._runner
-    assert runner is not None and lent(runner) == {}
+    assert runner is not None
+    await until(lambda: llamacpp_engine.batcher.occupancy() == (0, 0))  # earlier tests' streams
+    assert lent(runner) == {}
     prompt = prompts(llamacpp_engine, 1)[0]
     stream = llamacpp_engine.generate(prompt, SamplingParams(max_tokens=1000, ignore_eos=True))
     await anext(stream)

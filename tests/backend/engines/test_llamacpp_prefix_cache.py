@@ -11,7 +11,7 @@ import torch
 from backend.engines.llamacpp import LlamaCppEngine, kv_cache_bytes
 from backend.engines.llamacpp_runner import LlamaCppRunner
 from backend.generation import SamplingParams
-from tests.backend.engines.llama_view import held_tokens, lent, pos_max
+from tests.backend.engines.llama_view import held_tokens, lent, pos_max, until
 from tests.backend.engines.test_llamacpp import PREFILL_TOLERANCE, collect
 
 
@@ -203,6 +203,7 @@ async def test_more_streams_than_sequences_beside_parked_conversations(
     assert [sum(d.tokens for d in r) for r in results] == [6] * 8
     resumed = [r[0].cached_tokens for r in results[:4]]
     assert all(n > len(f) for n, f in zip(resumed, firsts, strict=False)), resumed
+    await until(lambda: llamacpp_engine.batcher.occupancy() == (0, 0))  # all released
     assert lent(runner) == {} and runner.kv_usage() == 0.0
     for index, tokens in enumerate(held_tokens(runner)):
         assert pos_max(runner, index) == len(tokens) - 1
