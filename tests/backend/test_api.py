@@ -464,3 +464,50 @@ async def test_tokenize_and_detokenize_use_the_model_tokenizer(client: httpx.Asy
 async def test_health_is_vllms_empty_200_when_ready(client: httpx.AsyncClient) -> None:
     response = await client.get("/health")
     assert response.status_code == 200 and response.content == b""
+
+
+TOOL = {
+    "type": "function",
+    "function": {"name": "lookup", "parameters": {"type": "object"}},
+}
+CALLS_JSON = ['{"tool_calls":[{"name":"lookup",', '"arguments":{"q":"x"}}]}']
+
+
+async def test_a_required_tool_call_comes_back_as_tool_calls(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(CALLS_JSON)
+    body = {"messages": HELLO, "tools": [TOOL], "tool_choice": "required"}
+    choice = (await client.post(CHAT, json=body)).json()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["function"] == {"name": "lookup", "arguments": '{"q": "x"}'}
+    assert call["type"] == "function" and call["id"].startswith("call_")
+
+
+async def test_a_streamed_tool_call_arrives_whole_in_one_delta(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(CALLS_JSON)
+    body = {"messages": HELLO, "tools": [TOOL], "tool_choice": "required", "stream": True}
+    events = sse_payloads((await client.post(CHAT, json=body)).text)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert [d.get("content") for d in deltas[1:]] == [None, None]  # no raw JSON text
+    [call] = deltas[1]["tool_calls"]
+    assert call["index"] == 0 and call["function"]["name"] == "lookup"
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+async def test_a_conversation_with_tool_results_is_accepted(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    messages = [
+        *HELLO,
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "found"},
+    ]
+    response = await client.post(CHAT, json={"messages": messages})
+    assert response.status_code == 200
+    sent = script.history[-1][0]
+    assert sent[-1] == {"role": "user", "content": "Result of tool call call_1: found"}

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import httpx
+import jsonschema
 import openai
 import pydantic
 import pytest
@@ -98,15 +102,63 @@ def test_logprobs_come_with_each_token(backend: ServiceProcess) -> None:
     assert "".join(e.token for e in content) == completion.choices[0].message.content
 
 
-def test_a_field_the_server_does_not_honour_is_refused_by_name(backend: ServiceProcess) -> None:
-    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 20},
+                "unit": {"enum": ["celsius", "fahrenheit"]},
+            },
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_tool_call_round_trip(backend: ServiceProcess) -> None:
+    """The SDK's tool flow: a named function is called with arguments that follow its schema,
+    its result goes back as a `tool` message, and the model answers in text."""
+    sdk = client(backend)
+    messages: list[Any] = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = sdk.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,
+        tools=[WEATHER],  # type: ignore[list-item]
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=200,
+    )
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls or []
+    assert calls and all(call.function.name == "get_weather" for call in calls)  # type: ignore[union-attr]
+    for call in calls:
+        arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+        jsonschema.validate(arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
+    messages.append(choice.message.model_dump(exclude_none=True))
+    for call in calls:
+        messages.append({"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"})
+    second = sdk.chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=messages,
+        max_tokens=20,
+        extra_body={"ignore_eos": True},
+    )
+    assert second.choices[0].finish_reason == "length" and second.choices[0].message.content
+
+
+def test_tools_without_a_parser_for_auto_are_refused_by_name(backend: ServiceProcess) -> None:
     with pytest.raises(openai.BadRequestError) as raised:
         client(backend).chat.completions.create(
             model="SmolLM2-135M-Instruct",
             messages=[{"role": "user", "content": "Hi"}],
-            tools=[tool],  # type: ignore[list-item]
+            tools=[WEATHER],  # type: ignore[list-item]
         )
-    assert "tools" in str(raised.value)
+    assert "tool_choice" in str(raised.value)
 
 
 def test_text_completions_and_the_tokenizer_routes(backend: ServiceProcess) -> None:
