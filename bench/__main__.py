@@ -3,8 +3,8 @@
 Writes `docs/benchmarks.md` (every section, with the commit and the machine it was measured on),
 `artifacts/bench.md` (this run's report) and `artifacts/bench.png` (throughput). Figures are
 compared as ratios inside the run, because absolute numbers on shared machines are noisy: the
-bench compares only what it measures in the same run. `python -m bench multiturn` measures the
-multi-turn section alone and replaces only that section of `docs/benchmarks.md`.
+bench compares only what it measures in the same run. `python -m bench multiturn` (or
+`structured`) measures that section alone and replaces only it in `docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import psutil
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine, pick_dtype
 from backend.settings import BackendSettings
-from bench import load, multiturn, raw, report
+from bench import load, multiturn, raw, report, structured
 from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
@@ -56,6 +56,9 @@ UI_TARGET = "<= 100 ms"  # the UI's share of time to first token
 VERSUS_HF_TARGET = ">= 3x"  # llamacpp / hf, HTTP 1 stream
 TURN_GROWTH_TARGET = "<= 1.3"  # TTFT of the last turn / the first, prefix caching on
 REUSE_TARGET = ">= 0.9"  # share of each previous turn reused, more conversations than sequences
+MASK_TARGET = ">= 0.95"  # free streams' rate beside a constrained one / beside a free one
+STRUCTURED_TOKENS = 96  # tokens of every stream in the structured-output batches
+STRUCTURED_THREADS = 1  # engine threads there (the other core runs the loop and the mask)
 
 
 Ceiling = Callable[[], tuple[Run, Run]]
@@ -350,6 +353,30 @@ def multi_turn_section() -> Section:
     )
 
 
+def structured_section() -> Section:
+    """The grammar mask's cost to the streams beside a constrained one, and its own rate."""
+    cost = structured.mask_cost(STRUCTURED_TOKENS, STRUCTURED_THREADS)
+    threads = f"{STRUCTURED_THREADS} thread{'s' if STRUCTURED_THREADS > 1 else ''}"
+    return Section(
+        "structured",
+        "Structured output",
+        f"In-process llama.cpp ({threads}), a batch of {structured.BATCH} streams of "
+        f"{STRUCTURED_TOKENS} tokens: the free streams' rate with one stream constrained by a "
+        "JSON schema beside them, over the same batch all free (the mask's cost to its "
+        f"neighbours; target {MASK_TARGET}), and the constrained stream's own rate.",
+        [
+            (
+                f"llamacpp: {structured.BATCH - 1} free streams beside a constrained one / "
+                "beside a free one (tokens/s)",
+                f"{cost.free_beside_constrained / cost.free_alone:.2f} "
+                f"({cost.free_beside_constrained:.0f} / {cost.free_alone:.0f})",
+                MASK_TARGET,
+            ),
+            ("llamacpp: the constrained stream's own rate", f"{cost.constrained:.1f} tok/s", ""),
+        ],
+    )
+
+
 def _growth(run: MultiTurn) -> str:
     first, last = run.ttft(1), run.ttft(len(run.turns))
     return f"{last / first:.2f} ({first * 1000:.0f} -> {last * 1000:.0f} ms)"
@@ -390,13 +417,14 @@ def main() -> None:
     parser.add_argument(
         "section",
         nargs="?",
-        choices=["multiturn"],
+        choices=["multiturn", "structured"],
         help="measure this section alone and replace only it in docs/benchmarks.md",
     )
     args = parser.parse_args()
     provenance = Provenance.current()  # the tree as measured, before the bench writes anything
-    if args.section == "multiturn":
-        write_report([multi_turn_section()], {}, provenance, whole=False)
+    if args.section is not None:
+        alone = {"multiturn": multi_turn_section, "structured": structured_section}
+        write_report([alone[args.section]()], {}, provenance, whole=False)
         return
     cold, cached = time_engine_starts()
     ceilings = {engine: CEILINGS[engine]() for engine in engines()}
@@ -419,6 +447,7 @@ def main() -> None:
     if "llamacpp" in served:
         sections.append(llamacpp_section(served))
     sections.append(multi_turn_section())
+    sections.append(structured_section())
     write_report(sections, served, provenance, whole=True)
 
 

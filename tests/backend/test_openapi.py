@@ -33,6 +33,11 @@ DOCUMENTED = re.compile(
             "larger than the limit",  # LLM_MAX_REQUEST_BYTES
             "The tokens cannot be decoded",  # ids beyond the vocabulary
             "does not exist; this server serves",  # another model's name
+            # A message's fields across its role (README: what the API honours).
+            "content is required",
+            "has a tool_call_id",
+            "only an assistant message has tool_calls",
+            "tool_choice",  # with tools: 'auto' has no parser; a name must be in tools
         ]
     )
 )
@@ -71,6 +76,7 @@ def test_every_route_publishes_its_request_and_400(http: TestClient, route: str)
 @pytest.mark.parametrize("route", ROUTES)
 @settings(
     max_examples=40,
+    derandomize=True,  # the same bodies on every run: CI is repeatable
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
 )
