@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import AsyncGenerator
 from typing import Any, TypeVar
 
 from fastapi import FastAPI, Query, Request
@@ -71,10 +72,7 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
     async def chat_completions(raw: Request) -> Response:
         """OpenAI Chat Completions, streamed as SSE when `stream` is true."""
         body = await _read_body(raw, settings.max_request_bytes)
-        result = await service.create(_parse(ChatCompletionRequest, body))
-        if isinstance(result, ChatCompletionResponse):
-            return JSONResponse(result.model_dump())
-        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _reply(await service.create(_parse(ChatCompletionRequest, body)))
 
     @app.post(
         "/v1/completions",
@@ -86,10 +84,7 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         """OpenAI's legacy text completion of one prompt, streamed as SSE when `stream` is
         true (no chat template: the prompt is continued as it is)."""
         body = await _read_body(raw, settings.max_request_bytes)
-        result = await completions.create(_parse(CompletionRequest, body))
-        if isinstance(result, CompletionResponse):
-            return JSONResponse(result.model_dump())
-        return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+        return _reply(await completions.create(_parse(CompletionRequest, body)))
 
     @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
     async def tokenize(raw: Request) -> TokenizeResponse:
@@ -145,6 +140,13 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         responses=[ChatCompletionResponse, ChatCompletionChunk, CompletionResponse, ErrorResponse],
     )
     return app
+
+
+def _reply(result: BaseModel | AsyncGenerator[str, None]) -> Response:
+    """A whole response as JSON, or a stream of server-sent events."""
+    if isinstance(result, BaseModel):
+        return JSONResponse(result.model_dump())
+    return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
 
 
 async def _read_body(raw: Request, limit: int) -> bytes:
