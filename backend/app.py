@@ -210,25 +210,47 @@ class HandleModelClient:
 
 
 class _Cached:
-    """The last answer of `ask`, asked again when older than `REPLICA_STATES_MAX_AGE_S` or
-    forgotten; concurrent callers share one question."""
+    """The last answer of `ask`. Once older than `REPLICA_STATES_MAX_AGE_S` it is asked again in
+    the background while callers still get the last answer, so a probe never waits on a busy
+    controller; only the first answer, or the next after `forget` or a failed question, is
+    waited for (concurrent callers share that one question)."""
 
     def __init__(self, ask: ReplicaStates) -> None:
         self._ask = ask
         self._lock = asyncio.Lock()
         self._value: Mapping[str, int] | None = None
         self._asked_at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
 
     async def get(self) -> Mapping[str, int]:
-        async with self._lock:
-            age = time.monotonic() - self._asked_at
-            if self._value is None or age >= REPLICA_STATES_MAX_AGE_S:
-                self._value = await self._ask()
-                self._asked_at = time.monotonic()
-            return self._value
+        value = self._value
+        if value is None:
+            async with self._lock:
+                if self._value is None:
+                    await self._refresh()
+                value = self._value
+            assert value is not None  # `_refresh` raised otherwise
+            return value
+        stale = time.monotonic() - self._asked_at >= REPLICA_STATES_MAX_AGE_S
+        if stale and self._refreshing is None:
+            self._refreshing = asyncio.create_task(self._refresh_in_background())
+        return value
 
     def forget(self) -> None:
         self._value = None
+
+    async def _refresh(self) -> None:
+        self._value = await self._ask()
+        self._asked_at = time.monotonic()
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            await self._refresh()
+        except Exception as exc:  # the next caller asks again, and sees the failure
+            logger.warning("asking Ray Serve's controller for replica states failed: %r", exc)
+            self._value = None
+        finally:
+            self._refreshing = None
 
 
 def _controller_replica_states(handle: DeploymentHandle) -> ReplicaStates:

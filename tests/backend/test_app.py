@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -209,6 +210,15 @@ class _InfoHandle(_StreamingHandle):
         return self.streams[-1]
 
 
+async def settled(client: HandleModelClient) -> ModelInfo:
+    """Health once the controller's answer has aged: the first probe still gets the last
+    answer and starts a new question in the background; the next one sees its answer."""
+    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
+    await client.info()
+    await asyncio.sleep(0.01)
+    return await client.info()
+
+
 async def test_health_follows_the_running_replicas_after_the_model_was_known() -> None:
     replicas = _Replicas(RUNNING=1)
     client = HandleModelClient(_InfoHandle(), 1, replica_states=replicas)  # type: ignore[arg-type]
@@ -217,15 +227,27 @@ async def test_health_follows_the_running_replicas_after_the_model_was_known() -
     await stream.aclose()
     assert (await client.info()).ready
     replicas.states = {"STOPPING": 1}  # the only replica died
-    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
-    gone = await client.info()
+    gone = await settled(client)
     assert not gone.ready and gone.error is not None and "No model replica" in gone.error
     replicas.states = {"STARTING": 1}  # Ray starts another: it loads the model
-    await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
-    assert await client.info() == ModelInfo(None, 0, ready=False)
+    assert await settled(client) == ModelInfo(None, 0, ready=False)
     replicas.states = {"RUNNING": 1}
+    assert await settled(client) == ModelInfo("m", 100, ready=True)
+
+
+async def test_a_slow_controller_never_holds_up_a_probe_once_it_has_answered() -> None:
+    class SlowReplicas(_Replicas):
+        async def __call__(self) -> dict[str, int]:
+            if self.asked:  # every question after the first takes a second
+                await asyncio.sleep(1.0)
+            return await super().__call__()
+
+    client = HandleModelClient(_InfoHandle(), 5, replica_states=SlowReplicas(RUNNING=1))  # type: ignore[arg-type]
+    assert (await client.info()).ready
     await asyncio.sleep(REPLICA_STATES_MAX_AGE_S)
-    assert await client.info() == ModelInfo("m", 100, ready=True)
+    started = time.monotonic()
+    assert (await client.info()).ready  # the last answer, while the new question runs
+    assert time.monotonic() - started < 0.5
 
 
 async def test_a_replica_failure_on_the_handle_makes_health_ask_the_controller_again() -> None:
