@@ -10,6 +10,8 @@ by a bounded amount instead of freezing them.
 Runners with prefix caching keep a finished sequence's KV: a new request first `resume`s from the
 longest token prefix the runner still holds (the previous turn of its conversation, a shared
 system prompt), and only the rest is prefilled and charged to the budget.
+A request for `n` choices is `n` sequences: the first is prefilled, and the moment its prompt is
+in, the runner `fork`s its KV to the others, which sample their first tokens from the same logits.
 The loop runs in one background thread (torch releases the GIL inside kernels); callers consume
 their stream from asyncio. The model itself is behind `BatchRunner`, so the same loop drives the
 CPU engine and the Neuron engine.
@@ -79,6 +81,12 @@ class BatchRunner(Protocol):
         """
         ...
 
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """Start `child_id` with a copy of everything `parent_id` holds (a prompt just prefilled,
+        not yet decoding); False if this runner cannot copy KV, and then the loop prefills the
+        child's prompt itself."""
+        ...
+
     def release(self, seq_id: int) -> None:
         """Remove a finished sequence from the batch (a prefix-caching runner may keep its KV)."""
         ...
@@ -115,6 +123,7 @@ class BatcherStats:
     decoded_tokens: int = 0
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens resumed from the runner's KV, not prefilled
+    forks: int = 0  # choices started from a sibling's prefilled prompt, not prefilled
     preemptions: int = 0  # streams sent back to be computed again (the runner ran short of KV)
 
     @property
@@ -133,8 +142,10 @@ class _Sequence:
         params: SamplingParams,
         tokenizer: Decoder,
         deliver: Callable[[Delta | BaseException], None],
+        choice: int = 0,
     ) -> None:
         self.id = seq_id
+        self.choice = choice  # its index among the request's choices
         self.prompt_ids = prompt_ids
         self.prefilled = 0  # prompt tokens the runner holds
         self.started = False  # resumed (or not) by the runner: `prefilled` counts from here
@@ -154,12 +165,20 @@ class _Sequence:
         self._logprobs: list[TokenLogprob] = []  # of the tokens not yet reported, if asked
         self._adjusts = adjusts(params)
         self.constraint: Constraint | None = None  # set by the loop for a grammar
+        # The request's other choices: they start from this one's prompt once it is prefilled.
+        self.siblings: list[_Sequence] = []
 
     def start_at(self, cached: int) -> None:
         """The runner already holds the prompt's first `cached` tokens."""
         self.prefilled = cached
         if not self._sampled:  # reported once, for the request's own prompt
             self._cached = cached
+        self.started = True
+
+    def start_forked(self) -> None:
+        """The runner holds the whole prompt, copied from a sibling's prefill (whose first delta
+        reports the prompt's cached tokens, once per request)."""
+        self.prefilled = len(self.prompt_ids)
         self.started = True
 
     def requeue(self) -> None:
@@ -214,7 +233,10 @@ class _Sequence:
 
     def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
         times, logprobs = tuple(self._sampled_at), tuple(self._logprobs)
-        self._deliver(Delta(text, self._unreported, finish_reason, self._cached, times, logprobs))
+        delta = Delta(
+            text, self._unreported, finish_reason, self._cached, times, logprobs, self.choice
+        )
+        self._deliver(delta)
         self._unreported = self._cached = 0
         self._sampled_at.clear()
         self._logprobs.clear()
@@ -318,7 +340,8 @@ class ContinuousBatcher:
     async def stream(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[Delta, None]:
-        """Submit a request and yield its deltas; leaving early frees its batch slot."""
+        """Submit a request and yield its deltas (of its `params.n` choices, interleaved, each
+        tagged with its `index`); leaving early frees its batch slots."""
         if not self.is_alive():
             raise EngineError("The batching loop is not running.")
         if not prompt_ids:
@@ -330,31 +353,45 @@ class ContinuousBatcher:
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
 
-        seq = _Sequence(next(self._ids), prompt_ids, params, self._tokenizer, deliver)
-        self._inbox.put(seq)  # raises if the loop has stopped meanwhile
-        next_send = 0.0  # the first text goes out at once
+        seqs = [
+            _Sequence(next(self._ids), prompt_ids, params.choice(i), self._tokenizer, deliver, i)
+            for i in range(params.n)
+        ]
+        seqs[0].siblings = seqs[1:]
         try:
-            while True:
-                items = [await deltas.get()]
-                if _open(items[-1]) and (wait := next_send - loop.time()) > 0:
-                    await asyncio.sleep(wait)
-                # Everything that arrived meanwhile goes out as one item (one Ray stream item).
-                while _open(items[-1]) and not deltas.empty():
-                    items.append(deltas.get_nowait())
-                last = items[-1]
-                error = last if isinstance(last, BaseException) else None
-                if error is not None:
-                    items.pop()
-                if items:
-                    delta = _merge(items)  # type: ignore[arg-type]
-                    next_send = loop.time() + self._stream_interval_s
-                    yield delta
-                    if delta.finish_reason is not None:
-                        return
-                if error is not None:
-                    raise error
+            for seq in seqs:
+                self._inbox.put(seq)  # raises if the loop has stopped meanwhile
+            async for delta in self._delivered(deltas, len(seqs)):
+                yield delta
         finally:
-            seq.cancelled = True
+            for seq in seqs:
+                seq.cancelled = True
+
+    async def _delivered(
+        self, deltas: asyncio.Queue[Delta | BaseException], choices: int
+    ) -> AsyncGenerator[Delta, None]:
+        """The deltas of `choices` streams until each has finished: the first text at once, then
+        at most one item per choice every `stream_interval_s`, merging what arrived meanwhile
+        (each item crosses Ray, the ingress and the proxy, and costs them CPU the model needs)."""
+        loop = asyncio.get_running_loop()
+        next_send = 0.0  # the first text goes out at once
+        while choices:
+            items = [await deltas.get()]
+            if _open(items[-1]) and (wait := next_send - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            while not deltas.empty():
+                items.append(deltas.get_nowait())
+            # What came before an error still goes out; the error ends the request.
+            failed = next((i for i, item in enumerate(items) if not isinstance(item, Delta)), None)
+            ready = [item for item in items[:failed] if isinstance(item, Delta)]
+            for delta in _merge_by_choice(ready):
+                choices -= delta.finish_reason is not None
+                yield delta
+            next_send = loop.time() + self._stream_interval_s
+            if failed is not None:
+                error = items[failed]
+                assert isinstance(error, BaseException)
+                raise error
 
     def occupancy(self) -> tuple[int, int]:
         """Streams running in the batch and streams waiting for a slot, as last observed."""
@@ -439,17 +476,25 @@ class ContinuousBatcher:
             self._runner.release(seq.id)
             seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
             return False
-        if seq.params.grammar is not None and seq.constraint is None:
-            try:
-                seq.constraint = Constraint(self._grammar_tokenizer.get(), seq.params.grammar)
-            except Exception as exc:
-                self._prefilling.popleft()
-                self._runner.release(seq.id)
-                seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
-                return False
+        if not self._constrain(seq):
+            self._prefilling.popleft()
+            self._runner.release(seq.id)
+            return False
         seq.start_at(cached)
         self.stats.prompt_tokens += len(seq.prompt_ids)
         self.stats.cached_tokens += cached
+        return True
+
+    def _constrain(self, seq: _Sequence) -> bool:
+        """Give a sequence with a grammar its matcher; False (and the sequence failed) if the
+        grammar cannot be built."""
+        if seq.params.grammar is None or seq.constraint is not None:
+            return True
+        try:
+            seq.constraint = Constraint(self._grammar_tokenizer.get(), seq.params.grammar)
+        except Exception as exc:
+            seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
+            return False
         return True
 
     def _prefill(self, seq: _Sequence, chunk: list[int]) -> None:
@@ -467,12 +512,40 @@ class ContinuousBatcher:
             seq.fail(EngineError(f"Generation failed during prefill: {exc}"))
             return
         self.stats.prefills += 1
-        [choice] = self._sample([seq], logits.unsqueeze(0))
-        if isinstance(choice, Exception):
-            self._runner.release(seq.id)
-            seq.fail(EngineError(f"Generation failed while sampling: {choice}"))
-        elif not self._accept(seq, *choice):
-            self._active.append(seq)
+        batch = [seq, *self._fork_siblings(seq)]
+        rows = logits.repeat(len(batch), 1)  # a row each: the sampler adjusts rows in place
+        for member, choice in zip(batch, self._sample(batch, rows), strict=True):
+            if isinstance(choice, Exception):
+                self._runner.release(member.id)
+                member.fail(EngineError(f"Generation failed while sampling: {choice}"))
+            elif not self._accept(member, *choice):
+                self._active.append(member)
+
+    def _fork_siblings(self, seq: _Sequence) -> list[_Sequence]:
+        """The request's other choices waiting in the loop, started from `seq`'s prefilled
+        prompt when the runner can copy it; the others are prefilled as any prompt."""
+        forked = []
+        for sibling in seq.siblings:
+            if sibling not in self._prefilling or sibling.started or sibling.cancelled:
+                continue  # not admitted yet (the batch is full), or gone
+            if sibling.prompt_ids is not seq.prompt_ids:
+                continue  # one of them was preempted: its prompt now has its own reply
+            try:
+                copied = self._runner.fork(seq.id, sibling.id)
+            except Exception:
+                logger.exception("forking a prefilled prompt failed; prefilling it again")
+                self._runner.release(sibling.id)
+                continue
+            if not copied:
+                break
+            self._prefilling.remove(sibling)
+            if not self._constrain(sibling):
+                self._runner.release(sibling.id)
+                continue
+            sibling.start_forked()
+            forked.append(sibling)
+        self.stats.forks += len(forked)
+        return forked
 
     def _drop_cancelled(self) -> None:
         for queue_ in (self._prefilling, self._active, self._preempted):
@@ -614,6 +687,14 @@ def _open(item: Delta | BaseException) -> bool:
     return isinstance(item, Delta) and item.finish_reason is None
 
 
+def _merge_by_choice(deltas: list[Delta]) -> list[Delta]:
+    """Consecutive deltas as one per choice, choices in the order they first appear."""
+    by_choice: dict[int, list[Delta]] = {}
+    for delta in deltas:
+        by_choice.setdefault(delta.index, []).append(delta)
+    return [_merge(group) for group in by_choice.values()]
+
+
 def _merge(deltas: list[Delta]) -> Delta:
     """Consecutive deltas of one stream as one."""
     if len(deltas) == 1:
@@ -625,4 +706,5 @@ def _merge(deltas: list[Delta]) -> Delta:
         cached_tokens=sum(d.cached_tokens for d in deltas),
         token_times=tuple(t for d in deltas for t in d.token_times),
         logprobs=tuple(entry for d in deltas for entry in d.logprobs),
+        index=deltas[0].index,
     )

@@ -5,7 +5,7 @@ The bottom of the package: it imports nothing from it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
@@ -32,6 +32,14 @@ class SamplingParams:
     logprobs: int | None = None
     # An llguidance grammar the reply must follow (backend.structured); None = free text.
     grammar: str | None = None
+    # Choices generated from one prompt: the prompt is prefilled once and its KV shared.
+    n: int = 1
+
+    def choice(self, index: int) -> SamplingParams:
+        """The parameters of one of the `n` choices: a seed `s` becomes `s + index` (as vLLM's
+        parallel sampling), so choice 0 is what the same request with `n=1` would say."""
+        seed = None if self.seed is None else self.seed + index
+        return replace(self, n=1, seed=seed)
 
 
 @dataclass(frozen=True)
@@ -48,8 +56,10 @@ class TokenLogprob:
 class Delta:
     """A piece of generated text, the number of tokens it took, and the finish reason at the end.
 
-    The stream's first delta also says how many prompt tokens were not computed again because the
-    engine still held them (`cached_tokens`, a reused prefix); later deltas carry 0.
+    `index` is the choice it belongs to (of a request's `n`); a stream of several choices
+    interleaves their deltas. The stream's first delta also says how many prompt tokens were not
+    computed again because the engine still held them (`cached_tokens`, a reused prefix); later
+    deltas carry 0.
     `token_times` says when each of its tokens was sampled (`time.monotonic()` in the process that
     sampled it), so latency metrics time tokens, not the merged deltas that carry them; empty when
     the engine does not say.
@@ -61,6 +71,7 @@ class Delta:
     cached_tokens: int = 0
     token_times: tuple[float, ...] = ()
     logprobs: tuple[TokenLogprob, ...] = ()  # one per token, when the request asked
+    index: int = 0
 
 
 @dataclass(frozen=True)

@@ -164,8 +164,8 @@ class RequestTracker:
 
     def __init__(self, metrics: RequestMetrics) -> None:
         self._metrics = metrics
-        self._start = self._last = time.monotonic()
-        self._first_seen = False
+        self._start = time.monotonic()
+        self._last: dict[int, float] = {}  # each choice's last token: gaps are within a choice
 
     def cached(self, count: int) -> None:
         """`count` prompt tokens were resumed from the prefix cache."""
@@ -179,12 +179,11 @@ class RequestTracker:
             return
         times = delta.token_times or (time.monotonic(),) * delta.tokens
         for produced in times:
-            if self._first_seen:
-                self._metrics.itl.observe(produced - self._last)
-            else:
+            if delta.index in self._last:
+                self._metrics.itl.observe(produced - self._last[delta.index])
+            elif not self._last:  # the request's first token, of whichever choice
                 self._metrics.ttft.observe(produced - self._start)
-                self._first_seen = True
-            self._last = produced
+            self._last[delta.index] = produced
         self._metrics.generation_tokens.inc(delta.tokens)
 
     def finished(self, reason: str) -> None:

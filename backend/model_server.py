@@ -92,6 +92,7 @@ class ModelServer:
     async def _admit(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         self._require_ready()
         self._check_model(request.model)
+        self._check_choices(request.n)
         grammar = None
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         if isinstance(request, ChatCompletionRequest):
@@ -105,6 +106,14 @@ class ModelServer:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
         return prompt_ids, request.to_sampling_params(max_tokens, grammar)
+
+    def _check_choices(self, n: int) -> None:
+        if n > self._settings.max_choices:
+            raise InvalidRequestError(
+                f"n is {n}, above this server's limit of {self._settings.max_choices} choices "
+                "per request.",
+                param="n",
+            )
 
     async def tokenize(self, request: TokenizeRequest) -> TokenizeResponse:
         """vLLM's `/tokenize`: the prompt's token ids, as a generation would encode it."""

@@ -158,6 +158,7 @@ class ResponseFormat(BaseModel):
 
 
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 128  # OpenAI's bound on `n`; the server's own (LLM_MAX_CHOICES) is lower
 
 
 class SamplingRequest(BaseModel):
@@ -169,7 +170,13 @@ class SamplingRequest(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=1, description="Only one choice per request is supported.")
+    n: int = Field(
+        1,
+        ge=1,
+        le=MAX_CHOICES,
+        description="Choices to generate from the prompt, which is computed once for all of "
+        "them; at most the server's LLM_MAX_CHOICES.",
+    )
     seed: int | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     stream: bool = False
@@ -226,6 +233,7 @@ class SamplingRequest(BaseModel):
             logit_bias=tuple(sorted((int(t), b) for t, b in (self.logit_bias or {}).items())),
             logprobs=self.logprobs_asked(),
             grammar=grammar,
+            n=self.n,
         )
 
 
@@ -408,7 +416,7 @@ class ResponseMessage(BaseModel):
 
 
 class Choice(BaseModel):
-    """The one choice of a non-streamed response."""
+    """A choice of a non-streamed response."""
 
     index: int = 0
     message: ResponseMessage
@@ -442,7 +450,7 @@ class DeltaMessage(BaseModel):
 
 
 class ChunkChoice(BaseModel):
-    """The one choice of a stream chunk."""
+    """A choice's part of a stream chunk."""
 
     index: int = 0
     delta: DeltaMessage
@@ -462,7 +470,7 @@ class ChatCompletionChunk(BaseModel):
 
 
 class CompletionChoice(BaseModel):
-    """The one choice of a text completion, whole or one chunk of its stream."""
+    """A choice of a text completion, whole or one chunk of its stream."""
 
     index: int = 0
     text: str

@@ -108,35 +108,20 @@ class ChatService:
         prompt_tokens: int,
         events: AsyncGenerator[GenerationEvent, None],
     ) -> ChatCompletionResponse:
-        parts: list[str] = []
-        logprobs: list[TokenLogprob] = []
-        tokens = cached = 0
-        finish_reason = None
+        replies = [_Reply() for _ in range(request.n)]
         async with aclosing(events):
             async for delta in deltas_of(events):
-                parts.append(delta.text)
-                logprobs.extend(delta.logprobs)
-                tokens += delta.tokens
-                cached += delta.cached_tokens
-                finish_reason = delta.finish_reason or finish_reason
-        text = "".join(parts)
-        reason: str | None = finish_reason
-        if request.calls_tools() and finish_reason == "stop":  # the grammar's calls, complete
-            message = ResponseMessage(content=None, tool_calls=parse_calls(text))
-            reason = "tool_calls"
-        else:
-            message = ResponseMessage(content=text)
-        choice = Choice(
-            message=message,
-            finish_reason=reason,
-            logprobs=ChoiceLogprobs.of(logprobs) if request.logprobs else None,
-        )
+                replies[delta.index].add(delta)
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),
             model=model_id,
-            choices=[choice],
-            usage=usage_of(prompt_tokens, tokens, cached),
+            choices=[reply.choice(request, index) for index, reply in enumerate(replies)],
+            usage=usage_of(
+                prompt_tokens,
+                sum(reply.tokens for reply in replies),
+                sum(reply.cached for reply in replies),
+            ),
         )
 
     async def _chunks(
@@ -148,34 +133,66 @@ class ChatService:
     ) -> AsyncGenerator[str, None]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
         tokens = cached = 0
-        calls: list[str] = []  # tool calls go out whole, once parsed
-        yield chunk.delta(DeltaMessage(role="assistant", content=""))
+        calls: list[list[str]] = [[] for _ in range(request.n)]  # tool calls go out whole
+        for index in range(request.n):
+            yield chunk.delta(DeltaMessage(role="assistant", content=""), index=index)
         async for delta in deltas_of(events):
             tokens += delta.tokens
             cached += delta.cached_tokens
+            index = delta.index
             if request.calls_tools():
-                calls.append(delta.text)
+                calls[index].append(delta.text)
                 if delta.finish_reason:
-                    yield from_calls(chunk, "".join(calls), delta.finish_reason)
+                    yield from_calls(chunk, "".join(calls[index]), delta.finish_reason, index)
                 continue
             if delta.text or delta.logprobs:
                 logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
-                yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs)
+                yield chunk.delta(DeltaMessage(content=delta.text), None, logprobs, index)
             if delta.finish_reason:
-                yield chunk.delta(DeltaMessage(), delta.finish_reason)
+                yield chunk.delta(DeltaMessage(), delta.finish_reason, index=index)
         if request.wants_usage_chunk():
             yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
 
 
-def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str) -> str:
-    """The chunks that end a tool-calling stream: its calls and `tool_calls`, or the text it got
-    to when `max_tokens` cut it."""
+class _Reply:
+    """One choice of a whole response, gathered from its deltas."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.tokens = self.cached = 0
+        self.finish_reason: str | None = None
+
+    def add(self, delta: Delta) -> None:
+        self.parts.append(delta.text)
+        self.logprobs.extend(delta.logprobs)
+        self.tokens += delta.tokens
+        self.cached += delta.cached_tokens
+        self.finish_reason = delta.finish_reason or self.finish_reason
+
+    def choice(self, request: ChatCompletionRequest, index: int) -> Choice:
+        text = "".join(self.parts)
+        reason = self.finish_reason
+        if request.calls_tools() and reason == "stop":  # the grammar's calls, complete
+            message = ResponseMessage(content=None, tool_calls=parse_calls(text))
+            reason = "tool_calls"
+        else:
+            message = ResponseMessage(content=text)
+        logprobs = ChoiceLogprobs.of(self.logprobs) if request.logprobs else None
+        return Choice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
+
+
+def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str, index: int = 0) -> str:
+    """The chunks that end a choice's tool-calling stream: its calls and `tool_calls`, or the
+    text it got to when `max_tokens` cut it."""
     if finish_reason != "stop":
-        return chunk.delta(DeltaMessage(content=text)) + chunk.delta(DeltaMessage(), finish_reason)
-    deltas = [
-        ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(parse_calls(text))
-    ]
-    return chunk.delta(DeltaMessage(tool_calls=deltas)) + chunk.delta(DeltaMessage(), "tool_calls")
+        return chunk.delta(DeltaMessage(content=text), index=index) + chunk.delta(
+            DeltaMessage(), finish_reason, index=index
+        )
+    calls = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(parse_calls(text))]
+    return chunk.delta(DeltaMessage(tool_calls=calls), index=index) + chunk.delta(
+        DeltaMessage(), "tool_calls", index=index
+    )
 
 
 async def framed(
@@ -225,8 +242,11 @@ class _ChunkWriter:
         delta: DeltaMessage,
         finish_reason: str | None = None,
         logprobs: ChoiceLogprobs | None = None,
+        index: int = 0,
     ) -> str:
-        choice = ChunkChoice(delta=delta, finish_reason=finish_reason, logprobs=logprobs)
+        choice = ChunkChoice(
+            index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs
+        )
         data = ChatCompletionChunk(**self._base, choices=[choice]).model_dump(exclude={"usage"})
         data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # `{}` on the last chunk
         return sse_event(json.dumps(data, ensure_ascii=False))

@@ -96,6 +96,13 @@ class BackendSettings(BaseSettings):
     max_tokens_cap: int = Field(
         2048, ge=1, description="Largest `max_tokens` a request may ask for."
     )
+    max_choices: int = Field(
+        8,
+        ge=1,
+        le=128,
+        description="Largest `n` (choices per request); the choices share the prompt's prefill "
+        "and each takes a batch slot.",
+    )
     default_max_tokens: int = Field(
         512, ge=1, description="`max_tokens` when the request does not set it."
     )

@@ -56,16 +56,19 @@ class CompletionService:
         if request.stream:
             chunks = self._chunks(request, completion, first.prompt_tokens, events)
             return framed(chunks, events)
-        text: list[str] = []
+        texts: list[list[str]] = [[] for _ in range(request.n)]
+        reasons: list[str | None] = [None] * request.n
         tokens = cached = 0
-        finish_reason = None
         async with aclosing(events):
             async for delta in deltas_of(events):
-                text.append(delta.text)
+                texts[delta.index].append(delta.text)
                 tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
-                finish_reason = delta.finish_reason or finish_reason
-        choice = CompletionChoice(text="".join(text), finish_reason=finish_reason)
-        return completion.response([choice], usage_of(first.prompt_tokens, tokens, cached))
+                reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+        choices = [
+            CompletionChoice(index=i, text="".join(text), finish_reason=reason)
+            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+        ]
+        return completion.response(choices, usage_of(first.prompt_tokens, tokens, cached))
 
     async def _chunks(
         self,
@@ -78,7 +81,9 @@ class CompletionService:
         async for delta in deltas_of(events):
             tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
             if delta.text or delta.finish_reason:
-                choice = CompletionChoice(text=delta.text, finish_reason=delta.finish_reason)
+                choice = CompletionChoice(
+                    index=delta.index, text=delta.text, finish_reason=delta.finish_reason
+                )
                 yield completion.chunk([choice])
         if request.wants_usage_chunk():
             yield completion.chunk([], usage_of(prompt_tokens, tokens, cached))

@@ -63,22 +63,18 @@ def scripted_engine(script: Script) -> type[Engine]:
         async def generate(
             self, prompt_ids: list[int], params: SamplingParams
         ) -> AsyncIterator[Delta]:
+            """Each of the `n` choices plays the next queued reply; their deltas interleave."""
             script.history.append((self._messages, params))
-            pieces = script.replies.popleft() if script.replies else ["ok"]
+            replies = [
+                (script.replies.popleft() if script.replies else ["ok"])[: params.max_tokens + 1]
+                for _ in range(params.n)
+            ]
             try:
-                for i, piece in enumerate(pieces[: params.max_tokens]):
-                    if isinstance(piece, BaseException):
-                        raise piece
-                    await asyncio.sleep(script.piece_delay_s)
-                    last = i + 1 == min(len(pieces), params.max_tokens)
-                    reason = (
-                        None
-                        if not last
-                        else "stop"
-                        if len(pieces) <= params.max_tokens
-                        else "length"
-                    )
-                    yield Delta(text=piece, tokens=1, finish_reason=reason)
+                for step in range(max(len(pieces) for pieces in replies)):
+                    for index, pieces in enumerate(replies):
+                        if step < min(len(pieces), params.max_tokens):
+                            await asyncio.sleep(script.piece_delay_s)
+                            yield _scripted_delta(pieces, step, params.max_tokens, index)
             except GeneratorExit:
                 script.cancelled += 1
                 raise
@@ -91,3 +87,15 @@ def scripted_engine(script: Script) -> type[Engine]:
             pass
 
     return ScriptedEngine
+
+
+def _scripted_delta(
+    pieces: list[str | BaseException], step: int, max_tokens: int, index: int
+) -> Delta:
+    """The delta of `pieces[step]` (raised if it is an exception), finishing at the last piece."""
+    piece = pieces[step]
+    if isinstance(piece, BaseException):
+        raise piece
+    last = step + 1 == min(len(pieces), max_tokens)
+    reason = None if not last else "stop" if len(pieces) <= max_tokens else "length"
+    return Delta(text=piece, tokens=1, finish_reason=reason, index=index)

@@ -65,7 +65,8 @@ class Engine(ABC):
     def generate(
         self, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncGenerator[Delta, None]:
-        """Stream the reply; closing the iterator early cancels the request."""
+        """Stream the reply (`params.n` choices, their deltas tagged with `index`); closing the
+        iterator early cancels the request."""
 
     @abstractmethod
     def check_health(self) -> None:

@@ -145,6 +145,19 @@ class PaddedBatchRunner:
         return out.logits[rows, -1]
 
     @torch.inference_mode()
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """The child's own cache holds the parent's prefilled prompt: the same tensors, which
+        nothing writes in place (joining the batch copies them into the shared cache)."""
+        prompt = self._prefilling[parent_id]
+        cache = DynamicCache()
+        for index, (keys, values) in enumerate(_layers(prompt)):
+            cache.update(keys, values, index)
+        self._prefilling[child_id] = cache
+        self._tokens[child_id] = list(self._tokens[parent_id])
+        self._age[child_id] = next(self._joined)
+        return True
+
+    @torch.inference_mode()
     def release(self, seq_id: int) -> None:
         """Drop a sequence (parking its KV first); the last row takes its place."""
         tokens = self._tokens.pop(seq_id, [])

@@ -255,6 +255,22 @@ class LlamaCppRunner:
             slot.tokens.append(token)
         return self._logits(n)
 
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """The child takes the least recently used idle slot with a copy of the parent's KV.
+
+        The streams are separate (`kv_unified` off), so `llama_memory_seq_cp` copies the whole
+        stream's buffers at the next `llama_decode` (llama_kv_cache::seq_cp, cross-stream)."""
+        parent = self.slots.of(parent_id)
+        if parent is None:
+            raise EngineError(f"Sequence {parent_id} holds no slot to fork.")
+        slot = self.slots.least_recently_used()
+        self._save(slot)
+        self._trim(slot, 0)
+        llama.llama_memory_seq_cp(self._memory, parent.index, slot.index, -1, -1)
+        slot.tokens = list(parent.tokens)
+        self.slots.lend(slot, child_id)
+        return True
+
     def release(self, seq_id: int) -> None:
         """The sequence is done: its slot is free, its KV stays for a later prompt (prefix
         caching) or is removed; unknown ids are ignored."""

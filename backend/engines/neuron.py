@@ -114,6 +114,12 @@ class NeuronSlotRunner:
             slot.tokens.append(token)
         return logits
 
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """Not supported: the model is only driven through its forward call (context encoding
+        and decoding), which has no copy of one slot's cache to another, so each choice's
+        prompt is encoded into its own slot."""
+        return False
+
     def kv_usage(self) -> float:
         """Running sequences' positions over every slot's window."""
         return self.slots.usage(self._window)

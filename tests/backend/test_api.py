@@ -191,7 +191,9 @@ async def test_sampling_fields_reach_the_engine(client: httpx.AsyncClient, scrip
         ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
         ({"messages": [{"role": "user", "content": {"a": 1}}]}, "messages.0.content"),
         ({"messages": [{"role": "user"}]}, "messages.0"),  # content is required
-        ({"messages": HELLO, "n": 2}, "n"),
+        ({"messages": HELLO, "n": 9}, "n"),  # above LLM_MAX_CHOICES
+        ({"messages": HELLO, "n": 129}, "n"),  # above OpenAI's bound
+        ({"messages": HELLO, "n": 0}, "n"),
         ({"messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ({"messages": HELLO, "max_tokens": -3}, "max_tokens"),
         ({"messages": HELLO, "max_tokens": 33}, "max_tokens"),
@@ -511,3 +513,65 @@ async def test_a_conversation_with_tool_results_is_accepted(
     assert response.status_code == 200
     sent = script.history[-1][0]
     assert sent[-1] == {"role": "user", "content": "Result of tool call call_1: found"}
+
+
+# --- several choices (n) -------------------------------------------------------------------------
+
+
+async def test_n_choices_come_back_by_index_with_the_prompt_counted_once(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a", "b"])
+    script.enqueue(["c"])
+    reply = (await client.post(CHAT, json={"messages": HELLO, "n": 2})).json()
+    assert [(c["index"], c["message"]["content"]) for c in reply["choices"]] == [
+        (0, "ab"),
+        (1, "c"),
+    ]
+    assert [c["finish_reason"] for c in reply["choices"]] == ["stop", "stop"]
+    assert reply["usage"]["prompt_tokens"] == 2 and reply["usage"]["completion_tokens"] == 3
+    assert script.history[-1][1].n == 2
+
+
+async def test_streamed_choices_each_get_a_role_their_text_and_a_finish(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a", "b"])
+    script.enqueue(["c"])
+    body = {"messages": HELLO, "n": 2, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_payloads((await client.post(CHAT, json=body)).text)
+    chunks = [e["choices"][0] for e in events[:-2]]
+    for index, text in ((0, "ab"), (1, "c")):
+        mine = [c for c in chunks if c["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content") or "" for c in mine) == text
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["stop"]
+    assert events[-2]["usage"]["completion_tokens"] == 3 and events[-1] == "[DONE]"
+
+
+async def test_each_choice_makes_its_own_tool_calls(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(CALLS_JSON)
+    script.enqueue(CALLS_JSON)
+    body = {"messages": HELLO, "tools": [TOOL], "tool_choice": "required", "n": 2}
+    choices = (await client.post(CHAT, json=body)).json()["choices"]
+    assert [c["finish_reason"] for c in choices] == ["tool_calls", "tool_calls"]
+    assert all(c["message"]["tool_calls"][0]["function"]["name"] == "lookup" for c in choices)
+
+
+async def test_a_text_completion_of_n_choices_streams_them_by_index(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(["a"])
+    script.enqueue(["b", "c"])
+    whole = (await client.post("/v1/completions", json={"prompt": "x", "n": 2})).json()
+    assert [(c["index"], c["text"]) for c in whole["choices"]] == [(0, "a"), (1, "bc")]
+    script.enqueue(["a"])
+    script.enqueue(["b", "c"])
+    body = {"prompt": "x", "n": 2, "stream": True}
+    events = sse_payloads((await client.post("/v1/completions", json=body)).text)
+    texts = {0: "", 1: ""}
+    for event in events[:-1]:
+        texts[event["choices"][0]["index"]] += event["choices"][0]["text"]
+    assert texts == {0: "a", 1: "bc"}

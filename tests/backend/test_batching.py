@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 import torch
@@ -45,6 +46,8 @@ class CountingRunner:
         self.state: dict[int, tuple[int, int]] = {}  # seq id -> (last token, tokens emitted)
         self.lock = threading.Lock()
         self.step_delay_s = 0.0
+        self.can_fork = True
+        self.forked: list[tuple[int, int]] = []
 
     def _logits(self, token: int) -> torch.Tensor:
         logits = torch.full((VOCAB,), -1e9)
@@ -72,6 +75,14 @@ class CountingRunner:
         self.steps.append(("decode", len(seq_ids)))
         threading.Event().wait(self.step_delay_s)
         return torch.stack([self._next(s) for s in seq_ids])
+
+    def fork(self, parent_id: int, child_id: int) -> bool:
+        """The child continues from the parent's state, as a copy of its KV would."""
+        if not self.can_fork:
+            return False
+        self.forked.append((parent_id, child_id))
+        self.state[child_id] = self.state[parent_id]
+        return True
 
     def release(self, seq_id: int) -> None:
         self.released.append(seq_id)
@@ -613,4 +624,82 @@ async def test_log_probabilities_come_one_per_token_with_their_alternatives() ->
     assert all(e.logprob == 0.0 and len(e.top) == 2 and e.top[0][0] == e.token for e in entries)
     unasked = await collect(batcher, [1])
     assert all(d.logprobs == () for d in unasked)
+    batcher.shutdown()
+
+
+class UniformRunner(CountingRunner):
+    """Every token equally likely at every step: what is sampled depends on the seed alone."""
+
+    def _logits(self, token: int) -> torch.Tensor:
+        return torch.zeros(VOCAB)
+
+
+def texts_by_choice(deltas: list) -> dict[int, str]:
+    texts: dict[int, str] = {}
+    for delta in deltas:
+        texts[delta.index] = texts.get(delta.index, "") + delta.text
+    return texts
+
+
+def prefills(runner: CountingRunner) -> int:
+    return sum(kind == "prefill" for kind, _ in runner.steps)
+
+
+async def test_n_choices_start_from_one_prefill_and_decode_together() -> None:
+    runner = CountingRunner(length=3)
+    batcher = make_batcher(runner)
+    deltas = await collect(batcher, [1, 2, 3], replace(GREEDY, n=3))
+    assert texts_by_choice(deltas) == {0: "DEF", 1: "DEF", 2: "DEF"}
+    assert sorted(d.index for d in deltas if d.finish_reason) == [0, 1, 2]
+    assert prefills(runner) == 1 and len(runner.forked) == batcher.stats.forks == 2
+    assert set(runner.batch_sizes) == {3}  # every decode step ran the three choices
+    # The prompt's cached tokens are reported once, by the first choice.
+    assert sum(d.cached_tokens for d in deltas if d.index > 0) == 0
+    batcher.shutdown()
+
+
+async def test_a_runner_that_cannot_fork_prefills_each_choice() -> None:
+    runner = CountingRunner(length=3)
+    runner.can_fork = False
+    batcher = make_batcher(runner)
+    deltas = await collect(batcher, [1, 2, 3], replace(GREEDY, n=3))
+    assert texts_by_choice(deltas) == {0: "DEF", 1: "DEF", 2: "DEF"}
+    assert prefills(runner) == 3 and batcher.stats.forks == 0
+    batcher.shutdown()
+
+
+async def test_choices_without_a_free_slot_are_prefilled_when_they_get_one() -> None:
+    runner = CountingRunner(length=3)
+    batcher = make_batcher(runner, max_batch_size=2)
+    deltas = await collect(batcher, [1, 2, 3], replace(GREEDY, n=3))
+    assert texts_by_choice(deltas) == {0: "DEF", 1: "DEF", 2: "DEF"}
+    assert prefills(runner) == 2 and batcher.stats.forks == 1
+    batcher.shutdown()
+
+
+async def test_each_choice_samples_with_the_seed_plus_its_index() -> None:
+    batcher = make_batcher(UniformRunner(length=100))
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=10, ignore_eos=True)
+    together = texts_by_choice(await collect(batcher, [1], replace(params, n=3)))
+    alone = [
+        "".join(d.text for d in await collect(batcher, [1], replace(params, seed=10 + i)))
+        for i in range(3)
+    ]
+    assert [together[i] for i in range(3)] == alone
+    assert len(set(alone)) == 3  # the seeds differ, so do the choices
+    batcher.shutdown()
+
+
+async def test_leaving_a_request_of_several_choices_frees_all_their_slots() -> None:
+    runner = CountingRunner(length=1000)
+    runner.step_delay_s = 0.002
+    batcher = make_batcher(runner)
+    stream = batcher.stream([1], replace(GREEDY, n=3))
+    await anext(stream)
+    await stream.aclose()
+    for _ in range(200):
+        if len(runner.released) == 3:
+            break
+        await asyncio.sleep(0.01)
+    assert len(runner.released) == 3 and batcher.occupancy() == (0, 0)
     batcher.shutdown()

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from backend.batching import ContinuousBatcher
-from backend.generation import SamplingParams
+from backend.generation import Delta, SamplingParams
 from backend.metrics import RequestMetrics, RequestTracker
 
 VOCAB = 8
@@ -106,3 +106,19 @@ async def test_latencies_are_those_of_the_steps_whatever_the_stream_interval() -
     # Every slow step shows as itself, and so does every quick one (sleeps only overshoot).
     assert len(slow) == (tokens - 1) // len(STEPS_S)
     assert len(quick) == len(itl) - len(slow)
+
+
+def test_the_gaps_of_several_choices_are_timed_within_each_choice() -> None:
+    """Two choices' tokens interleave (one each per step, 0.1 s apart): every gap is a step,
+    never the time between one choice's token and the other's; one first token per request."""
+    metrics = recorded_metrics()
+    tracker = RequestTracker(metrics)
+    start = tracker._start
+    for step in range(1, 4):
+        for index in (0, 1):
+            tracker.tokens(
+                Delta("a", 1, token_times=(start + step / 10 + index / 1000,), index=index)
+            )
+    assert len(metrics.ttft.values) == 1  # type: ignore[attr-defined]
+    gaps = metrics.itl.values  # type: ignore[attr-defined]
+    assert len(gaps) == 4 and all(abs(gap - 0.1) < 1e-9 for gap in gaps)

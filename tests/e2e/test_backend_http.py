@@ -121,7 +121,7 @@ BAD_REQUESTS = [
     ({"messages": []}, 400),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400),
     ({"messages": [{"role": "user", "content": 42}]}, 400),
-    ({"messages": QUESTION, "n": 3}, 400),
+    ({"messages": QUESTION, "n": 9}, 400),  # above LLM_MAX_CHOICES
     ({"messages": QUESTION, "max_tokens": 0}, 400),
     ({"messages": QUESTION, "max_tokens": 10**6}, 400),
     ({"messages": QUESTION, "temperature": 3}, 400),

@@ -181,3 +181,44 @@ def test_text_completions_and_the_tokenizer_routes(backend: ServiceProcess) -> N
     back = httpx.post(backend.url + "/detokenize", json={"tokens": tokens.json()["tokens"]})
     assert back.json()["prompt"].strip() == "The capital of France is"
     assert httpx.get(backend.url + "/health").status_code == 200
+
+
+def test_several_choices_in_one_request(backend: ServiceProcess) -> None:
+    """`n` choices, each seeded `seed + index`: the same request gives the same choices again,
+    and the prompt is counted once."""
+    openai_client = client(backend)
+    ask: dict[str, Any] = {
+        "model": "SmolLM2-135M-Instruct",
+        "messages": [{"role": "user", "content": "Write a line about the sea."}],
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 7,
+        "extra_body": {"ignore_eos": True},
+    }
+    one = openai_client.chat.completions.create(**ask)
+    # The first n=3 request finds the prompt cached (from the n=1 one), as the next one does:
+    # both compute it alike, so their samples compare.
+    first, again = (openai_client.chat.completions.create(n=3, **ask) for _ in range(2))
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    assert all(c.finish_reason == "length" for c in first.choices)
+    assert first.usage is not None and one.usage is not None
+    assert first.usage.completion_tokens == 36
+    assert first.usage.prompt_tokens == one.usage.prompt_tokens
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in again.choices]
+    assert len(set(texts)) > 1  # seeds 7, 8 and 9
+
+    stream = openai_client.chat.completions.create(
+        n=2, stream=True, stream_options={"include_usage": True}, **ask
+    )
+    streamed: dict[int, str] = {0: "", 1: ""}
+    finished: list[int] = []
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert sorted(finished) == [0, 1] and all(text.strip() for text in streamed.values())
+    assert usage is not None and usage.completion_tokens == 24

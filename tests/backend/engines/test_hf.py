@@ -221,3 +221,22 @@ def test_end_of_sequence_ids_leave_the_generation_config_as_it_was() -> None:
     ids = _eos_ids(model, SimpleNamespace(eos_token_id=4))  # type: ignore[arg-type]
     assert ids == frozenset({2, 3, 4})
     assert config.eos_token_id == [2, 3]
+
+
+def test_a_forked_sequence_continues_from_its_parents_prompt(hf_engine: HFEngine) -> None:
+    """`fork` gives the child the parent's prefilled prompt: their next steps agree with each
+    other and with a fresh prefill, and then each goes its own way."""
+    model = hf_engine._model().runner._model
+    runner, fresh = PaddedBatchRunner(model), PaddedBatchRunner(model)
+    prompt = hf_engine.encode_chat(chat("Name three colors."))
+    token = int(runner.prefill(0, prompt).argmax())
+    assert runner.fork(0, 1)
+    same = runner.decode([0, 1], [token, token]).float()
+    expected = fresh.prefill(0, [*prompt, token]).float()
+    tolerance = BATCH_TOLERANCE[model.dtype]
+    assert (same[0] - same[1]).abs().mean() <= tolerance
+    assert (same[1] - expected).abs().mean() <= tolerance
+    first, second = (int(t) for t in same[1].topk(2).indices)
+    apart = runner.decode([0, 1], [first, second]).float()
+    assert (apart[1] - fresh.decode([0], [second])[0].float()).abs().mean() <= tolerance
+    assert runner._tokens[1] == [*prompt, token, second]

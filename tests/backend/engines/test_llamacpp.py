@@ -374,3 +374,26 @@ def test_a_file_llama_cpp_cannot_read_is_refused(tmp_path: Path) -> None:
     bogus.write_bytes(b"not a model")
     with pytest.raises(EngineError, match="could not load"):
         LlamaModel(bogus)
+
+
+def test_a_forked_sequence_continues_from_its_parents_prompt(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """`fork` copies the prompt's KV into another slot (replacing what that slot held): the
+    child's next step equals the parent's and a fresh prefill's, and then each goes its own way."""
+    runner, fresh = make_runner(n_seq_max=2, prefix_caching=True), make_runner(n_seq_max=1)
+    other = llamacpp_engine.encode_chat(chat("Tell me about the sea, in many words."))
+    runner.prefill(7, other)
+    runner.release(7)  # its slot keeps that conversation: the child will take that slot
+    prompt = llamacpp_engine.encode_chat(chat("Name three colors."))
+    token = int(runner.prefill(0, prompt).argmax())
+    assert runner.fork(0, 1)
+    assert lent(runner)[1] != lent(runner)[0]
+    same = runner.decode([0, 1], [token, token])
+    expected = fresh.prefill(0, [*prompt, token])
+    assert float((same[0] - same[1]).abs().max()) <= DECODE_TOLERANCE
+    assert float((same[1] - expected).abs().max()) <= PREFILL_TOLERANCE
+    first, second = (int(t) for t in same[1].topk(2).indices)
+    apart = runner.decode([0, 1], [first, second])
+    assert float((apart[1] - fresh.decode([0], [second])[0]).abs().max()) <= PREFILL_TOLERANCE
+    assert pos_max(runner, lent(runner)[1]) == len(prompt) + 1  # its own cells, none of `other`
