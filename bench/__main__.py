@@ -4,7 +4,8 @@ Writes `docs/benchmarks.md` (every section, with the commit and the machine it w
 `artifacts/bench.md` (this run's report) and `artifacts/bench.png` (throughput). Figures are
 compared as ratios inside the run, because absolute numbers on shared machines are noisy: the
 bench compares only what it measures in the same run. `python -m bench multiturn` (or
-`structured`) measures that section alone and replaces only it in `docs/benchmarks.md`.
+`structured`, `choices`) measures that section alone and replaces only it in
+`docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import psutil
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine, pick_dtype
 from backend.settings import BackendSettings
-from bench import load, multiturn, raw, report, structured
+from bench import choices, load, multiturn, raw, report, structured
 from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
@@ -59,6 +60,9 @@ REUSE_TARGET = ">= 0.9"  # share of each previous turn reused, more conversation
 MASK_TARGET = ">= 0.95"  # free streams' rate beside a constrained one / beside a free one
 STRUCTURED_TOKENS = 96  # tokens of every stream in the structured-output batches
 STRUCTURED_THREADS = 1  # engine threads there (the other core runs the loop and the mask)
+CHOICES_PROMPT_WORDS = 500  # the prompt the choices share (about 800 tokens)
+CHOICES_THREADS = 1
+SHARED_PREFILL_TARGET = "<= 0.5"  # first tokens of n choices / of n requests of one prompt
 
 
 Ceiling = Callable[[], tuple[Run, Run]]
@@ -377,6 +381,34 @@ def structured_section() -> Section:
     )
 
 
+def choices_section() -> Section:
+    """One request of several choices against as many requests of the same prompt."""
+    n = choices.CHOICES
+    shared = choices.shared_prefill(CHOICES_PROMPT_WORDS, CHOICES_THREADS)
+    return Section(
+        "choices",
+        "Several choices of one prompt",
+        f"In-process llama.cpp ({CHOICES_THREADS} thread), a prompt of about "
+        f"{shared.computed_together} tokens: one request with `n={n}` against {n} requests of "
+        "the prompt sent at once, until every choice has its first token. The choices prefill "
+        f"the prompt once and copy its KV (target {SHARED_PREFILL_TARGET}); the requests "
+        "each compute it.",
+        [
+            (
+                f"llamacpp: first tokens of n={n} / of {n} requests",
+                f"{shared.together_s / shared.apart_s:.2f} "
+                f"({shared.together_s:.1f} / {shared.apart_s:.1f} s)",
+                SHARED_PREFILL_TARGET,
+            ),
+            (
+                "llamacpp: prompt tokens computed, n choices / n requests",
+                f"{shared.computed_together} / {shared.computed_apart}",
+                "",
+            ),
+        ],
+    )
+
+
 def _growth(run: MultiTurn) -> str:
     first, last = run.ttft(1), run.ttft(len(run.turns))
     return f"{last / first:.2f} ({first * 1000:.0f} -> {last * 1000:.0f} ms)"
@@ -417,13 +449,17 @@ def main() -> None:
     parser.add_argument(
         "section",
         nargs="?",
-        choices=["multiturn", "structured"],
+        choices=["multiturn", "structured", "choices"],
         help="measure this section alone and replace only it in docs/benchmarks.md",
     )
     args = parser.parse_args()
     provenance = Provenance.current()  # the tree as measured, before the bench writes anything
     if args.section is not None:
-        alone = {"multiturn": multi_turn_section, "structured": structured_section}
+        alone = {
+            "multiturn": multi_turn_section,
+            "structured": structured_section,
+            "choices": choices_section,
+        }
         write_report([alone[args.section]()], {}, provenance, whole=False)
         return
     cold, cached = time_engine_starts()
@@ -448,6 +484,7 @@ def main() -> None:
         sections.append(llamacpp_section(served))
     sections.append(multi_turn_section())
     sections.append(structured_section())
+    sections.append(choices_section())
     write_report(sections, served, provenance, whole=True)
 
 
