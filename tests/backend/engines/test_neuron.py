@@ -12,6 +12,7 @@ import asyncio
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,20 @@ async def test_batched_streams_equal_single_streams(engine: NeuronEngine) -> Non
     steps = engine.batcher.stats.decode_steps
     assert await asyncio.gather(*(reply(p) for p in prompts)) == alone
     assert engine.batcher.stats.decode_steps - steps < 3 * (GREEDY.max_tokens - 1)
+
+
+async def test_each_choice_is_encoded_into_its_own_slot(engine: NeuronEngine) -> None:
+    """The runner cannot copy a slot's cache, so `n` choices are `n` prompts: greedy, they
+    say what one request says."""
+    prompt = engine.encode_chat([{"role": "user", "content": "Hi"}])
+    alone = "".join([d.text async for d in engine.generate(prompt, GREEDY)])
+    stats = engine.batcher.stats
+    prefills, forks = stats.prefills, stats.forks
+    texts = ["", ""]
+    async for delta in engine.generate(prompt, replace(GREEDY, n=2)):
+        texts[delta.index] += delta.text
+    assert texts == [alone, alone]
+    assert (stats.prefills - prefills, stats.forks - forks) == (2, 0)
 
 
 def test_from_pretrained_gets_the_batch_size_of_the_shared_caches(
