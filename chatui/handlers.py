@@ -153,6 +153,7 @@ def tool_choice_update(tools: str, choice: str) -> dict[str, Any]:
 
 
 _STARTING = "🟡 Backend starting… (the model is loading)"
+_WAITING = "⏳ Waiting for the first token…"
 
 
 def status_markdown(status: BackendStatus) -> str:
@@ -217,7 +218,8 @@ class ChatHandlers:
         window = status.context_window or self.settings.default_context_window
         fitted = fit_context(to_openai(history, system_prompt), window, options.max_tokens)
         note = trim_note(fitted.dropped)
-        yield history, _lines("⏳ Waiting for the first token…", note)
+        waiting = "⏳ Waiting for the tool call (it comes whole)…" if request else _WAITING
+        yield history, _lines(waiting, note)
         answer, started, first_token_at = "", time.monotonic(), None
         calls: ToolCalls | None = None
         finished: Finished | None = None
@@ -229,8 +231,7 @@ class ChatHandlers:
                         answer += event.text
                         yield [*history, assistant_message(answer)], _lines("✍️ Writing…", note)
                     elif isinstance(event, ToolCalls):
-                        first_token_at = first_token_at or time.monotonic()
-                        calls = event
+                        calls = event  # whole at the end: no time to a first token, no rate
                     else:
                         finished = event
         except BackendError as exc:

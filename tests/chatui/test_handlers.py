@@ -245,12 +245,14 @@ async def test_a_tool_call_shows_when_it_comes_and_the_next_message_is_its_resul
     updates = await run(handlers, [user_message("Weather in Oslo?")], tools=tools)
     assert client.calls[0][1].tools == ToolRequest(tuple(TOOLS), "required")
     assert len(updates) == 2  # waiting, then the calls: they come whole at the end
+    assert updates[0][1] == "⏳ Waiting for the tool call (it comes whole)…"
     final, stats = updates[-1]
     assert final[1] == tool_call_message([WEATHER])
     assert text_of(final[1]["content"]) == (
         '🛠️ Tool call `get_weather`\n\n```json\n{\n  "city": "Oslo"\n}\n```'
     )
     assert "12 tokens" in stats and NEXT_IS_RESULT in stats
+    assert "to first token" not in stats and "tok/s" not in stats  # no stream to time
     await run(handlers, [*final, user_message("-3 °C")], tools=tools, tool_choice="get_weather")
     messages, options = client.calls[1]
     assert messages[2:] == [
