@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from chatui.clients import ChatClient, create_client
-from chatui.handlers import ChatHandlers, ExportFolder, control_updates
+from chatui.handlers import ChatHandlers, ExportFolder, control_updates, tool_choice_update
 from chatui.settings import ChatUISettings
+from chatui.tools import tool_choices
 
 EXAMPLES = [
     "Explain continuous batching for LLM serving in three sentences.",
@@ -30,6 +31,22 @@ CSS = """
 #stats { min-height: 1.5em; }
 """
 THEME = gr.themes.Soft()
+TOOLS_EXAMPLE = json.dumps(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "The weather in a city",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string"}},
+                    "required": ["city"],
+                },
+            },
+        }
+    ]
+)
 # The browser keeps saved chats under a fixed key and secret so that they survive restarts and
 # reach every replica; they are the user's own data in the user's own browser.
 STORAGE_KEY = "chatui-conversations"
@@ -113,6 +130,23 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
                 info="Each answer is one JSON object, shown as a code block when complete.",
                 elem_id="json-output",
             )
+            tools = gr.Textbox(
+                settings.tools,
+                label="Tools",
+                info="An OpenAI `tools` JSON list of functions: each answer is then a call of "
+                "one, and your next message is its result. Empty = a plain chat.",
+                placeholder=TOOLS_EXAMPLE,
+                lines=3,
+                max_lines=16,
+                elem_id="tools",
+            )
+            tool_choice = gr.Dropdown(
+                tool_choices(settings.tools) or [],
+                value=settings.tool_choice,
+                label="Tool choice",
+                info="`required`: any of the functions; or the one function to call.",
+                elem_id="tool-choice",
+            )
         timer = gr.Timer(settings.health_poll_interval_s)
 
         controls = [msg, send, stop, regenerate, undo]
@@ -123,7 +157,11 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
         def answer(start: Any) -> None:
             reply = start.then(
                 h.respond,
-                [chatbot, system_prompt, temperature, top_p, max_tokens, json_output],
+                [
+                    chatbot,
+                    *(system_prompt, temperature, top_p, max_tokens, json_output),
+                    *(tools, tool_choice),
+                ],
                 [chatbot, stats],
                 concurrency_limit=settings.concurrency_limit,
                 concurrency_id="chat",
@@ -173,6 +211,7 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
             view,
             api_visibility="private",
         )
+        tools.change(tool_choice_update, [tools, tool_choice], [tool_choice], **local)
         demo.load(h.conversation_list, [saved, conversation_id], [conversations], **local)
         gr.on([demo.load, timer.tick], h.status, None, [status], show_progress="hidden", **local)
         demo.unload(h.end_session)

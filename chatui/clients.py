@@ -6,8 +6,8 @@
     │                        carries the server's message and the status code
     ├── StreamInterrupted    the reply broke off: cut before its end, an error event mid-stream,
     │                        or data that cannot be read
-    └── UnsupportedOption    the selected API cannot honour an option (JSON output over `infer`);
-                             raised before any request is made
+    └── UnsupportedOption    the selected API cannot honour an option (JSON output or tools over
+                             `infer`); raised before any request is made
 
 Clients raise only these. httpx's exceptions are translated where they enter (`raise … from exc`),
 so callers never see a bare `httpx` exception.
@@ -20,14 +20,15 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from chatui.settings import ChatUISettings
+from chatui.tools import FunctionCall, ToolCall, ToolRequest
 
-Messages = Sequence[Mapping[str, str]]
+Messages = Sequence[Mapping[str, Any]]
 
 
 class BackendError(Exception):
@@ -64,6 +65,7 @@ class ChatOptions:
     top_p: float
     max_tokens: int
     json_output: bool = False  # the reply is one JSON object (the backend constrains it)
+    tools: ToolRequest | None = None  # the reply is a call of these functions
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,13 @@ class TextDelta:
 
 
 @dataclass(frozen=True)
+class ToolCalls:
+    """The calls the reply made, complete (sent once the stream has them all)."""
+
+    calls: tuple[ToolCall, ...]
+
+
+@dataclass(frozen=True)
 class Finished:
     """The last event of a reply: why it ended and, when the backend reports it, the usage."""
 
@@ -91,7 +100,7 @@ class Finished:
     usage: Usage | None = None
 
 
-StreamEvent = TextDelta | Finished
+StreamEvent = TextDelta | ToolCalls | Finished
 
 
 @dataclass(frozen=True)
@@ -126,7 +135,8 @@ class ChatClient(ABC):
     def stream_chat(
         self, messages: Messages, options: ChatOptions
     ) -> AsyncGenerator[StreamEvent, None]:
-        """Text deltas of the reply to `messages`, then one `Finished`; raises `BackendError`s."""
+        """Text deltas of the reply to `messages`, its `ToolCalls` if it made any, then one
+        `Finished`; raises `BackendError`s."""
 
     @abstractmethod
     async def health(self) -> BackendStatus:
@@ -205,11 +215,14 @@ class OpenAIClient(ChatClient):
         }
         if options.json_output:  # absent otherwise: a plain chat's request is unchanged
             body["response_format"] = {"type": "json_object"}
+        if options.tools:  # the same
+            body.update(options.tools.body())
         if self._model:
             body["model"] = self._model
         request = self._http.build_request("POST", "/v1/chat/completions", json=body)
         response = await self._send(request, stream=True)
         decoder = SSEDecoder()
+        calls = _CallsBuilder()
         finish_reason: str | None = None
         usage: Usage | None = None
         delivered = done = False
@@ -225,6 +238,7 @@ class OpenAIClient(ChatClient):
                         if choice.delta.content:
                             delivered = True
                             yield TextDelta(choice.delta.content)
+                        delivered = calls.add(choice.delta.tool_calls) or delivered
                         finish_reason = choice.finish_reason or finish_reason
                 if done:
                     break  # stop reading: the finally frees the connection at once
@@ -236,6 +250,8 @@ class OpenAIClient(ChatClient):
             await response.aclose()
         if finish_reason is None:
             raise StreamInterrupted("The backend closed the stream before the reply was finished.")
+        if made := calls.calls():
+            yield ToolCalls(made)
         yield Finished(finish_reason, usage)
 
     async def health(self) -> BackendStatus:
@@ -264,10 +280,11 @@ class InferClient(ChatClient):
         self, messages: Messages, options: ChatOptions
     ) -> AsyncGenerator[StreamEvent, None]:
         """One `TextDelta` with the whole reply, then `Finished("stop")`."""
-        if options.json_output:
+        option = "JSON output" if options.json_output else "Tools" if options.tools else None
+        if option:
             raise UnsupportedOption(
-                "JSON output needs the OpenAI API (CHATUI_BACKEND_API=openai): the blueprint's "
-                "GET /infer cannot constrain a reply to JSON."
+                f"{option} needs the OpenAI API (CHATUI_BACKEND_API=openai): the blueprint's "
+                "GET /infer cannot constrain a reply to JSON or ask for tool calls."
             )
         sentence = next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
         if sentence is None:
@@ -354,8 +371,20 @@ class SSEDecoder:
         return None  # comments, and the `event`/`id`/`retry` fields OpenAI streams do not use
 
 
+class _FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    function: _FunctionDelta = _FunctionDelta()
+
+
 class _Delta(BaseModel):
     content: str | None = None
+    tool_calls: list[_ToolCallDelta] | None = None
 
 
 class _Choice(BaseModel):
@@ -416,6 +445,34 @@ class _HealthReply(BaseModel):
 
     def message(self) -> str:
         return self.error
+
+
+class _CallsBuilder:
+    """Tool calls put together from their deltas. This backend sends each call whole in one
+    delta; OpenAI's servers send its id and name first, then its arguments in pieces."""
+
+    def __init__(self) -> None:
+        self._parts: dict[int, tuple[str, str, str]] = {}  # index -> (id, name, arguments)
+
+    def add(self, deltas: list[_ToolCallDelta] | None) -> bool:
+        """Add a chunk's call deltas; whether it had any."""
+        for delta in deltas or []:
+            call_id, name, arguments = self._parts.get(delta.index, ("", "", ""))
+            self._parts[delta.index] = (
+                delta.id or call_id,
+                delta.function.name or name,
+                arguments + (delta.function.arguments or ""),
+            )
+        return bool(deltas)
+
+    def calls(self) -> tuple[ToolCall, ...]:
+        """The complete calls, in their order."""
+        parts = [self._parts[index] for index in sorted(self._parts)]
+        if not all(call_id and name for call_id, name, _ in parts):
+            raise StreamInterrupted("The backend sent a tool call without an id or a name.")
+        return tuple(
+            ToolCall(id=i, function=FunctionCall(name=n, arguments=a)) for i, n, a in parts
+        )
 
 
 def _parse_chunk(payload: str) -> _Chunk:

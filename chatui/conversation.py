@@ -9,6 +9,12 @@ With JSON output on, a reply that parses is shown as a pretty-printed ```json bl
 and the exports get its text as it came. Gradio keeps only its own metadata keys through the
 browser and shows them only on titled messages, so that text rides in the metadata's `log`;
 `reply_text` reads it back.
+
+A reply that called tools is shown as each call's function name and pretty-printed arguments; the
+assistant message as it goes back to the backend (`tool_calls` with their ids, names and
+arguments as they came) rides in the metadata's `log` too, marked by the metadata `id`
+`tool_calls` (Gradio nests only titled messages by id). The user's next message is the calls'
+result (see `to_openai`).
 """
 
 from __future__ import annotations
@@ -21,15 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from chatui.tools import ToolCall
 
 History = list[dict[str, Any]]
-OpenAIMessage = dict[str, str]
+OpenAIMessage = dict[str, Any]
 
 # Chat templates wrap every message in a few tokens of markup (role tags, separators).
 MESSAGE_OVERHEAD_TOKENS = 8
 CHARS_PER_TOKEN = 3
 TITLE_CHARS = 48
+TOOL_CALLS = "tool_calls"  # the metadata id of a reply that called tools
+_CALLS = TypeAdapter(list[ToolCall])
 
 
 class ConversationImportError(ValueError):
@@ -64,16 +74,44 @@ def user_message(text: str) -> dict[str, Any]:
 def assistant_message(text: str, *, json_output: bool = False) -> dict[str, Any]:
     """An assistant message for the chat history; with `json_output`, a reply that parses as JSON
     is shown as a pretty-printed ```json block and keeps its own text (see `reply_text`)."""
-    if json_output:
-        try:
-            value = json.loads(text)
-        except (ValueError, RecursionError):
-            return _message("assistant", text)  # cut short, or not JSON: shown as it came
-        pretty = json.dumps(value, indent=2, ensure_ascii=False)
-        message = _message("assistant", fenced(pretty, "json"))
-        message["metadata"] = {"log": text}
-        return message
-    return _message("assistant", text)
+    pretty = _pretty_json(text) if json_output else None
+    if pretty is None:
+        return _message("assistant", text)  # cut short, or not JSON: shown as it came
+    message = _message("assistant", fenced(pretty, "json"))
+    message["metadata"] = {"log": text}
+    return message
+
+
+def tool_call_message(calls: Sequence[ToolCall], text: str = "") -> dict[str, Any]:
+    """An assistant message that called tools: shown as each call's function and arguments,
+    kept as it goes back to the backend (see `to_openai`)."""
+    sent = {
+        "role": "assistant",
+        "content": text or None,
+        "tool_calls": _CALLS.dump_python(list(calls)),
+    }
+    message = _message("assistant", calls_markdown(calls, text))
+    message["metadata"] = {"id": TOOL_CALLS, "log": json.dumps(sent, ensure_ascii=False)}
+    return message
+
+
+def calls_markdown(calls: Sequence[ToolCall], text: str = "") -> str:
+    """The reply's text, then each call: its function's name and its arguments as a code block
+    (pretty-printed JSON when they parse)."""
+    parts = [text] if text else []
+    for call in calls:
+        pretty = _pretty_json(call.function.arguments)
+        block = fenced(call.function.arguments) if pretty is None else fenced(pretty, "json")
+        parts.append(f"🛠️ Tool call `{call.function.name}`\n\n{block}")
+    return "\n\n".join(parts)
+
+
+def _pretty_json(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return json.dumps(value, indent=2, ensure_ascii=False)
 
 
 def fenced(text: str, language: str = "") -> str:
@@ -89,12 +127,37 @@ def is_json_reply(message: dict[str, Any]) -> bool:
     return (
         message.get("role") == "assistant"
         and not metadata.get("title")
+        and metadata.get("id") != TOOL_CALLS
         and isinstance(metadata.get("log"), str)
     )
 
 
+def is_tool_call(message: dict[str, Any]) -> bool:
+    """Whether `message` is a reply that called tools (see `tool_call_message`)."""
+    metadata = message.get("metadata") or {}
+    return (
+        message.get("role") == "assistant"
+        and metadata.get("id") == TOOL_CALLS
+        and isinstance(metadata.get("log"), str)
+    )
+
+
+def _sent(message: dict[str, Any]) -> OpenAIMessage:
+    """A tool-call message as it goes back to the backend."""
+    sent: OpenAIMessage = json.loads(message["metadata"]["log"])
+    return sent
+
+
+def tool_calls_of(message: dict[str, Any]) -> list[ToolCall]:
+    """The calls a message made, as they came; [] for any other message."""
+    return _CALLS.validate_python(_sent(message)["tool_calls"]) if is_tool_call(message) else []
+
+
 def reply_text(message: dict[str, Any]) -> str:
-    """A message's text as written: for a JSON reply, the reply as it came, not its display."""
+    """A message's text as written: for a JSON reply, the reply as it came, not its display;
+    for a tool call, the text beside its calls (usually none)."""
+    if is_tool_call(message):
+        return str(_sent(message)["content"] or "")
     if is_json_reply(message):
         return str(message["metadata"]["log"])
     return text_of(message.get("content"))
@@ -115,26 +178,63 @@ def to_openai(history: History, system_prompt: str) -> list[OpenAIMessage]:
 
     Notices and empty messages are left out; consecutive messages of one role (a question that
     got no answer, then another) are joined, because chat templates such as Mistral's require
-    strict alternation; assistant messages before the first user message are dropped.
+    strict alternation; assistant messages before the first user message are dropped. A reply
+    that called tools goes back with its `tool_calls`, and the user's message after it is the
+    result of each of its calls: one `tool` message per call, with that call's id.
     """
     messages: list[OpenAIMessage] = []
     if system_prompt.strip():
         messages.append({"role": "system", "content": system_prompt.strip()})
     for message in history:
-        role, text = message.get("role"), reply_text(message).strip()
-        if role not in ("user", "assistant") or is_notice(message) or not text:
+        sent = _to_send(message)
+        if sent is None:
             continue
-        previous = messages[-1]["role"] if messages else "system"
-        if role == previous:
-            messages[-1]["content"] += "\n\n" + text
-        elif role == "user" or previous != "system":
-            messages.append({"role": role, "content": text})
+        last = messages[-1] if messages else {"role": "system"}
+        if sent["role"] == "user" and (last["role"] == "tool" or last.get("tool_calls")):
+            _answer_calls(messages, sent["content"])
+        elif sent["role"] == last["role"]:
+            _join(last, sent)
+        elif sent["role"] == "user" or last["role"] != "system":
+            messages.append(sent)
     return messages
+
+
+def _to_send(message: dict[str, Any]) -> OpenAIMessage | None:
+    """A history message as the backend gets it; None for notices and empty messages."""
+    role = message.get("role")
+    if role not in ("user", "assistant") or is_notice(message):
+        return None
+    if is_tool_call(message):
+        return _sent(message)
+    text = reply_text(message).strip()
+    return {"role": role, "content": text} if text else None
+
+
+def _join(into: OpenAIMessage, message: OpenAIMessage) -> None:
+    texts = (into.get("content"), message.get("content"))
+    into["content"] = "\n\n".join(text for text in texts if text) or None
+    if message.get("tool_calls"):
+        into["tool_calls"] = [*(into.get("tool_calls") or []), *message["tool_calls"]]
+
+
+def _answer_calls(messages: list[OpenAIMessage], text: str) -> None:
+    """The user's text as the result of every call of the last reply; a second message before
+    the next reply (the first got an error) joins the results."""
+    last = messages[-1]
+    if last["role"] == "tool":
+        for message in reversed(messages):
+            if message["role"] != "tool":
+                break
+            _join(message, {"content": text})
+        return
+    for call in last["tool_calls"]:
+        messages.append({"role": "tool", "tool_call_id": call["id"], "content": text})
 
 
 def estimate_tokens(message: OpenAIMessage) -> int:
     """A deliberately high token estimate for one message (about 3 characters per token)."""
-    return math.ceil(len(message["content"]) / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
+    size = len(message.get("content") or "") + len(json.dumps(message.get("tool_calls") or ""))
+    return math.ceil(size / CHARS_PER_TOKEN) + MESSAGE_OVERHEAD_TOKENS
 
 
 @dataclass(frozen=True)
@@ -167,13 +267,14 @@ def fit_context(messages: list[OpenAIMessage], context_window: int, max_tokens: 
 
 class RecordMessage(BaseModel):
     """One message of an exported conversation; `notice` holds a notice's title, `json_reply`
-    marks a JSON reply (its text as it came; written only when true, so plain chats export as
-    they always did)."""
+    marks a JSON reply (its text as it came), `tool_calls` the calls of a reply that called
+    tools (these two written only when set, so plain chats export as they always did)."""
 
     role: Literal["user", "assistant"]
     content: str
     notice: str | None = None
     json_reply: bool = Field(False, exclude_if=lambda value: not value)
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=lambda value: value is None)
 
 
 class ConversationRecord(BaseModel):
@@ -207,6 +308,7 @@ def to_record(history: History, title: str, system_prompt: str) -> ConversationR
             content=reply_text(m),
             notice=(m.get("metadata") or {}).get("title") or None,
             json_reply=is_json_reply(m),
+            tool_calls=tool_calls_of(m) or None,
         )
         for m in history
         if m.get("role") in ("user", "assistant")
@@ -216,12 +318,15 @@ def to_record(history: History, title: str, system_prompt: str) -> ConversationR
 
 def to_history(record: ConversationRecord) -> History:
     """The chat history of a record."""
-    return [
-        assistant_message(m.content, json_output=True)
-        if m.json_reply and m.role == "assistant" and not m.notice
-        else _message(m.role, m.content, m.notice)
-        for m in record.messages
-    ]
+    return [_from_record(m) for m in record.messages]
+
+
+def _from_record(message: RecordMessage) -> dict[str, Any]:
+    if message.role != "assistant" or message.notice:
+        return _message(message.role, message.content, message.notice)
+    if message.tool_calls:
+        return tool_call_message(message.tool_calls, message.content)
+    return assistant_message(message.content, json_output=message.json_reply)
 
 
 def export_json(record: ConversationRecord) -> str:
@@ -252,7 +357,11 @@ def export_markdown(record: ConversationRecord) -> str:
             parts.append(f"> **{message.notice}**\n>\n> {quoted}")
         else:
             speaker = "You" if message.role == "user" else "Assistant"
-            text = fenced(message.content, "json") if message.json_reply else message.content
+            text = message.content
+            if message.tool_calls:
+                text = calls_markdown(message.tool_calls, message.content)
+            elif message.json_reply:
+                text = fenced(message.content, "json")
             parts.append(f"### {speaker}\n\n{text}")
     return "\n\n".join(parts) + "\n"
 

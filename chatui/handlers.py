@@ -29,6 +29,7 @@ from chatui.clients import (
     ChatOptions,
     Finished,
     TextDelta,
+    ToolCalls,
     UnsupportedOption,
 )
 from chatui.conversation import (
@@ -55,12 +56,16 @@ from chatui.conversation import (
     to_history,
     to_openai,
     to_record,
+    tool_call_message,
     trim_note,
     user_message,
 )
 from chatui.settings import ChatUISettings
+from chatui.tools import REQUIRED, ToolsError, tool_choices, tool_request
 
 SKIP: dict[str, Any] = gr.skip()
+# Under a reply that called tools (see `chatui.conversation.to_openai`).
+NEXT_IS_RESULT = "↩️ Your next message is sent as the result of the tool call."
 
 
 class HealthMonitor:
@@ -130,7 +135,25 @@ def notice_for(error: BackendError) -> dict[str, Any]:
     return notice_message(title, f"{error}\n\n{advice}")
 
 
+def tools_notice(error: ToolsError) -> dict[str, Any]:
+    """The chat notice for a Tools setting that cannot be sent."""
+    advice = (
+        "The conversation is kept: fix Tools or the tool choice in Settings, then press Regenerate."
+    )
+    return notice_message("⚠️ Tools setting not usable", f"{error}\n\n{advice}")
+
+
+def tool_choice_update(tools: str, choice: str) -> dict[str, Any]:
+    """The tool choice control for the Tools box: `required` and each function's name, the
+    choice kept while it is still one of them; unchanged while the box cannot be read."""
+    names = tool_choices(tools)
+    if names is None:
+        return SKIP
+    return gr.update(choices=names, value=choice if choice in names else REQUIRED)
+
+
 _STARTING = "🟡 Backend starting… (the model is loading)"
+_WAITING = "⏳ Waiting for the first token…"
 
 
 def status_markdown(status: BackendStatus) -> str:
@@ -176,19 +199,29 @@ class ChatHandlers:
         top_p: float,
         max_tokens: float,
         json_output: bool,
+        tools: str,
+        tool_choice: str,
     ) -> AsyncGenerator[tuple[Any, Any], None]:
         """Stream the answer to the history's last user message: yields (history, stats).
-        A JSON reply streams as it comes and is shown as a code block once complete."""
+        A JSON reply streams as it comes and is shown as a code block once complete; a reply
+        that calls tools shows its calls when they come (at its end)."""
         if not history or history[-1]["role"] != "user":
             yield SKIP, SKIP  # nothing to answer (e.g. an empty message was submitted)
             return
-        options = ChatOptions(temperature, top_p, int(max_tokens), json_output)
+        try:
+            request = tool_request(tools, tool_choice, json_output=json_output)
+        except ToolsError as exc:
+            yield [*history, tools_notice(exc)], ""
+            return
+        options = ChatOptions(temperature, top_p, int(max_tokens), json_output, request)
         status = await self.monitor.status()
         window = status.context_window or self.settings.default_context_window
         fitted = fit_context(to_openai(history, system_prompt), window, options.max_tokens)
         note = trim_note(fitted.dropped)
-        yield history, _lines("⏳ Waiting for the first token…", note)
+        waiting = "⏳ Waiting for the tool call (it comes whole)…" if request else _WAITING
+        yield history, _lines(waiting, note)
         answer, started, first_token_at = "", time.monotonic(), None
+        calls: ToolCalls | None = None
         finished: Finished | None = None
         try:
             async with aclosing(self.client.stream_chat(fitted.messages, options)) as events:
@@ -197,6 +230,8 @@ class ChatHandlers:
                         first_token_at = first_token_at or time.monotonic()
                         answer += event.text
                         yield [*history, assistant_message(answer)], _lines("✍️ Writing…", note)
+                    elif isinstance(event, ToolCalls):
+                        calls = event  # whole at the end: no time to a first token, no rate
                     else:
                         finished = event
         except BackendError as exc:
@@ -212,6 +247,10 @@ class ChatHandlers:
             prompt_tokens=finished.usage.prompt_tokens if finished.usage else None,
             cached_tokens=finished.usage.cached_tokens if finished.usage else 0,
         )
+        if calls:
+            called = tool_call_message(calls.calls, answer)
+            yield [*history, called], _lines(stats.to_markdown(), NEXT_IS_RESULT, note)
+            return
         reply = [assistant_message(answer, json_output=json_output)] if answer else []
         yield [*history, *reply], _lines(stats.to_markdown(), note)
 
@@ -352,6 +391,9 @@ class ChatHandlers:
             self.settings.top_p if top_p is None else top_p,
             self.settings.max_tokens if max_tokens is None else max_tokens,
             self.settings.json_output if json_output is None else json_output,
+            # No tools: the API's {role, content} history has no place for a turn's calls.
+            "",
+            REQUIRED,
         ):
             result = update
         last = result[-1]

@@ -9,6 +9,8 @@ import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chatui.tools import REQUIRED, ToolsError, tool_request
+
 ENV_PREFIX = "CHATUI_"
 
 
@@ -72,6 +74,16 @@ class ChatUISettings(BaseSettings):
         False,
         description="Default of the JSON output toggle (editable in the UI): ask for replies "
         "that are one JSON object (`response_format` `json_object`); needs the `openai` API.",
+    )
+    tools: str = Field(
+        "",
+        description="Default of the Tools box (editable in the UI): an OpenAI `tools` JSON list "
+        "of function definitions; empty = a plain chat; needs the `openai` API.",
+    )
+    tool_choice: str = Field(
+        REQUIRED,
+        description="Default tool choice (editable in the UI): `required` (any of the "
+        "functions) or the name of one function of CHATUI_TOOLS.",
     )
     health_poll_interval_s: float = Field(
         5.0, ge=0.5, description="Seconds between two backend health checks (the status line)."
@@ -142,6 +154,21 @@ class ChatUISettings(BaseSettings):
             raise ValueError(
                 f"{ENV_PREFIX}JSON_OUTPUT needs {ENV_PREFIX}BACKEND_API=openai: the `infer` API "
                 "cannot constrain a reply to JSON; unset the first or change the second"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _tools_can_be_sent(self) -> ChatUISettings:
+        try:
+            tools = tool_request(self.tools, self.tool_choice, json_output=self.json_output)
+        except ToolsError as exc:
+            raise ValueError(f"{ENV_PREFIX}TOOLS or {ENV_PREFIX}TOOL_CHOICE: {exc}") from exc
+        if tools is None and self.tool_choice != REQUIRED:
+            raise ValueError(f"{ENV_PREFIX}TOOL_CHOICE names a function: set {ENV_PREFIX}TOOLS")
+        if tools is not None and self.backend_api != "openai":
+            raise ValueError(
+                f"{ENV_PREFIX}TOOLS needs {ENV_PREFIX}BACKEND_API=openai: the `infer` API cannot "
+                "ask for tool calls; unset the first or change the second"
             )
         return self
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -29,7 +30,7 @@ class ScriptedClient(ChatClient):
         super().__init__("http://scripted.test", timeout=httpx.Timeout(1.0))
         self.status = status or BackendStatus("ready", "scripted-model", 4096)
         self.replies: deque[list[Step]] = deque()
-        self.calls: list[tuple[list[dict[str, str]], ChatOptions]] = []
+        self.calls: list[tuple[list[dict[str, Any]], ChatOptions]] = []
         self.closed = 0
         self.step_delay_s = 0.0
 

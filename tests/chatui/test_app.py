@@ -65,6 +65,36 @@ def test_settings_offer_a_json_output_toggle_that_every_reply_reads(
     assert len(replies) == 4 and all(toggle["id"] in d["inputs"] for d in replies)
 
 
+def test_settings_offer_tools_and_a_tool_choice_that_every_reply_reads(
+    client: ScriptedClient,
+) -> None:
+    tools = '[{"type": "function", "function": {"name": "get_weather"}}]'
+    settings = ChatUISettings(tools=tools, tool_choice="get_weather")
+    config = build_app(settings, client).get_config_file()
+    box, choice = components(config)["tools"], components(config)["tool-choice"]
+    assert box["type"] == "textbox" and box["props"]["value"] == tools
+    assert box["props"]["label"] == "Tools"
+    assert choice["type"] == "dropdown" and choice["props"]["value"] == "get_weather"
+    assert [c[0] for c in choice["props"]["choices"]] == ["required", "get_weather"]
+    replies = [d for d in config["dependencies"] if str(d["api_name"]).startswith("respond")]
+    assert len(replies) == 4
+    assert all({box["id"], choice["id"]} <= set(d["inputs"]) for d in replies)
+    follows = [
+        d
+        for d in config["dependencies"]
+        if [tuple(t) for t in d["targets"]] == [(box["id"], "change")]
+    ]
+    assert [(d["inputs"], d["outputs"]) for d in follows] == [
+        ([box["id"], choice["id"]], [choice["id"]])
+    ]
+
+
+def test_without_tools_the_choice_is_required(config: dict[str, Any]) -> None:
+    choice = components(config)["tool-choice"]["props"]
+    assert components(config)["tools"]["props"]["value"] == ""
+    assert choice["value"] == "required" and [c[0] for c in choice["choices"]] == ["required"]
+
+
 def test_only_the_chat_endpoint_is_public(settings: ChatUISettings, client: ScriptedClient) -> None:
     api = build_app(settings, client).get_api_info()
     assert list(api["named_endpoints"]) == ["/chat"]

@@ -24,11 +24,13 @@ from chatui.clients import (
     SSEDecoder,
     StreamInterrupted,
     TextDelta,
+    ToolCalls,
     UnsupportedOption,
     Usage,
     create_client,
 )
 from chatui.settings import ChatUISettings
+from chatui.tools import FunctionCall, ToolCall, ToolRequest
 
 BASE = "http://backend.test"
 CHAT = "/v1/chat/completions"
@@ -166,6 +168,111 @@ async def test_json_output_asks_for_a_json_object_and_a_plain_chat_does_not(
         "max_tokens",
     }
     assert constrained == {**plain, "response_format": {"type": "json_object"}}
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {}}}
+TOOLS = ToolRequest((WEATHER,), "required")
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}
+
+
+def tool_call(index: int, arguments: str, **fields: Any) -> dict[str, Any]:
+    """One call of a stream chunk's `tool_calls`."""
+    return {
+        "index": index,
+        **fields,
+        "function": {**fields.get("function", {}), "arguments": arguments},
+    }
+
+
+@pytest.mark.parametrize("choice", ["required", "get_weather"])
+async def test_tools_ask_for_a_call_and_a_plain_chat_does_not(
+    router: respx.Router, choice: str
+) -> None:
+    route = router.post(CHAT)
+    route.side_effect = lambda _: stream_response(ChunkedStream([full_reply()]))
+    client = make_client(router)
+    await collect(client)
+    plain = json.loads(route.calls.last.request.content)
+    await collect(client, options=replace(OPTIONS, tools=ToolRequest((WEATHER,), choice)))
+    calling = json.loads(route.calls.last.request.content)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert "tools" not in plain and "tool_choice" not in plain
+    assert calling == {
+        **plain,
+        "tools": [WEATHER],
+        "tool_choice": "required" if choice == "required" else named,
+    }
+
+
+async def test_calls_sent_whole_in_one_delta_come_before_finished(router: respx.Router) -> None:
+    # As this backend streams them: the role, then every call whole, then `tool_calls`.
+    calls = [
+        {"index": 0, **CALL, "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {
+            "index": 1,
+            "id": "call_2",
+            "type": "function",
+            "function": {"name": "get_time", "arguments": "{}"},
+        },
+    ]
+    body = sse_body(
+        chunk({"role": "assistant", "content": ""}),
+        chunk({"tool_calls": calls}),
+        chunk({}, "tool_calls"),
+        {"choices": [], "usage": USAGE},
+        "[DONE]",
+    )
+    router.post(CHAT).mock(return_value=stream_response(ChunkedStream([body])))
+    events, error = await collect(make_client(router), options=replace(OPTIONS, tools=TOOLS))
+    assert error is None
+    assert events == [
+        ToolCalls(
+            (
+                ToolCall(
+                    id="call_1",
+                    function=FunctionCall(name="get_weather", arguments='{"city": "Oslo"}'),
+                ),
+                ToolCall(id="call_2", function=FunctionCall(name="get_time", arguments="{}")),
+            )
+        ),
+        Finished("tool_calls", Usage(5, 3, 8, cached_tokens=4)),
+    ]
+
+
+async def test_calls_streamed_in_pieces_are_put_together(router: respx.Router) -> None:
+    # As OpenAI streams them: id and name first, then the arguments in pieces, calls interleaved.
+    body = sse_body(
+        chunk({"role": "assistant", "tool_calls": [tool_call(0, "", **CALL)]}),
+        chunk({"tool_calls": [tool_call(0, '{"ci')]}),
+        chunk({"tool_calls": [tool_call(1, "", id="call_2", function={"name": "get_time"})]}),
+        chunk({"tool_calls": [tool_call(0, 'ty": "Oslo"}'), tool_call(1, "{}")]}),
+        chunk({}, "tool_calls"),
+        "[DONE]",
+    )
+    router.post(CHAT).mock(return_value=stream_response(ChunkedStream([body])))
+    events, error = await collect(make_client(router), options=replace(OPTIONS, tools=TOOLS))
+    assert error is None and isinstance(events[0], ToolCalls)
+    assert [(c.id, c.function.name, c.function.arguments) for c in events[0].calls] == [
+        ("call_1", "get_weather", '{"city": "Oslo"}'),
+        ("call_2", "get_time", "{}"),
+    ]
+
+
+async def test_a_call_without_an_id_is_an_interruption(router: respx.Router) -> None:
+    named = tool_call(0, "{}", function={"name": "get_weather"})
+    body = sse_body(chunk({"tool_calls": [named]}), chunk({}, "tool_calls"), "[DONE]")
+    router.post(CHAT).mock(return_value=stream_response(ChunkedStream([body])))
+    events, error = await collect(make_client(router), options=replace(OPTIONS, tools=TOOLS))
+    assert events == [] and isinstance(error, StreamInterrupted)
+    assert "a tool call without an id or a name" in str(error)
+
+
+async def test_a_cut_after_a_call_began_interrupts_the_reply(router: respx.Router) -> None:
+    body = sse_body(chunk({"tool_calls": [tool_call(0, '{"ci', **CALL)]}))
+    stream = ChunkedStream([body], error=httpx.ReadError("reset"))
+    router.post(CHAT).mock(return_value=stream_response(stream))
+    events, error = await collect(make_client(router), options=replace(OPTIONS, tools=TOOLS))
+    assert events == [] and isinstance(error, StreamInterrupted) and stream.closed
 
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
@@ -462,6 +569,15 @@ async def test_infer_client_refuses_json_output_before_any_request(router: respx
     events, error = await collect(client, options=replace(OPTIONS, json_output=True))
     assert events == [] and isinstance(error, UnsupportedOption)
     assert "CHATUI_BACKEND_API=openai" in str(error) and "JSON" in str(error)
+    assert not route.called
+
+
+async def test_infer_client_refuses_tools_before_any_request(router: respx.Router) -> None:
+    route = router.get("/infer").mock(return_value=httpx.Response(200, json=["{}"]))
+    client = make_client(router, InferClient)
+    events, error = await collect(client, options=replace(OPTIONS, tools=TOOLS))
+    assert events == [] and isinstance(error, UnsupportedOption)
+    assert str(error).startswith("Tools needs the OpenAI API (CHATUI_BACKEND_API=openai)")
     assert not route.called
 
 

@@ -11,6 +11,7 @@ from chatui.conversation import (
     AnswerStats,
     ConversationImportError,
     assistant_message,
+    calls_markdown,
     choices,
     dump_saved,
     estimate_tokens,
@@ -22,6 +23,7 @@ from chatui.conversation import (
     import_json,
     is_json_reply,
     is_notice,
+    is_tool_call,
     load_saved,
     notice_message,
     reply_text,
@@ -31,9 +33,12 @@ from chatui.conversation import (
     to_history,
     to_openai,
     to_record,
+    tool_call_message,
+    tool_calls_of,
     trim_note,
     user_message,
 )
+from chatui.tools import FunctionCall, ToolCall
 
 # A JSON reply as a model writes it: compact, a non-ASCII character, backticks in a string.
 RAW_JSON = '{"city":"Zürich","note":"```x```", "tags":[1,2]}'
@@ -146,6 +151,93 @@ def test_fences_outgrow_the_backticks_of_the_text() -> None:
     assert fenced("a ````` b", "json") == "``````json\na ````` b\n``````"
 
 
+def call(call_id: str, name: str, arguments: str) -> ToolCall:
+    return ToolCall(id=call_id, function=FunctionCall(name=name, arguments=arguments))
+
+
+# Calls as a backend sends them: compact arguments, non-ASCII; arguments a model cut short.
+WEATHER = call("call_a1", "get_weather", '{"city":"Zürich","days":[1,2]}')
+TIME = call("call_b2", "get_time", '{"zone": "CET"')
+
+
+def wire(*calls: ToolCall) -> list[dict[str, object]]:
+    """The calls in OpenAI's wire format, arguments as they came."""
+    return [
+        {
+            "id": c.id,
+            "type": "function",
+            "function": {"name": c.function.name, "arguments": c.function.arguments},
+        }
+        for c in calls
+    ]
+
+
+def test_a_tool_call_shows_each_function_and_its_arguments_as_a_block() -> None:
+    message = tool_call_message([WEATHER, TIME])
+    shown = text_of(message["content"])
+    assert shown == (
+        "🛠️ Tool call `get_weather`\n\n```json\n"
+        '{\n  "city": "Zürich",\n  "days": [\n    1,\n    2\n  ]\n}\n```'
+        '\n\n🛠️ Tool call `get_time`\n\n```\n{"zone": "CET"\n```'  # not JSON: shown as it came
+    )
+    assert is_tool_call(message) and not is_json_reply(message) and not is_notice(message)
+    assert tool_calls_of(message) == [WEATHER, TIME] and reply_text(message) == ""
+    assert calls_markdown([WEATHER], "Let me look.").startswith("Let me look.\n\n🛠️")
+
+
+def test_a_tool_call_goes_back_as_it_came_and_the_next_message_is_its_result() -> None:
+    history = [
+        user_message("Weather and time in Zürich?"),
+        tool_call_message([WEATHER, TIME]),
+        user_message("  18 °C, 14:00  "),
+        tool_call_message([WEATHER], "Once more."),
+        user_message("19 °C"),
+        notice_message("⚠️ Answer cut off", "stream cut"),
+        user_message("19 °C, sunny"),
+    ]
+    assert to_openai(history, "Be brief.") == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather and time in Zürich?"},
+        {"role": "assistant", "content": None, "tool_calls": wire(WEATHER, TIME)},
+        {"role": "tool", "tool_call_id": "call_a1", "content": "18 °C, 14:00"},
+        {"role": "tool", "tool_call_id": "call_b2", "content": "18 °C, 14:00"},
+        {"role": "assistant", "content": "Once more.", "tool_calls": wire(WEATHER)},
+        # A second message before the next reply (the first got an error) joins the result.
+        {"role": "tool", "tool_call_id": "call_a1", "content": "19 °C\n\n19 °C, sunny"},
+    ]
+
+
+def test_after_the_results_the_conversation_goes_on_as_usual() -> None:
+    history = [
+        user_message("Weather?"),
+        tool_call_message([WEATHER]),
+        user_message("18 °C"),
+        assistant_message("It is 18 °C in Zürich."),
+        user_message("Thanks"),
+    ]
+    assert [m["role"] for m in to_openai(history, "")] == [
+        "user",
+        "assistant",
+        "tool",
+        "assistant",
+        "user",
+    ]
+
+
+def test_a_tool_call_survives_the_browser_round_trip() -> None:
+    chatbot = gr.Chatbot()
+    history = [user_message("q"), tool_call_message([WEATHER]), user_message("18 °C")]
+    payload = chatbot.data_model.model_validate(chatbot.postprocess(history).model_dump())
+    back = chatbot.preprocess(payload)
+    assert to_openai(back, "") == to_openai(history, "")
+    assert tool_calls_of(back[1]) == [WEATHER] and not is_notice(back[1])
+
+
+def test_calls_count_towards_the_context_window() -> None:
+    sent = to_openai([user_message("q"), tool_call_message([WEATHER])], "")[1]
+    assert estimate_tokens(sent) >= len(json.dumps(sent["tool_calls"])) / 3
+
+
 def conversation(turns: int, chars: int = 300) -> list[dict[str, str]]:
     """System prompt, `turns` question/answer pairs, and a final question."""
     messages = [{"role": "system", "content": "S" * 30}]
@@ -236,6 +328,25 @@ def test_exports_keep_a_json_reply_as_it_came_and_reopen_it_as_a_code_block() ->
     saved, _ = save([], record, None)
     assert to_history(load_saved(json.loads(json.dumps(dump_saved(saved))))[0]) == history
     assert f"### Assistant\n\n````json\n{RAW_JSON}\n````" in export_markdown(record)
+
+
+def test_exports_keep_the_calls_as_they_came_and_reopen_them_readable() -> None:
+    history = [user_message("Weather?"), tool_call_message([WEATHER, TIME]), user_message("18")]
+    record = to_record(history, "Weather", "")
+    exported = json.loads(export_json(record))
+    assert exported["messages"][1] == {
+        "role": "assistant",
+        "content": "",
+        "notice": None,
+        "tool_calls": wire(WEATHER, TIME),
+    }
+    restored = import_json(export_json(record))
+    assert to_history(restored) == history
+    saved, _ = save([], record, None)
+    assert to_history(load_saved(json.loads(json.dumps(dump_saved(saved))))[0]) == history
+    assert f"### Assistant\n\n{calls_markdown([WEATHER, TIME])}\n\n### You" in export_markdown(
+        record
+    )
 
 
 def test_a_plain_chat_exports_as_it_always_did() -> None:

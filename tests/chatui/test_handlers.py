@@ -19,6 +19,8 @@ from chatui.clients import (
     InferClient,
     StreamInterrupted,
     TextDelta,
+    ToolCalls,
+    Usage,
 )
 from chatui.conversation import (
     assistant_message,
@@ -29,13 +31,27 @@ from chatui.conversation import (
     reply_text,
     text_of,
     to_record,
+    tool_call_message,
+    tool_calls_of,
     user_message,
 )
-from chatui.handlers import SKIP, ChatHandlers, ExportFolder, status_markdown
+from chatui.handlers import (
+    NEXT_IS_RESULT,
+    SKIP,
+    ChatHandlers,
+    ExportFolder,
+    status_markdown,
+    tool_choice_update,
+)
 from chatui.settings import ChatUISettings
+from chatui.tools import FunctionCall, ToolCall, ToolRequest
 from tests.chatui.fakes import ScriptedClient
 
 SYSTEM = "Be brief."
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+WEATHER = ToolCall(
+    id="call_1", function=FunctionCall(name="get_weather", arguments='{"city":"Oslo"}')
+)
 
 
 @pytest.fixture
@@ -56,9 +72,13 @@ async def run(
     history: list[dict[str, Any]],
     max_tokens: float = 128,
     json_output: bool = False,
+    tools: str = "",
+    tool_choice: str = "required",
 ) -> list[tuple[Any, Any]]:
     """Every (history, stats) update of one reply."""
-    updates = handlers.respond(history, SYSTEM, 0.2, 0.9, max_tokens, json_output)
+    updates = handlers.respond(
+        history, SYSTEM, 0.2, 0.9, max_tokens, json_output, tools, tool_choice
+    )
     return [u async for u in updates]
 
 
@@ -186,7 +206,7 @@ async def test_without_json_output_nothing_changes(
 ) -> None:
     client.enqueue_text('{"a": 1}')
     final, _ = (await run(handlers, [user_message("q")]))[-1]
-    assert client.calls[0][1].json_output is False
+    assert client.calls[0][1].json_output is False and client.calls[0][1].tools is None
     assert final[-1] == assistant_message('{"a": 1}')
 
 
@@ -214,6 +234,86 @@ async def test_json_output_over_the_infer_api_is_a_notice_and_nothing_is_sent(
     assert all(r.url.path != "/infer" for r in requests)  # health checks only
     final, _ = (await run(handlers, history))[-1]  # unticked, the same question is answered
     assert texts(final)[-1] == ("assistant", "not JSON")
+
+
+async def test_a_tool_call_shows_when_it_comes_and_the_next_message_is_its_result(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    usage = Usage(prompt_tokens=50, completion_tokens=12, total_tokens=62)
+    client.enqueue(ToolCalls((WEATHER,)), Finished("tool_calls", usage))
+    tools = json.dumps(TOOLS)
+    updates = await run(handlers, [user_message("Weather in Oslo?")], tools=tools)
+    assert client.calls[0][1].tools == ToolRequest(tuple(TOOLS), "required")
+    assert len(updates) == 2  # waiting, then the calls: they come whole at the end
+    assert updates[0][1] == "⏳ Waiting for the tool call (it comes whole)…"
+    final, stats = updates[-1]
+    assert final[1] == tool_call_message([WEATHER])
+    assert text_of(final[1]["content"]) == (
+        '🛠️ Tool call `get_weather`\n\n```json\n{\n  "city": "Oslo"\n}\n```'
+    )
+    assert "12 tokens" in stats and NEXT_IS_RESULT in stats
+    assert "to first token" not in stats and "tok/s" not in stats  # no stream to time
+    await run(handlers, [*final, user_message("-3 °C")], tools=tools, tool_choice="get_weather")
+    messages, options = client.calls[1]
+    assert messages[2:] == [
+        {"role": "assistant", "content": None, "tool_calls": [WEATHER.model_dump()]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "-3 °C"},
+    ]
+    assert options.tools == ToolRequest(tuple(TOOLS), "get_weather")
+
+
+async def test_a_call_cut_at_max_tokens_shows_as_text(
+    handlers: ChatHandlers, client: ScriptedClient
+) -> None:
+    # The backend sends what the calls got to as text when max_tokens cuts them.
+    client.enqueue(TextDelta('{"tool_calls": [{"name": "get_w'), Finished("length"))
+    final, stats = (await run(handlers, [user_message("q")], tools=json.dumps(TOOLS)))[-1]
+    assert final[-1] == assistant_message('{"tool_calls": [{"name": "get_w')
+    assert "max tokens limit" in stats and NEXT_IS_RESULT not in stats
+
+
+@pytest.mark.parametrize(
+    ("tools", "tool_choice", "json_output", "says"),
+    [
+        ('[{"type": "function", ', "required", False, "Tools is not valid JSON"),
+        ('{"type": "function"}', "required", False, "Tools must be a JSON list of"),
+        (json.dumps(TOOLS), "get_news", False, "'get_news' is not a function of Tools"),
+        (json.dumps(TOOLS), "required", True, "JSON output and tools cannot be combined"),
+    ],
+)
+async def test_tools_that_cannot_be_sent_are_a_notice_and_nothing_is_sent(
+    handlers: ChatHandlers,
+    client: ScriptedClient,
+    tools: str,
+    tool_choice: str,
+    json_output: bool,
+    says: str,
+) -> None:
+    history = [user_message("one"), assistant_message("1"), user_message("two")]
+    updates = await run(
+        handlers, history, json_output=json_output, tools=tools, tool_choice=tool_choice
+    )
+    final, _ = updates[-1]
+    assert client.calls == [] and final[:3] == history and is_notice(final[3])
+    assert final[3]["metadata"]["title"] == "⚠️ Tools setting not usable"
+    assert says in text_of(final[3]["content"]) and "then press Regenerate" in text_of(
+        final[3]["content"]
+    )
+    final, _ = (await run(handlers, history))[-1]  # with Tools emptied, the same question goes
+    assert texts(final)[-1] == ("assistant", "ok") and client.calls[0][1].tools is None
+
+
+def test_the_tool_choice_follows_the_tools_box() -> None:
+    two = json.dumps([*TOOLS, {"type": "function", "function": {"name": "get_time"}}])
+    update = tool_choice_update(two, "required")
+    assert (update["choices"], update["value"]) == (
+        ["required", "get_weather", "get_time"],
+        "required",
+    )
+    assert tool_choice_update(two, "get_time")["value"] == "get_time"  # still defined: kept
+    assert tool_choice_update(json.dumps(TOOLS), "get_time")["value"] == "required"
+    assert tool_choice_update("", "get_time")["choices"] == ["required"]
+    assert tool_choice_update('[{"type": "func', "get_time") is SKIP  # while typing
 
 
 async def test_other_exceptions_propagate(handlers: ChatHandlers, client: ScriptedClient) -> None:
@@ -256,7 +356,7 @@ async def test_stopping_closes_the_backend_stream(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue_text(*["word "] * 100)
-    updates = handlers.respond([user_message("long")], SYSTEM, 0.7, 0.9, 512, False)
+    updates = handlers.respond([user_message("long")], SYSTEM, 0.7, 0.9, 512, False, "", "required")
     await anext(updates)  # "waiting for the first token"
     await anext(updates)  # the first words: the stream is open and `respond` waits at a yield
     # Stop makes Gradio close the callback's generator (`queueing.reset_iterators` awaits
@@ -337,6 +437,15 @@ def test_a_saved_json_reply_keeps_its_text_and_reopens_as_a_code_block(
     assert json.loads(Path(js["value"]).read_text())["messages"][1]["content"] == '{"a":1}'
     reopened, *_ = handlers.open_conversation(conversation_id, saved)
     assert reopened == history and reply_text(reopened[1]) == '{"a":1}'
+
+
+def test_a_saved_tool_call_keeps_its_calls_and_reopens_readable(handlers: ChatHandlers) -> None:
+    history = [user_message("q"), tool_call_message([WEATHER])]
+    conversation_id, saved, _, _, _, _, js, *_ = handlers.finish_turn(history, None, [], SYSTEM)
+    exported = json.loads(Path(js["value"]).read_text())["messages"][1]
+    assert exported["tool_calls"] == [WEATHER.model_dump()]
+    reopened, *_ = handlers.open_conversation(conversation_id, saved)
+    assert reopened == history and tool_calls_of(reopened[1]) == [WEATHER]
 
 
 def test_finish_turn_without_messages_saves_nothing(handlers: ChatHandlers) -> None:
@@ -452,6 +561,15 @@ async def test_chat_api_json_output_returns_the_reply_as_written(
     await handlers.chat("Again", result["history"])
     assert client.calls[1][1].json_output is False  # the setting's default
     assert client.calls[1][0][2]["content"] == '{"capital":"Paris"}'
+
+
+async def test_chat_api_is_a_plain_chat_whatever_the_tools_setting(
+    client: ScriptedClient, tmp_path: Path
+) -> None:
+    settings = ChatUISettings(tools=json.dumps(TOOLS))
+    handlers = ChatHandlers(settings, client, ExportFolder(tmp_path))
+    await handlers.chat("Weather in Oslo?")
+    assert client.calls[0][1].tools is None
 
 
 async def test_chat_api_raises_backend_errors_and_bad_input(

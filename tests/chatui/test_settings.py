@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,41 @@ def test_all_errors_are_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
         load_settings()
     message = str(info.value)
     assert "CHATUI_PORT" in message and "CHATUI_TOP_P" in message
+
+
+WEATHER = '[{"type": "function", "function": {"name": "get_weather"}}]'
+
+
+def test_tools_default_to_none_and_a_named_choice_must_be_defined(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = load_settings()
+    assert (settings.tools, settings.tool_choice) == ("", "required")  # a plain chat
+    monkeypatch.setenv("CHATUI_TOOLS", WEATHER)
+    monkeypatch.setenv("CHATUI_TOOL_CHOICE", "get_weather")
+    assert (load_settings().tools, load_settings().tool_choice) == (WEATHER, "get_weather")
+    monkeypatch.setenv("CHATUI_TOOL_CHOICE", "get_news")
+    with pytest.raises(SettingsError, match="'get_news' is not a function of Tools"):
+        load_settings()
+    monkeypatch.delenv("CHATUI_TOOLS")
+    with pytest.raises(SettingsError, match="CHATUI_TOOL_CHOICE names a function: set"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ({"CHATUI_TOOLS": "[{"}, "CHATUI_TOOLS or CHATUI_TOOL_CHOICE: Tools is not valid JSON"),
+        ({"CHATUI_TOOLS": '{"name": "f"}'}, "Tools must be a JSON list of"),
+        ({"CHATUI_JSON_OUTPUT": "true"}, "JSON output and tools cannot be combined"),
+        ({"CHATUI_BACKEND_API": "infer"}, "CHATUI_TOOLS needs CHATUI_BACKEND_API=openai"),
+    ],
+)
+def test_tools_that_cannot_be_sent_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], says: str
+) -> None:
+    monkeypatch.setenv("CHATUI_TOOLS", WEATHER)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SettingsError, match=re.escape(says)):
+        load_settings()

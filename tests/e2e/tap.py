@@ -33,6 +33,7 @@ class Exchange:
 
     body: dict[str, Any]
     reply: str = ""
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # as the deltas had them
     completed: bool = False  # the backend sent `data: [DONE]`: the reply was complete
     closed: bool = False  # the exchange is over (finished, or the UI hung up)
 
@@ -134,6 +135,7 @@ def _record(exchange: Exchange, payloads: list[str]) -> None:
         data = json.loads(payload)
         for choice in data.get("choices") or []:
             exchange.reply += choice.get("delta", {}).get("content") or ""
+            exchange.tool_calls += choice.get("delta", {}).get("tool_calls") or []
         if "error" in data:
             exchange.reply += f"[error: {data['error']['message']}]"
 

@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import httpx
+import jsonschema
 import pytest
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, sync_playwright
@@ -31,6 +32,36 @@ USER = "#chatbot [data-testid='user']"
 RUNNING = "ray_vllm_num_requests_running"
 # Every reply runs to the UI's max_tokens, so no test depends on where a tiny model stops.
 REPLY_TOKENS = 40
+# Two functions, so that naming one in the tool choice decides which is called. Strings are
+# bounded: up to 8 calls of either always fit TOOL_TOKENS, so a call is never cut short.
+WEATHER = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string", "maxLength": 30},
+        "unit": {"enum": ["celsius", "fahrenheit"]},
+    },
+    "required": ["city", "unit"],
+    "additionalProperties": False,
+}
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather in a city",
+            "parameters": WEATHER,
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "get_time",
+            "description": "Time in a time zone",
+            "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}},
+        },
+    },
+]
+TOOL_TOKENS = 800
 
 
 @pytest.fixture(scope="module")
@@ -201,6 +232,75 @@ def test_json_output_shows_a_code_block_and_sends_the_reply_back_as_it_came(
     ask(page, "Thank you.")
     assert "response_format" not in tap.last().body  # a plain chat again
     assert tap.last().messages[1] == {"role": "assistant", "content": asked.reply.strip()}
+
+
+def test_a_tool_call_shows_readably_and_the_next_message_is_its_result(
+    page: Page, tap: Tap
+) -> None:
+    page.locator("#settings").get_by_text("Settings").click()
+    page.locator("#tools textarea").fill(json.dumps(TOOLS))
+    choose_tool(page, "get_weather")
+    # The backend refuses ignore_eos with tool calls: the calls end by themselves.
+    del tap.extra_body["ignore_eos"]
+    tap.extra_body["max_tokens"] = TOOL_TOKENS
+    try:
+        ask(page, "What is the weather in Paris?")
+        called = tap.last()
+        bots = len(texts(page, BOT))
+        ask(page, "18 degrees and sunny.")  # the result of the call
+        answered = tap.last()
+    finally:
+        del tap.extra_body["max_tokens"]
+        tap.extra_body["ignore_eos"] = True
+    assert called.body["tools"] == TOOLS
+    assert called.body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert called.completed and called.tool_calls, "the backend sent no tool call"
+    # Shown readably: each call's function and its arguments as a JSON block, not the wire format.
+    shown = page.locator(BOT).nth(bots - 1)
+    blocks = shown.locator("pre code").all_inner_texts()
+    assert len(blocks) == len(called.tool_calls)
+    for block, call in zip(blocks, called.tool_calls, strict=True):
+        assert call["function"]["name"] == "get_weather"
+        arguments = json.loads(block)
+        jsonschema.validate(arguments, WEATHER)
+        assert arguments == json.loads(call["function"]["arguments"])
+    headings = shown.inner_text().count("Tool call get_weather")
+    assert headings == len(blocks) and called.tool_calls[0]["id"] not in shown.inner_text()
+    # The call goes back as it came, and the message after it as its result, call by call.
+    calls = [{k: v for k, v in call.items() if k != "index"} for call in called.tool_calls]
+    results = [
+        {"role": "tool", "tool_call_id": call["id"], "content": "18 degrees and sunny."}
+        for call in calls
+    ]
+    assert answered.messages == [
+        *called.messages,
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *results,
+    ]
+    assert answered.completed and answered.tool_calls and len(texts(page, BOT)) == bots + 1
+    page.screenshot(path=str(ARTIFACTS / "chat-ui-tools.png"), full_page=True)
+    # With Tools emptied, the chat goes on as a plain one over the same history.
+    page.locator("#tools textarea").fill("")
+    wait_until(lambda: page.locator("#tool-choice input").input_value() == "required")
+    ask(page, "Thank you.")
+    plain = tap.last()
+    assert "tools" not in plain.body and "tool_choice" not in plain.body
+    assert plain.completed and plain.reply and not plain.tool_calls
+    assert len(texts(page, BOT)) == bots + 2
+
+
+def choose_tool(page: Page, name: str) -> None:
+    """Pick `name` in the tool choice once the Tools box has offered it."""
+    box = page.locator("#tool-choice input")
+    option = page.locator(f"#tool-choice [data-testid='dropdown-option'][aria-label='{name}']")
+
+    def offered() -> bool:
+        box.click()
+        return option.is_visible()
+
+    wait_until(offered, timeout_s=10, what=f"{name} among the tool choices")
+    option.click()
+    wait_until(lambda: box.input_value() == name, timeout_s=10)
 
 
 def test_backend_down_shows_error_keeps_history_and_recovers(
