@@ -67,7 +67,11 @@ format: install
 test: lint
 	$(BIN)/pytest -q
 
+# xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
+# without its dependencies: it requires triton, a GPU compiler (a wheel of hundreds of MB) it never
+# uses on the CPU; what it does use (torch, transformers, pydantic, numpy) is already installed.
 bench: install
+	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	$(BIN)/python -m bench
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
