@@ -334,7 +334,7 @@ def section() -> Section:
         f"the grammar ends or {TOKEN_CAP} tokens. llguidance runs through the backend's own "
         "`Constraint`, xgrammar through its CPU path; a third driver applies llguidance's mask "
         "with xgrammar's kernel, to tell llguidance's mask from `Constraint`'s apply (numpy "
-        "unpacking and torch's elementwise operations, which torch spreads over its threads). "
+        "on the row's memory, on the calling thread alone). "
         f"{verdict(alone, threads, default, len(all_schemas))} Beside the figures: llguidance "
         "installs with no other package, where xgrammar requires triton (a GPU compiler) on "
         "Linux, which `make bench` leaves out.",
