@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -142,10 +143,10 @@ class _Sequence:
         params: SamplingParams,
         tokenizer: Decoder,
         deliver: Callable[[Delta | BaseException], None],
-        choice: int = 0,
+        index: int = 0,
     ) -> None:
         self.id = seq_id
-        self.choice = choice  # its index among the request's choices
+        self.index = index  # its choice among the request's
         self.prompt_ids = prompt_ids
         self.prefilled = 0  # prompt tokens the runner holds
         self.started = False  # resumed (or not) by the runner: `prefilled` counts from here
@@ -165,13 +166,15 @@ class _Sequence:
         self._logprobs: list[TokenLogprob] = []  # of the tokens not yet reported, if asked
         self._adjusts = adjusts(params)
         self.constraint: Constraint | None = None  # set by the loop for a grammar
-        # The request's other choices: they start from this one's prompt once it is prefilled.
+        # Every choice of the request (this one too): one that fails ends them all.
+        self.request: list[_Sequence] = [self]
+        # The other choices, to start from this one's prompt when it is first prefilled.
         self.siblings: list[_Sequence] = []
 
     def start_at(self, cached: int) -> None:
         """The runner already holds the prompt's first `cached` tokens."""
         self.prefilled = cached
-        if not self._sampled:  # reported once, for the request's own prompt
+        if not self._sampled and self.index == 0:  # reported once, for the request's prompt
             self._cached = cached
         self.started = True
 
@@ -223,7 +226,9 @@ class _Sequence:
         return False
 
     def fail(self, error: BaseException) -> None:
-        """Deliver an error; the stream ends with it."""
+        """Deliver an error; the request ends with it, so its other choices are not wanted."""
+        for choice in self.request:
+            choice.cancelled = True
         self._deliver(error)
 
     def _finish(self, text: str, reason: FinishReason) -> None:
@@ -234,7 +239,13 @@ class _Sequence:
     def _emit(self, text: str, finish_reason: FinishReason | None) -> None:
         times, logprobs = tuple(self._sampled_at), tuple(self._logprobs)
         delta = Delta(
-            text, self._unreported, finish_reason, self._cached, times, logprobs, self.choice
+            text=text,
+            tokens=self._unreported,
+            finish_reason=finish_reason,
+            cached_tokens=self._cached,
+            token_times=times,
+            logprobs=logprobs,
+            index=self.index,
         )
         self._deliver(delta)
         self._unreported = self._cached = 0
@@ -252,12 +263,14 @@ class _Inbox:
         self._closed = False
         self._interrupted = False
 
-    def put(self, seq: _Sequence) -> None:
-        """Queue `seq` for the loop; raises once the loop has stopped taking requests."""
+    def put(self, seqs: list[_Sequence]) -> None:
+        """Queue a request's sequences for the loop, together (its first choice is never taken
+        alone, to be prefilled before its siblings can share it); raises once the loop has
+        stopped taking requests."""
         with self._changed:
             if self._closed:
                 raise EngineError("The batching loop is not running.")
-            self._items.append(seq)
+            self._items.extend(seqs)
             self._changed.notify()
 
     def get(self, timeout_s: float) -> _Sequence | None:
@@ -346,6 +359,8 @@ class ContinuousBatcher:
             raise EngineError("The batching loop is not running.")
         if not prompt_ids:
             raise EngineError("There is no prompt to generate from.")
+        if params.n < 1:
+            raise EngineError("A request needs at least one choice.")
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
 
@@ -354,15 +369,19 @@ class ContinuousBatcher:
                 loop.call_soon_threadsafe(deltas.put_nowait, item)
 
         seqs = [
-            _Sequence(next(self._ids), prompt_ids, params.choice(i), self._tokenizer, deliver, i)
+            _Sequence(
+                next(self._ids), prompt_ids, params.for_choice(i), self._tokenizer, deliver, i
+            )
             for i in range(params.n)
         ]
+        for seq in seqs:
+            seq.request = seqs
         seqs[0].siblings = seqs[1:]
         try:
-            for seq in seqs:
-                self._inbox.put(seq)  # raises if the loop has stopped meanwhile
-            async for delta in self._delivered(deltas, len(seqs)):
-                yield delta
+            self._inbox.put(seqs)  # raises if the loop has stopped meanwhile
+            async with aclosing(self._delivered(deltas, len(seqs))) as delivered:
+                async for delta in delivered:
+                    yield delta
         finally:
             for seq in seqs:
                 seq.cancelled = True
@@ -375,7 +394,8 @@ class ContinuousBatcher:
         (each item crosses Ray, the ingress and the proxy, and costs them CPU the model needs)."""
         loop = asyncio.get_running_loop()
         next_send = 0.0  # the first text goes out at once
-        while choices:
+        unfinished = choices
+        while unfinished:
             items = [await deltas.get()]
             if _open(items[-1]) and (wait := next_send - loop.time()) > 0:
                 await asyncio.sleep(wait)
@@ -385,7 +405,8 @@ class ContinuousBatcher:
             failed = next((i for i, item in enumerate(items) if not isinstance(item, Delta)), None)
             ready = [item for item in items[:failed] if isinstance(item, Delta)]
             for delta in _merge_by_choice(ready):
-                choices -= delta.finish_reason is not None
+                if delta.finish_reason is not None:
+                    unfinished -= 1
                 yield delta
             next_send = loop.time() + self._stream_interval_s
             if failed is not None:
@@ -456,6 +477,10 @@ class ContinuousBatcher:
         budget = self._prefill_budget
         while self._prefilling and budget > 0:
             seq = self._prefilling[0]
+            if seq.cancelled:  # its request failed or was left since this step began
+                self._prefilling.popleft()
+                self._runner.release(seq.id)
+                continue
             if not seq.started and not self._start(seq):
                 continue
             left = len(seq.prompt_ids) - seq.prefilled
@@ -513,23 +538,34 @@ class ContinuousBatcher:
             return
         self.stats.prefills += 1
         batch = [seq, *self._fork_siblings(seq)]
-        rows = logits.repeat(len(batch), 1)  # a row each: the sampler adjusts rows in place
-        for member, choice in zip(batch, self._sample(batch, rows), strict=True):
-            if isinstance(choice, Exception):
+        try:
+            rows = logits.repeat(len(batch), 1)  # a row each: the sampler adjusts rows in place
+            outcomes = self._sample(batch, rows)
+        except Exception as exc:  # a bug: these sequences are in no queue `_fail_active` sees
+            logger.exception("sampling after a prefill failed")
+            for member in batch:
                 self._runner.release(member.id)
-                member.fail(EngineError(f"Generation failed while sampling: {choice}"))
-            elif not self._accept(member, *choice):
+                member.fail(EngineError(f"Generation failed while sampling: {exc}"))
+            return
+        for member, outcome in zip(batch, outcomes, strict=True):
+            if isinstance(outcome, Exception):
+                self._runner.release(member.id)
+                member.fail(EngineError(f"Generation failed while sampling: {outcome}"))
+            elif not self._accept(member, *outcome):
                 self._active.append(member)
 
     def _fork_siblings(self, seq: _Sequence) -> list[_Sequence]:
-        """The request's other choices waiting in the loop, started from `seq`'s prefilled
-        prompt when the runner can copy it; the others are prefilled as any prompt."""
-        forked = []
-        for sibling in seq.siblings:
+        """The request's other choices waiting in the loop, started from `seq`'s prompt, just
+        prefilled for the first time, when the runner can copy it; the others are prefilled as
+        any prompt."""
+        siblings, seq.siblings = seq.siblings, []  # once: a preempted `seq` comes back longer
+        forked: list[_Sequence] = []
+        for sibling in siblings:
             if sibling not in self._prefilling or sibling.started or sibling.cancelled:
                 continue  # not admitted yet (the batch is full), or gone
-            if sibling.prompt_ids is not seq.prompt_ids:
-                continue  # one of them was preempted: its prompt now has its own reply
+            if not self._constrain(sibling):
+                self._prefilling.remove(sibling)
+                continue
             try:
                 copied = self._runner.fork(seq.id, sibling.id)
             except Exception:
@@ -539,9 +575,6 @@ class ContinuousBatcher:
             if not copied:
                 break
             self._prefilling.remove(sibling)
-            if not self._constrain(sibling):
-                self._runner.release(sibling.id)
-                continue
             sibling.start_forked()
             forked.append(sibling)
         self.stats.forks += len(forked)

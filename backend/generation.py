@@ -35,7 +35,7 @@ class SamplingParams:
     # Choices generated from one prompt: the prompt is prefilled once and its KV shared.
     n: int = 1
 
-    def choice(self, index: int) -> SamplingParams:
+    def for_choice(self, index: int) -> SamplingParams:
         """The parameters of one of the `n` choices: a seed `s` becomes `s + index` (as vLLM's
         parallel sampling), so choice 0 is what the same request with `n=1` would say."""
         seed = None if self.seed is None else self.seed + index

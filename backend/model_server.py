@@ -74,7 +74,7 @@ class ModelServer:
             raise
         yield PromptAccepted(len(prompt_ids), self._engine.model_id, self._engine.context_window)
         tracker = self._metrics.track(len(prompt_ids)) if self._metrics else None
-        reason = "abort"  # unless it finishes: the client left, or generation failed
+        reasons: list[str] = []  # of the choices that finished
         try:
             # aclosing: a client that leaves closes this generator, and that must reach the
             # engine now.
@@ -83,11 +83,13 @@ class ModelServer:
                     if tracker is not None:
                         tracker.cached(delta.cached_tokens)
                         tracker.tokens(delta)
-                    reason = delta.finish_reason or reason
+                    if delta.finish_reason:
+                        reasons.append(delta.finish_reason)
                     yield delta
         finally:
             if tracker is not None:
-                tracker.finished(reason)
+                # "abort" unless every choice finished: the client left, or generation failed.
+                tracker.finished(reasons[-1] if len(reasons) == params.n else "abort")
 
     async def _admit(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         self._require_ready()
@@ -108,10 +110,11 @@ class ModelServer:
         return prompt_ids, request.to_sampling_params(max_tokens, grammar)
 
     def _check_choices(self, n: int) -> None:
-        if n > self._settings.max_choices:
+        limit = min(self._settings.max_choices, self._settings.max_batch_size)
+        if n > limit:
             raise InvalidRequestError(
-                f"n is {n}, above this server's limit of {self._settings.max_choices} choices "
-                "per request.",
+                f"n is {n}, above this server's limit of {limit} choices per request "
+                "(LLM_MAX_CHOICES, and no more than a batch holds: LLM_MAX_BATCH_SIZE).",
                 param="n",
             )
 

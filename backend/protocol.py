@@ -12,7 +12,9 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
+    ValidationInfo,
     WithJsonSchema,
+    field_validator,
     model_serializer,
     model_validator,
 )
@@ -174,8 +176,8 @@ class SamplingRequest(BaseModel):
         1,
         ge=1,
         le=MAX_CHOICES,
-        description="Choices to generate from the prompt, which is computed once for all of "
-        "them; at most the server's LLM_MAX_CHOICES.",
+        description="Choices to generate from the prompt (whose KV they share where the engine "
+        "can copy it); at most the server's LLM_MAX_CHOICES and LLM_MAX_BATCH_SIZE.",
     )
     seed: int | None = None
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
@@ -296,8 +298,18 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     echo: Literal[False] = Field(False, description="Echoing the prompt is not supported.")
     suffix: None = Field(None, description="Insertion (a suffix) is not supported.")
-    best_of: int = Field(1, ge=1, le=1, description="Only one candidate is supported.")
+    best_of: int | None = Field(
+        None, ge=1, description="Candidates per choice returned: only n (each one) is supported."
+    )
     logprobs: None = Field(None, description="Use /v1/chat/completions for log-probabilities.")
+
+    @field_validator("best_of")
+    @classmethod
+    def _every_candidate_returned(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        n = info.data.get("n", 1)
+        if best_of is not None and best_of != n:
+            raise ValueError(f"best_of must equal n ({n}): choosing among candidates is not done")
+        return best_of
 
     def text(self) -> str:
         """The prompt as one string."""

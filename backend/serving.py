@@ -108,15 +108,12 @@ class ChatService:
         prompt_tokens: int,
         events: AsyncGenerator[GenerationEvent, None],
     ) -> ChatCompletionResponse:
-        replies = [_Reply() for _ in range(request.n)]
-        async with aclosing(events):
-            async for delta in deltas_of(events):
-                replies[delta.index].add(delta)
+        replies = await gathered(events, request.n)
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),
             model=model_id,
-            choices=[reply.choice(request, index) for index, reply in enumerate(replies)],
+            choices=[_chat_choice(request, index, reply) for index, reply in enumerate(replies)],
             usage=usage_of(
                 prompt_tokens,
                 sum(reply.tokens for reply in replies),
@@ -147,42 +144,56 @@ class ChatService:
                 continue
             if delta.text or delta.logprobs:
                 logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
-                yield chunk.delta(DeltaMessage(content=delta.text), None, logprobs, index)
+                yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs, index=index)
             if delta.finish_reason:
                 yield chunk.delta(DeltaMessage(), delta.finish_reason, index=index)
         if request.wants_usage_chunk():
             yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
 
 
-class _Reply:
-    """One choice of a whole response, gathered from its deltas."""
+def _chat_choice(request: ChatCompletionRequest, index: int, reply: Reply) -> Choice:
+    """A whole choice: its text, or the tool calls the grammar made it write."""
+    reason = reply.finish_reason
+    if request.calls_tools() and reason == "stop":  # the grammar's calls, complete
+        message = ResponseMessage(content=None, tool_calls=parse_calls(reply.text))
+        reason = "tool_calls"
+    else:
+        message = ResponseMessage(content=reply.text)
+    logprobs = ChoiceLogprobs.of(reply.logprobs) if request.logprobs else None
+    return Choice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
+
+
+class Reply:
+    """One choice of a whole (not streamed) response, gathered from its deltas."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        self._parts: list[str] = []
         self.logprobs: list[TokenLogprob] = []
         self.tokens = self.cached = 0
         self.finish_reason: str | None = None
 
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
     def add(self, delta: Delta) -> None:
-        self.parts.append(delta.text)
+        self._parts.append(delta.text)
         self.logprobs.extend(delta.logprobs)
         self.tokens += delta.tokens
         self.cached += delta.cached_tokens
         self.finish_reason = delta.finish_reason or self.finish_reason
 
-    def choice(self, request: ChatCompletionRequest, index: int) -> Choice:
-        text = "".join(self.parts)
-        reason = self.finish_reason
-        if request.calls_tools() and reason == "stop":  # the grammar's calls, complete
-            message = ResponseMessage(content=None, tool_calls=parse_calls(text))
-            reason = "tool_calls"
-        else:
-            message = ResponseMessage(content=text)
-        logprobs = ChoiceLogprobs.of(self.logprobs) if request.logprobs else None
-        return Choice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
+
+async def gathered(events: AsyncGenerator[GenerationEvent, None], choices: int) -> list[Reply]:
+    """Every choice of a generation, whole, by index; the events are closed however it ends."""
+    replies = [Reply() for _ in range(choices)]
+    async with aclosing(events):
+        async for delta in deltas_of(events):
+            replies[delta.index].add(delta)
+    return replies
 
 
-def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str, index: int = 0) -> str:
+def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str, index: int) -> str:
     """The chunks that end a choice's tool-calling stream: its calls and `tool_calls`, or the
     text it got to when `max_tokens` cut it."""
     if finish_reason != "stop":

@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from backend.protocol import MAX_CHOICES
+
 logger = logging.getLogger(__name__)
 
 # Old setting name -> new one (both without the LLM_ prefix).
@@ -99,7 +101,7 @@ class BackendSettings(BaseSettings):
     max_choices: int = Field(
         8,
         ge=1,
-        le=128,
+        le=MAX_CHOICES,
         description="Largest `n` (choices per request); the choices share the prompt's prefill "
         "and each takes a batch slot.",
     )

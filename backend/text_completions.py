@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncGenerator
-from contextlib import aclosing
 from dataclasses import dataclass
 
 from backend.generation import GenerationEvent
@@ -15,6 +14,7 @@ from backend.serving import (
     ModelClient,
     deltas_of,
     framed,
+    gathered,
     sse_event,
     start_generation,
     usage_of,
@@ -56,18 +56,12 @@ class CompletionService:
         if request.stream:
             chunks = self._chunks(request, completion, first.prompt_tokens, events)
             return framed(chunks, events)
-        texts: list[list[str]] = [[] for _ in range(request.n)]
-        reasons: list[str | None] = [None] * request.n
-        tokens = cached = 0
-        async with aclosing(events):
-            async for delta in deltas_of(events):
-                texts[delta.index].append(delta.text)
-                tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
-                reasons[delta.index] = delta.finish_reason or reasons[delta.index]
+        replies = await gathered(events, request.n)
         choices = [
-            CompletionChoice(index=i, text="".join(text), finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+            CompletionChoice(index=i, text=reply.text, finish_reason=reply.finish_reason)
+            for i, reply in enumerate(replies)
         ]
+        tokens, cached = sum(r.tokens for r in replies), sum(r.cached for r in replies)
         return completion.response(choices, usage_of(first.prompt_tokens, tokens, cached))
 
     async def _chunks(

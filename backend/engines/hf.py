@@ -146,8 +146,8 @@ class PaddedBatchRunner:
 
     @torch.inference_mode()
     def fork(self, parent_id: int, child_id: int) -> bool:
-        """The child's own cache holds the parent's prefilled prompt: the same tensors, which
-        nothing writes in place (joining the batch copies them into the shared cache)."""
+        """The child's own prefill cache gets a copy of the parent's (`DynamicCache.update`
+        concatenates), which joins the shared cache at its first decode step as any prompt."""
         prompt = self._prefilling[parent_id]
         cache = DynamicCache()
         for index, (keys, values) in enumerate(_layers(prompt)):

@@ -256,17 +256,21 @@ class LlamaCppRunner:
         return self._logits(n)
 
     def fork(self, parent_id: int, child_id: int) -> bool:
-        """The child takes the least recently used idle slot with a copy of the parent's KV.
+        """The child takes the least recently used idle slot with a copy of the parent's KV,
+        made at once through host memory (`llama_state_seq_get_data`, then `_set_data`).
 
-        The streams are separate (`kv_unified` off), so `llama_memory_seq_cp` copies the whole
-        stream's buffers at the next `llama_decode` (llama_kv_cache::seq_cp, cross-stream)."""
+        Not `llama_memory_seq_cp`: across streams (`kv_unified` off) it only queues the buffer
+        copy for the next `llama_decode` (llama_kv_cache::seq_cp), and a slot saved, restored
+        or lent again before then would copy, or be overwritten by, the wrong KV."""
         parent = self.slots.of(parent_id)
         if parent is None:
             raise EngineError(f"Sequence {parent_id} holds no slot to fork.")
+        state, size = self._state(parent)
         slot = self.slots.least_recently_used()
         self._save(slot)
         self._trim(slot, 0)
-        llama.llama_memory_seq_cp(self._memory, parent.index, slot.index, -1, -1)
+        if not size or not llama.llama_state_seq_set_data(self._ctx, state, size, slot.index):
+            return False  # the loop prefills the child itself
         slot.tokens = list(parent.tokens)
         self.slots.lend(slot, child_id)
         return True
@@ -314,13 +318,17 @@ class LlamaCppRunner:
         """Copy what the slot holds to host memory (if the budget allows one copy of it)."""
         if not slot.tokens or self.parked.budget_bytes == 0:
             return
-        size = llama.llama_state_seq_get_size(self._ctx, slot.index)
-        if size > self.parked.budget_bytes:
+        if llama.llama_state_seq_get_size(self._ctx, slot.index) > self.parked.budget_bytes:
             return
-        state = (ctypes.c_uint8 * size)()
-        written = llama.llama_state_seq_get_data(self._ctx, state, size, slot.index)
+        state, written = self._state(slot)
         if written:
-            self.parked.put(slot.tokens, state, int(written))
+            self.parked.put(slot.tokens, state, written)
+
+    def _state(self, slot: Slot) -> tuple[ctypes.Array[ctypes.c_uint8], int]:
+        """The slot's KV serialized into host memory, and its bytes (0 if llama.cpp failed)."""
+        size = llama.llama_state_seq_get_size(self._ctx, slot.index)
+        state = (ctypes.c_uint8 * size)()
+        return state, int(llama.llama_state_seq_get_data(self._ctx, state, size, slot.index))
 
     def _restore(self, slot: Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
         """Load a host copy into the slot instead of what it held; False if llama.cpp refused.

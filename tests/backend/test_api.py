@@ -443,6 +443,7 @@ async def test_a_streamed_text_completion_ends_with_usage_and_done(
         ({"prompt": "a", "logprobs": 2}, "logprobs"),
         ({"prompt": "a", "suffix": "z"}, "suffix"),
         ({"prompt": "a", "tools": []}, "tools"),  # chat only
+        ({"prompt": "a", "n": 2, "best_of": 3}, "best_of"),  # no choosing among candidates
     ],
 )
 async def test_what_text_completions_do_not_do_is_a_400(
@@ -565,7 +566,8 @@ async def test_a_text_completion_of_n_choices_streams_them_by_index(
 ) -> None:
     script.enqueue(["a"])
     script.enqueue(["b", "c"])
-    whole = (await client.post("/v1/completions", json={"prompt": "x", "n": 2})).json()
+    body = {"prompt": "x", "n": 2, "best_of": 2}  # every candidate returned: accepted
+    whole = (await client.post("/v1/completions", json=body)).json()
     assert [(c["index"], c["text"]) for c in whole["choices"]] == [(0, "a"), (1, "bc")]
     script.enqueue(["a"])
     script.enqueue(["b", "c"])

@@ -703,3 +703,30 @@ async def test_leaving_a_request_of_several_choices_frees_all_their_slots() -> N
         await asyncio.sleep(0.01)
     assert len(runner.released) == 3 and batcher.occupancy() == (0, 0)
     batcher.shutdown()
+
+
+async def test_choices_prefilled_each_report_the_cached_prompt_once() -> None:
+    runner = PrefixRunner(length=3)
+    runner.can_fork = False
+    batcher = make_batcher(runner)
+    await collect(batcher, [1, 2, 3, 4])  # parked: the next request resumes from it
+    deltas = await collect(batcher, [1, 2, 3, 4], replace(GREEDY, n=3))
+    assert runner.resumed[-3:] == [3, 3, 3]  # every choice resumed the prompt ...
+    cached = {d.index: d.cached_tokens for d in deltas if d.cached_tokens}
+    assert cached == {0: 3}  # ... and the request's prompt is reported once
+    batcher.shutdown()
+
+
+class FailingPrefill(CountingRunner):
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        self.steps.append(("prefill", len(prompt_ids)))
+        raise RuntimeError("device lost")
+
+
+async def test_a_choice_that_fails_ends_its_request_without_prefilling_the_others() -> None:
+    runner = FailingPrefill()
+    batcher = make_batcher(runner)
+    with pytest.raises(EngineError, match="prefill"):
+        await collect(batcher, [1, 2, 3], replace(GREEDY, n=3))
+    assert prefills(runner) == 1
+    batcher.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 
 import pytest
@@ -67,3 +68,28 @@ async def test_closing_the_stream_cancels_generation(server: ModelServer, script
     await anext(stream)
     await stream.aclose()
     assert script.cancelled == 1
+
+
+@pytest.mark.parametrize(
+    ("second", "recorded"),
+    [(["c"], ["stop"]), (["c", EngineError("lost")], ["abort"])],
+    ids=["both-finish", "one-fails"],
+)
+async def test_a_request_of_several_choices_finishes_when_all_of_them_do(
+    server: ModelServer,
+    script: Script,
+    monkeypatch: pytest.MonkeyPatch,
+    second: list[str | BaseException],
+    recorded: list[str],
+) -> None:
+    from backend.metrics import RequestMetrics
+
+    finished: list[str] = []
+    monkeypatch.setattr(RequestMetrics, "finish", lambda self, reason: finished.append(reason))
+    script.enqueue(["a", "b"])
+    script.enqueue(second)
+    request = REQUEST.model_copy(update={"n": 2})
+    with contextlib.suppress(EngineError):
+        async for _ in server.generate(request):
+            pass
+    assert finished == recorded

@@ -38,6 +38,7 @@ DOCUMENTED = re.compile(
             "has a tool_call_id",
             "only an assistant message has tool_calls",
             "tool_choice",  # with tools: 'auto' has no parser; a name must be in tools
+            "best_of must equal n",
         ]
     )
 )

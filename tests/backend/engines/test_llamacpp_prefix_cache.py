@@ -207,3 +207,26 @@ async def test_more_streams_than_sequences_beside_parked_conversations(
     assert lent(runner) == {} and runner.kv_usage() == 0.0
     for index, tokens in enumerate(held_tokens(runner)):
         assert pos_max(runner, index) == len(tokens) - 1
+
+
+def test_a_forked_child_holds_its_copy_at_once(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """The child's KV is copied when it is forked, not at a later decode: a child that ends
+    on its first token, whose slot a waiting prompt then restores a saved conversation into,
+    leaves that conversation intact (and the child's copy, saved, is the parent's prompt)."""
+    runner = make_runner(n_seq_max=2, prefix_caching=True, host_bytes=64 * 2**20)
+    fresh = make_runner(n_seq_max=1)
+    saved = llamacpp_engine.encode_chat(conversation("Tell me about the sea, in many words."))
+    runner.prefill(7, saved)
+    runner.release(7)
+    prompt = llamacpp_engine.encode_chat(conversation("Name three colors."))
+    cached = runner.resume(0, prompt)  # pushes the sea conversation out of its slot: saved
+    runner.prefill(0, prompt[cached:])
+    assert runner.fork(0, 1)
+    runner.release(1)  # the child ended on its first token; the parent goes on
+    follow = [*saved, *llamacpp_engine.encode_text(" And the tides?")]
+    cached = runner.resume(2, follow)
+    assert cached == len(saved)  # restored from host memory into the child's slot
+    expected = fresh.prefill(0, follow)
+    assert deviation(runner.prefill(2, follow[cached:]), expected) <= PREFILL_TOLERANCE
