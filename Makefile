@@ -4,6 +4,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GUIDELLM_VENV := .venv-guidellm
+GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
@@ -67,8 +69,16 @@ format: install
 test: lint
 	$(BIN)/pytest -q
 
-bench: install
+bench: install $(GUIDELLM_STAMP)
 	$(BIN)/python -m bench
+
+# guidellm (the bench's outside check) pins click and multidict below what Ray and aiohttp use
+# here, so it lives in a venv of its own; the bench calls its CLI by path. torch: as above.
+$(GUIDELLM_STAMP):
+	test -x $(GUIDELLM_VENV)/bin/python || $(PY) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
+	$(GUIDELLM_VENV)/bin/pip install -q guidellm==0.8.1
+	touch $(GUIDELLM_STAMP)
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
 images:
@@ -122,4 +132,4 @@ overlay:
 	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache artifacts
+	rm -rf $(VENV) $(GUIDELLM_VENV) .pytest_cache artifacts

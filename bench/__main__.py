@@ -4,7 +4,8 @@ Writes `docs/benchmarks.md` (every section, with the commit and the machine it w
 `artifacts/bench.md` (this run's report) and `artifacts/bench.png` (throughput). Figures are
 compared as ratios inside the run, because absolute numbers on shared machines are noisy: the
 bench compares only what it measures in the same run. `python -m bench multiturn` (or
-`structured`) measures that section alone and replaces only it in `docs/benchmarks.md`.
+`structured`, or `guidellm`) measures that section alone and replaces only it in
+`docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import psutil
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine, pick_dtype
 from backend.settings import BackendSettings
-from bench import load, multiturn, raw, report, structured
+from bench import guidellm, load, multiturn, raw, report, structured
 from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
@@ -417,13 +418,17 @@ def main() -> None:
     parser.add_argument(
         "section",
         nargs="?",
-        choices=["multiturn", "structured"],
+        choices=["multiturn", "structured", "guidellm"],
         help="measure this section alone and replace only it in docs/benchmarks.md",
     )
     args = parser.parse_args()
     provenance = Provenance.current()  # the tree as measured, before the bench writes anything
     if args.section is not None:
-        alone = {"multiturn": multi_turn_section, "structured": structured_section}
+        alone = {
+            "multiturn": multi_turn_section,
+            "structured": structured_section,
+            "guidellm": guidellm.section,
+        }
         write_report([alone[args.section]()], {}, provenance, whole=False)
         return
     cold, cached = time_engine_starts()
@@ -448,6 +453,7 @@ def main() -> None:
         sections.append(llamacpp_section(served))
     sections.append(multi_turn_section())
     sections.append(structured_section())
+    sections.append(guidellm.section())
     write_report(sections, served, provenance, whole=True)
 
 
