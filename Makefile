@@ -5,7 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 GUIDELLM_VENV := .venv-guidellm
-GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed
+GUIDELLM_VERSION := 0.8.1
+# A new pin, a new stamp: the next `make bench` installs it.
+GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed-$(GUIDELLM_VERSION)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
@@ -77,7 +79,7 @@ bench: install $(GUIDELLM_STAMP)
 $(GUIDELLM_STAMP):
 	test -x $(GUIDELLM_VENV)/bin/python || $(PY) -m venv $(GUIDELLM_VENV)
 	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
-	$(GUIDELLM_VENV)/bin/pip install -q guidellm==0.8.1
+	$(GUIDELLM_VENV)/bin/pip install -q guidellm==$(GUIDELLM_VERSION)
 	touch $(GUIDELLM_STAMP)
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
