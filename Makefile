@@ -4,6 +4,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+GUIDELLM_VENV := .venv-guidellm
+GUIDELLM_VERSION := 0.8.1
+# A new pin, a new stamp: the next `make bench` installs it.
+GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed-$(GUIDELLM_VERSION)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
@@ -70,9 +74,17 @@ test: lint
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
 # without its dependencies: it requires triton, a GPU compiler (a wheel of hundreds of MB) it never
 # uses on the CPU; what it does use (torch, transformers, pydantic, numpy) is already installed.
-bench: install
+bench: install $(GUIDELLM_STAMP)
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	$(BIN)/python -m bench
+
+# guidellm (the bench's outside check) pins click and multidict below what Ray and aiohttp use
+# here, so it lives in a venv of its own; the bench calls its CLI by path. torch: as above.
+$(GUIDELLM_STAMP):
+	test -x $(GUIDELLM_VENV)/bin/python || $(PY) -m venv $(GUIDELLM_VENV)
+	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
+	$(GUIDELLM_VENV)/bin/pip install -q guidellm==$(GUIDELLM_VERSION)
+	touch $(GUIDELLM_STAMP)
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
 images:
@@ -126,4 +138,4 @@ overlay:
 	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 
 clean:
-	rm -rf $(VENV) .pytest_cache artifacts
+	rm -rf $(VENV) $(GUIDELLM_VENV) .pytest_cache artifacts

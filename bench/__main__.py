@@ -4,8 +4,8 @@ Writes `docs/benchmarks.md` (every section, with the commit and the machine it w
 `artifacts/bench.md` (this run's report) and `artifacts/bench.png` (throughput). Figures are
 compared as ratios inside the run, because absolute numbers on shared machines are noisy: the
 bench compares only what it measures in the same run. `python -m bench multiturn` (or
-`structured`, `choices`, `grammars`) measures that section alone and replaces only it in
-`docs/benchmarks.md`.
+`structured`, `choices`, `grammars`, `guidellm`) measures that section alone and replaces only
+it in `docs/benchmarks.md`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import psutil
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.hf import HFEngine, pick_dtype
 from backend.settings import BackendSettings
-from bench import choices, grammars, load, multiturn, raw, report, structured
+from bench import choices, grammars, guidellm, load, multiturn, raw, report, structured
 from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
@@ -449,7 +449,7 @@ def main() -> None:
     parser.add_argument(
         "section",
         nargs="?",
-        choices=["multiturn", "structured", "choices", "grammars"],
+        choices=["multiturn", "structured", "choices", "grammars", "guidellm"],
         help="measure this section alone and replace only it in docs/benchmarks.md",
     )
     args = parser.parse_args()
@@ -460,6 +460,7 @@ def main() -> None:
             "structured": structured_section,
             "choices": choices_section,
             "grammars": grammars.section,
+            "guidellm": guidellm.section,
         }
         write_report([alone[args.section]()], {}, provenance, whole=False)
         return
@@ -487,6 +488,7 @@ def main() -> None:
     sections.append(structured_section())
     sections.append(choices_section())
     sections.append(grammars.section())
+    sections.append(guidellm.section())
     write_report(sections, served, provenance, whole=True)
 
 
