@@ -122,9 +122,17 @@ class NamedToolChoice(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    """`stream_options`: whether to send a final usage chunk."""
+    """`stream_options`: whether to send a final usage chunk, and usage in every chunk."""
+
+    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's: with include_usage, every chunk also carries usage so far."
+    )
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted, not used: it pads chunks, and cannot change the reply."
+    )
 
 
 class JsonSchemaFormat(BaseModel):
@@ -211,6 +219,11 @@ class SamplingRequest(BaseModel):
     def wants_usage_chunk(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def wants_continuous_usage(self) -> bool:
+        """Whether every chunk of a streamed response carries the usage so far (vLLM's)."""
+        options = self.stream_options
+        return bool(options and options.include_usage and options.continuous_usage_stats)
 
     def logprobs_asked(self) -> int | None:
         """How many alternatives per token the reply reports; None = no log-probabilities."""

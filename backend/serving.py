@@ -130,12 +130,17 @@ class ChatService:
     ) -> AsyncGenerator[str, None]:
         chunk = _ChunkWriter(completion_id(), now(), model_id)
         tokens = cached = 0
+        continuous = request.wants_continuous_usage()
+        if continuous:
+            chunk.usage_so_far = usage_of(prompt_tokens, tokens, cached)
         calls: list[list[str]] = [[] for _ in range(request.n)]  # tool calls go out whole
         for index in range(request.n):
             yield chunk.delta(DeltaMessage(role="assistant", content=""), index=index)
         async for delta in deltas_of(events):
             tokens += delta.tokens
             cached += delta.cached_tokens
+            if continuous:
+                chunk.usage_so_far = usage_of(prompt_tokens, tokens, cached)
             index = delta.index
             if request.calls_tools():
                 calls[index].append(delta.text)
@@ -247,6 +252,7 @@ class _ChunkWriter:
 
     def __init__(self, chunk_id: str, created: int, model: str) -> None:
         self._base = {"id": chunk_id, "created": created, "model": model}
+        self.usage_so_far: Usage | None = None  # sent with every chunk when set (vLLM's)
 
     def delta(
         self,
@@ -258,7 +264,8 @@ class _ChunkWriter:
         choice = ChunkChoice(
             index=index, delta=delta, finish_reason=finish_reason, logprobs=logprobs
         )
-        data = ChatCompletionChunk(**self._base, choices=[choice]).model_dump(exclude={"usage"})
+        model = ChatCompletionChunk(**self._base, choices=[choice], usage=self.usage_so_far)
+        data = model.model_dump(exclude=None if self.usage_so_far else {"usage"})
         data["choices"][0]["delta"] = delta.model_dump(exclude_none=True)  # `{}` on the last chunk
         return sse_event(json.dumps(data, ensure_ascii=False))
 

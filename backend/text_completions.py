@@ -72,12 +72,14 @@ class CompletionService:
         events: AsyncGenerator[GenerationEvent, None],
     ) -> AsyncGenerator[str, None]:
         tokens = cached = 0
+        continuous = request.wants_continuous_usage()
         async for delta in deltas_of(events):
             tokens, cached = tokens + delta.tokens, cached + delta.cached_tokens
             if delta.text or delta.finish_reason:
                 choice = CompletionChoice(
                     index=delta.index, text=delta.text, finish_reason=delta.finish_reason
                 )
-                yield completion.chunk([choice])
+                so_far = usage_of(prompt_tokens, tokens, cached) if continuous else None
+                yield completion.chunk([choice], so_far)
         if request.wants_usage_chunk():
             yield completion.chunk([], usage_of(prompt_tokens, tokens, cached))

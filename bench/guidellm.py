@@ -269,9 +269,9 @@ def section() -> Section:
         f"guidellm, {ROUNDS} times, and each figure's best run counts; in brackets, our "
         "client's second run over its first: the noise of this run. Figures as guidellm defines "
         "them: output tokens/s over the load's wall time, median TTFT, median inter-token "
-        f"latency. Target: every guidellm / ours ratio within the noise, {TARGET}. guidellm also "
-        "sends `stream_options.continuous_usage_stats`, which the backend ignores (usage comes "
-        "in the last chunk only, as guidellm also reads it).",
+        f"latency. Target: every guidellm / ours ratio within the noise, {TARGET}. guidellm "
+        "sends vLLM's `stream_options.continuous_usage_stats`, which the backend honours "
+        "(usage so far in every chunk).",
         rows,
     )
 

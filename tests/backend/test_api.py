@@ -577,3 +577,28 @@ async def test_a_text_completion_of_n_choices_streams_them_by_index(
     for event in events[:-1]:
         texts[event["choices"][0]["index"]] += event["choices"][0]["text"]
     assert texts == {0: "a", 1: "bc"}
+
+
+async def test_continuous_usage_puts_the_usage_so_far_in_every_chunk(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    """vLLM's `continuous_usage_stats` (guidellm sends it), on both streaming routes."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for route, body in ((CHAT, {"messages": HELLO}), ("/v1/completions", {"prompt": "hi"})):
+        script.enqueue(["a", "b"])
+        request = {**body, "stream": True, "stream_options": options}
+        events = sse_payloads((await client.post(route, json=request)).text)[:-1]
+        counts = [e["usage"]["completion_tokens"] for e in events if e["choices"]]
+        assert counts == sorted(counts) and counts[-1] == 2, route  # the tokens so far
+        assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 2
+    script.enqueue(["a"])
+    plain = {"messages": HELLO, "stream": True, "stream_options": {"include_usage": True}}
+    events = sse_payloads((await client.post(CHAT, json=plain)).text)[:-1]
+    assert all("usage" not in e for e in events if e["choices"])
+
+
+async def test_an_unknown_stream_option_is_a_400_naming_it(client: httpx.AsyncClient) -> None:
+    body = {"messages": HELLO, "stream": True, "stream_options": {"usage_every": 3}}
+    response = await client.post(CHAT, json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "stream_options.usage_every"
