@@ -41,21 +41,28 @@ LogitBias = Annotated[
 ]
 
 
-class TextPart(BaseModel):
+class _Strict(BaseModel):
+    """A part of a request: a field the server does not know is refused (a 400 naming it),
+    never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(_Strict):
     """One text part of a message's content, as in OpenAI's content-parts form."""
 
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Strict):
     """A function's name and its arguments, as a JSON text."""
 
     name: str
     arguments: str
 
 
-class ToolCall(BaseModel):
+class ToolCall(_Strict):
     """One call the assistant made."""
 
     id: str
@@ -63,12 +70,15 @@ class ToolCall(BaseModel):
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Strict):
     """A chat message; content is a string or a list of text parts. An assistant message may
     carry the tool calls it made instead of content; a `tool` message answers one of them."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
+    name: str | None = Field(
+        None, description="The participant's name, given to the chat template with the message."
+    )
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
 
@@ -94,7 +104,7 @@ class ChatMessage(BaseModel):
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
-class FunctionDef(BaseModel):
+class FunctionDef(_Strict):
     """A function the model may call: its name, what it does, its arguments' JSON schema."""
 
     name: FunctionName
@@ -103,28 +113,26 @@ class FunctionDef(BaseModel):
     strict: bool | None = None
 
 
-class ToolDef(BaseModel):
+class ToolDef(_Strict):
     """`tools[]`: one function."""
 
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(_Strict):
     name: FunctionName
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Strict):
     """`tool_choice` naming the function the model must call."""
 
     type: Literal["function"]
     function: NamedFunction
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(_Strict):
     """`stream_options`: whether to send a final usage chunk, and usage in every chunk."""
-
-    model_config = ConfigDict(extra="forbid")
 
     include_usage: bool = False
     continuous_usage_stats: bool = Field(
@@ -135,7 +143,7 @@ class StreamOptions(BaseModel):
     )
 
 
-class JsonSchemaFormat(BaseModel):
+class JsonSchemaFormat(_Strict):
     """`response_format.json_schema`: the schema a JSON reply must follow."""
 
     name: str = Field(max_length=64)
@@ -143,10 +151,10 @@ class JsonSchemaFormat(BaseModel):
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
 
-class ResponseFormat(BaseModel):
+class ResponseFormat(_Strict):
     """`response_format`: free text, any JSON object, or JSON following a schema."""
 
     type: Literal["text", "json_object", "json_schema"]
@@ -171,12 +179,10 @@ MAX_TOP_LOGPROBS = 20
 MAX_CHOICES = 128  # OpenAI's bound on `n`; the server's own (LLM_MAX_CHOICES) is lower
 
 
-class SamplingRequest(BaseModel):
+class SamplingRequest(_Strict):
     """What every generation request carries: length, sampling and streaming. A field the
     server does not know is refused (`extra="forbid"`, so the published schema says so too);
     the last ones, which cannot change the output, are accepted and not used."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
@@ -332,10 +338,8 @@ class CompletionRequest(SamplingRequest):
 GenerationRequest = ChatCompletionRequest | CompletionRequest
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(_Strict):
     """vLLM's `POST /tokenize`: a text prompt, or chat messages through the chat template."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     prompt: str | None = None
@@ -356,10 +360,8 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(_Strict):
     """vLLM's `POST /detokenize`: token ids back to text."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)

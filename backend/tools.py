@@ -51,6 +51,8 @@ def conversation(messages: list[ChatMessage], tools: list[ToolDef] | None) -> li
             rendered.append({"role": "assistant", "content": text})
         else:
             rendered.append({"role": message.role, "content": message.text()})
+        if message.name is not None:  # templates that know names use them (as in vLLM)
+            rendered[-1]["name"] = message.name
     return _with_tool_list(rendered, tools) if tools else rendered
 
 

@@ -602,3 +602,37 @@ async def test_an_unknown_stream_option_is_a_400_naming_it(client: httpx.AsyncCl
     response = await client.post(CHAT, json=body)
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "stream_options.usage_every"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages.0.audio"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "k": 1}]}]},
+            "messages.0.content",
+        ),
+        (
+            {"messages": HELLO, "response_format": {"type": "json_object", "extra": 1}},
+            "response_format.extra",
+        ),
+        (
+            {"messages": HELLO, "tools": [{"type": "function", "function": {"name": "f", "x": 1}}]},
+            "tools.0.function.x",
+        ),
+    ],
+)
+async def test_a_field_inside_a_part_of_the_request_is_refused_too(
+    client: httpx.AsyncClient, body: dict[str, object], param: str
+) -> None:
+    response = await client.post(CHAT, json=body)
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"].startswith(param), error
+
+
+async def test_a_message_name_reaches_the_chat_template(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    messages = [{"role": "user", "content": "hi", "name": "ada"}]
+    assert (await client.post(CHAT, json={"messages": messages})).status_code == 200
+    assert script.history[-1][0] == [{"role": "user", "content": "hi", "name": "ada"}]
