@@ -11,7 +11,8 @@ Runners with prefix caching keep a finished sequence's KV: a new request first `
 longest token prefix the runner still holds (the previous turn of its conversation, a shared
 system prompt), and only the rest is prefilled and charged to the budget.
 A request for `n` choices is `n` sequences: the first is prefilled, and the moment its prompt is
-in, the runner `fork`s its KV to the others, which sample their first tokens from the same logits.
+in, the runner `fork`s its KV to the others already admitted, which sample their first tokens from
+the same logits (the rest, or all of them on a runner that cannot copy KV, are prefilled each).
 The loop runs in one background thread (torch releases the GIL inside kernels); callers consume
 their stream from asyncio. The model itself is behind `BatchRunner`, so the same loop drives the
 CPU engine and the Neuron engine.

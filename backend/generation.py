@@ -32,7 +32,7 @@ class SamplingParams:
     logprobs: int | None = None
     # An llguidance grammar the reply must follow (backend.structured); None = free text.
     grammar: str | None = None
-    # Choices generated from one prompt: the prompt is prefilled once and its KV shared.
+    # Choices generated from one prompt (they share its KV where the runner can copy it).
     n: int = 1
 
     def for_choice(self, index: int) -> SamplingParams:

@@ -87,8 +87,8 @@ class Constraint:
         """Set every token the grammar does not allow next to -inf (in place, one float32 row).
 
         In numpy, on the row's memory: numpy runs on this thread alone, where torch would
-        spread these few microseconds of work over its threads, and each operation then waits
-        for a core the engine is using (measured: 16 ms p99 per token with 2 threads)."""
+        spread this little work over its threads, and each operation would then wait for a core
+        the engine is using (`python -m bench grammars` compares both)."""
         fill_next_token_bitmask(self._matcher, self._bitmask, 0)
         width = min(logits.shape[-1], self._vocab)
         bits = np.unpackbits(self._bitmask[0].view(np.uint8), count=width, bitorder="little")

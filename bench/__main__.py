@@ -60,7 +60,7 @@ REUSE_TARGET = ">= 0.9"  # share of each previous turn reused, more conversation
 MASK_TARGET = ">= 0.95"  # free streams' rate beside a constrained one / beside a free one
 STRUCTURED_TOKENS = 96  # tokens of every stream in the structured-output batches
 STRUCTURED_THREADS = 1  # engine threads there (the other core runs the loop and the mask)
-CHOICES_PROMPT_WORDS = 500  # the prompt the choices share (about 800 tokens)
+CHOICES_PROMPT_WORDS = 500  # the prompt the choices share (its tokens are in the report)
 CHOICES_THREADS = 1
 SHARED_PREFILL_TARGET = "<= 0.5"  # first tokens of n choices / of n requests of one prompt
 

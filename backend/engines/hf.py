@@ -95,10 +95,7 @@ class PaddedBatchRunner:
         keep = min(shared, len(prompt_ids) - 1)
         if entry is None or keep == 0:
             return 0
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(entry.payload):
-            cache.update(keys[:, :, :keep], values[:, :, :keep], index)
-        self._prefilling[seq_id] = cache
+        self._prefilling[seq_id] = _cache_of(entry.payload, keep)
         self._tokens[seq_id] = prompt_ids[:keep]
         return keep
 
@@ -146,13 +143,10 @@ class PaddedBatchRunner:
 
     @torch.inference_mode()
     def fork(self, parent_id: int, child_id: int) -> bool:
-        """The child's own prefill cache gets a copy of the parent's (`DynamicCache.update`
-        concatenates), which joins the shared cache at its first decode step as any prompt."""
-        prompt = self._prefilling[parent_id]
-        cache = DynamicCache()
-        for index, (keys, values) in enumerate(_layers(prompt)):
-            cache.update(keys, values, index)
-        self._prefilling[child_id] = cache
+        """The child's own prefill cache gets a copy of the parent's, which joins the shared
+        cache at its first decode step as any prompt."""
+        prompt = _layers(self._prefilling[parent_id])
+        self._prefilling[child_id] = _cache_of(prompt, prompt[0][0].shape[2])
         self._tokens[child_id] = list(self._tokens[parent_id])
         self._age[child_id] = next(self._joined)
         return True
@@ -199,6 +193,14 @@ class PaddedBatchRunner:
                 return
             self.parked.shrink_to(room)
         self.parked.put(tokens, layers, nbytes)
+
+
+def _cache_of(layers: _Layers, length: int) -> DynamicCache:
+    """A new cache of the first `length` positions of `layers` (copied: `update` concatenates)."""
+    cache = DynamicCache()
+    for index, (keys, values) in enumerate(layers):
+        cache.update(keys[:, :, :length], values[:, :, :length], index)
+    return cache
 
 
 def _bytes_per_token(layers: _Layers) -> int:
