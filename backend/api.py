@@ -175,7 +175,8 @@ def _parse(model: type[RequestT], body: bytes) -> RequestT:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _invalid(exc.errors()[0]) from exc
+        # The deepest complaint names the field: a union's other members fail at its top.
+        raise _invalid(max(exc.errors(), key=lambda error: len(error["loc"]))) from exc
 
 
 def _invalid(error: Any) -> InvalidRequestError:

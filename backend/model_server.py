@@ -100,10 +100,13 @@ class ModelServer:
         if isinstance(request, ChatCompletionRequest):
             messages = request_conversation(request)
             prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)
-            if request.calls_tools():
+            response_format = request.response_format
+            if request.uses_tools():
                 grammar = tools_grammar(request)
-            elif request.response_format is not None and request.response_format.constrained():
-                grammar = json_grammar(request.response_format.target_schema())
+            elif response_format is not None and response_format.constrained():
+                grammar = json_grammar(
+                    response_format.target_schema(), strict=response_format.reads_strictly()
+                )
         else:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())

@@ -48,11 +48,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TextPart(_Strict):
-    """One text part of a message's content, as in OpenAI's content-parts form."""
+def _published_as_text_only(schema: dict[str, Any]) -> None:
+    schema["properties"] = {"type": {"const": "text"}, "text": {"type": "string"}}
+    schema["required"] = ["type", "text"]
 
-    type: Literal["text"]
-    text: str
+
+class ContentPart(_Strict):
+    """One part of a message's content, in OpenAI's content-parts form. Only text is read (and
+    published); the other kinds are known, so that a request with one is refused for its
+    modality (the model reads text only), not for an unknown field."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_published_as_text_only)
+
+    type: Literal["text", "image_url", "input_audio", "file"]
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+    input_audio: dict[str, Any] | None = None
+    file: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise ValueError(f"this model reads text only: {self.type} parts are not supported")
+        if self.text is None:
+            raise ValueError("a text part needs its 'text'")
+        return self
 
 
 class FunctionCall(_Strict):
@@ -75,7 +95,7 @@ class ChatMessage(_Strict):
     carry the tool calls it made instead of content; a `tool` message answers one of them."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = Field(
         None, description="The participant's name, given to the chat template with the message."
     )
@@ -98,7 +118,7 @@ class ChatMessage(_Strict):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text for part in self.content)
+        return "".join(part.text or "" for part in self.content)
 
 
 FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -110,7 +130,11 @@ class FunctionDef(_Strict):
     name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
-    strict: bool | None = None
+    strict: bool | None = Field(
+        None,
+        description="Absent or true: an object admits only the properties it names (as vLLM's "
+        "xgrammar and OpenAI's strict mode); false: the schema is read literally.",
+    )
 
 
 class ToolDef(_Strict):
@@ -149,7 +173,11 @@ class JsonSchemaFormat(_Strict):
     name: str = Field(max_length=64)
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
-    strict: bool | None = None
+    strict: bool | None = Field(
+        None,
+        description="Absent or true: an object admits only the properties it names (as vLLM's "
+        "xgrammar and OpenAI's strict mode); false: the schema is read literally.",
+    )
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -173,6 +201,11 @@ class ResponseFormat(_Strict):
     def target_schema(self) -> dict[str, Any] | None:
         """The schema the reply follows; None = any JSON object."""
         return self.json_schema.schema_ if self.json_schema is not None else None
+
+    def reads_strictly(self) -> bool:
+        """Whether the schema admits only what it names (the default; `strict: false` reads it
+        literally)."""
+        return self.json_schema is None or self.json_schema.strict is not False
 
 
 MAX_TOP_LOGPROBS = 20
@@ -210,8 +243,8 @@ class SamplingRequest(_Strict):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     ignore_eos: bool = False
-    # Accepted, never used: they cannot change the reply.
-    user: str | None = None
+    # Accepted, never used: they cannot change the reply. (Open WebUI sends `user` as an object.)
+    user: str | dict[str, Any] | None = None
     metadata: dict[str, str] | None = None
     store: bool | None = None
     service_tier: str | None = None
@@ -274,30 +307,26 @@ class ChatCompletionRequest(SamplingRequest):
     def _consistent(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs set to true")
-        constrained = self.calls_tools() or bool(
+        constrained = self.uses_tools() or bool(
             self.response_format and self.response_format.constrained()
         )
         if self.ignore_eos and constrained:
             raise ValueError("ignore_eos cannot be combined with a JSON reply or tool calls")
-        if self.tools and self.tool_choice in (None, "auto"):
-            raise ValueError(
-                "tool_choice 'auto' (the default with tools) needs a model-specific parser of "
-                "tool calls, which this server does not have: use 'required', a named "
-                "function, or 'none'"
-            )
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {
             tool.function.name for tool in self.tools or []
         }:
             raise ValueError("tool_choice names a function that is not in tools")
-        if self.calls_tools() and self.response_format and self.response_format.constrained():
-            raise ValueError("response_format cannot be combined with tool calls")
+        if self.uses_tools() and self.response_format and self.response_format.constrained():
+            raise ValueError(
+                "response_format cannot be combined with tools (unless tool_choice is 'none')"
+            )
         return self
 
-    def calls_tools(self) -> bool:
-        """Whether the reply must be tool calls (`required` or a named function)."""
-        return bool(self.tools) and self.tool_choice not in (None, "none", "auto")
+    def uses_tools(self) -> bool:
+        """Whether the reply may or must call tools (tools sent, and tool_choice not `none`)."""
+        return bool(self.tools) and self.tool_choice != "none"
 
     def requested_max_tokens(self) -> int | None:
         """`max_completion_tokens` (current OpenAI name) or `max_tokens` (legacy)."""
@@ -561,10 +590,10 @@ def now() -> int:
 def validation_param(loc: tuple[Any, ...]) -> str | None:
     """OpenAI-style `param` (`messages.0.content`) from a pydantic error location."""
     parts = [str(p) for p in loc if p not in ("body", "query")]
-    # Union members add their type's name to the location (`str`, `list[TextPart]`,
+    # Union members add their type's name to the location (`str`, `list[ContentPart]`,
     # `constrained-str`); it names no field.
     parts = [p for p in parts if not _UNION_MEMBER.fullmatch(p)]
     return ".".join(parts) or None
 
 
-_UNION_MEMBER = re.compile(r"str|int|TextPart|constrained-\w+|[\w-]+\[.*\]")
+_UNION_MEMBER = re.compile(r"str|int|ContentPart|constrained-\w+|[\w-]+\[.*\]")

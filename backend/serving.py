@@ -34,7 +34,7 @@ from backend.protocol import (
     completion_id,
     now,
 )
-from backend.tools import parse_calls
+from backend.tools import ReplyReader, tool_mode
 
 logger = logging.getLogger(__name__)
 
@@ -113,7 +113,9 @@ class ChatService:
             id=completion_id(),
             created=now(),
             model=model_id,
-            choices=[_chat_choice(request, index, reply) for index, reply in enumerate(replies)],
+            choices=[
+                _chat_choice(request, model_id, index, reply) for index, reply in enumerate(replies)
+            ],
             usage=usage_of(
                 prompt_tokens,
                 sum(reply.tokens for reply in replies),
@@ -133,7 +135,7 @@ class ChatService:
         continuous = request.wants_continuous_usage()
         if continuous:
             chunk.usage_so_far = usage_of(prompt_tokens, tokens, cached)
-        calls: list[list[str]] = [[] for _ in range(request.n)]  # tool calls go out whole
+        readers = [reply_reader(request, model_id) for _ in range(request.n)]
         for index in range(request.n):
             yield chunk.delta(DeltaMessage(role="assistant", content=""), index=index)
         async for delta in deltas_of(events):
@@ -141,29 +143,28 @@ class ChatService:
             cached += delta.cached_tokens
             if continuous:
                 chunk.usage_so_far = usage_of(prompt_tokens, tokens, cached)
-            index = delta.index
-            if request.calls_tools():
-                calls[index].append(delta.text)
-                if delta.finish_reason:
-                    yield from_calls(chunk, "".join(calls[index]), delta.finish_reason, index)
-                continue
-            if delta.text or delta.logprobs:
-                logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
-                yield chunk.delta(DeltaMessage(content=delta.text), logprobs=logprobs, index=index)
+            index, reader = delta.index, readers[delta.index]
+            content = reader.feed(delta.text)
+            logprobs = ChoiceLogprobs.of(list(delta.logprobs)) if request.logprobs else None
+            if content or logprobs:
+                yield chunk.delta(DeltaMessage(content=content), logprobs=logprobs, index=index)
             if delta.finish_reason:
-                yield chunk.delta(DeltaMessage(), delta.finish_reason, index=index)
+                yield from_finish(chunk, reader, delta.finish_reason, index)
         if request.wants_usage_chunk():
             yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
 
 
-def _chat_choice(request: ChatCompletionRequest, index: int, reply: Reply) -> Choice:
+def reply_reader(request: ChatCompletionRequest, model_id: str) -> ReplyReader:
+    """The reader of one choice of `request`'s reply (text, or the tools' JSON form)."""
+    return ReplyReader(tool_mode(request), model_id)
+
+
+def _chat_choice(request: ChatCompletionRequest, model_id: str, index: int, reply: Reply) -> Choice:
     """A whole choice: its text, or the tool calls the grammar made it write."""
-    reason = reply.finish_reason
-    if request.calls_tools() and reason == "stop":  # the grammar's calls, complete
-        message = ResponseMessage(content=None, tool_calls=parse_calls(reply.text))
-        reason = "tool_calls"
-    else:
-        message = ResponseMessage(content=reply.text)
+    reader = reply_reader(request, model_id)
+    content = reader.feed(reply.text)
+    rest, calls, reason = reader.finish(reply.finish_reason)
+    message = ResponseMessage(content=None if calls else content + rest, tool_calls=calls)
     logprobs = ChoiceLogprobs.of(reply.logprobs) if request.logprobs else None
     return Choice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
 
@@ -198,17 +199,15 @@ async def gathered(events: AsyncGenerator[GenerationEvent, None], choices: int) 
     return replies
 
 
-def from_calls(chunk: _ChunkWriter, text: str, finish_reason: str, index: int) -> str:
-    """The chunks that end a choice's tool-calling stream: its calls and `tool_calls`, or the
-    text it got to when `max_tokens` cut it."""
-    if finish_reason != "stop":
-        return chunk.delta(DeltaMessage(content=text), index=index) + chunk.delta(
-            DeltaMessage(), finish_reason, index=index
-        )
-    calls = [ToolCallDelta(index=i, **c.model_dump()) for i, c in enumerate(parse_calls(text))]
-    return chunk.delta(DeltaMessage(tool_calls=calls), index=index) + chunk.delta(
-        DeltaMessage(), "tool_calls", index=index
-    )
+def from_finish(chunk: _ChunkWriter, reader: ReplyReader, reason: str, index: int) -> str:
+    """The chunks that end a choice: the content its reader still held, its calls (whole, in
+    one delta), and its finish reason."""
+    rest, calls, finish_reason = reader.finish(reason)
+    events = chunk.delta(DeltaMessage(content=rest), index=index) if rest else ""
+    if calls:
+        deltas = [ToolCallDelta(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+        events += chunk.delta(DeltaMessage(tool_calls=deltas), index=index)
+    return events + chunk.delta(DeltaMessage(), finish_reason, index=index)
 
 
 async def framed(

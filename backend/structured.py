@@ -28,19 +28,24 @@ import numpy as np
 import torch
 from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask
 
+from backend import json_schema
 from backend.errors import EngineError, InvalidRequestError
 
-# Compact JSON: no free whitespace for a small model to wander in.
-_JSON_OPTIONS: Any = {"whitespace_flexible": False}
+# Compact JSON: no free whitespace for a small model to wander in. `oneOf` is read as `anyOf`,
+# as xgrammar (vLLM's default) reads it: pydantic writes `oneOf` for discriminated unions.
+_JSON_OPTIONS: Any = {"whitespace_flexible": False, "coerce_one_of": True}
 
 
-def json_grammar(schema: dict[str, Any] | None, param: str = "response_format") -> str:
-    """The grammar of JSON that follows `schema` (None: any JSON object); a schema llguidance
-    cannot compile is an `InvalidRequestError` naming `param`."""
+def json_grammar(
+    schema: dict[str, Any] | None, param: str = "response_format", *, strict: bool = True
+) -> str:
+    """The grammar of JSON that follows `schema` (None: any JSON object), read strictly
+    (`backend.json_schema.strict`) unless `strict` is False; a schema llguidance cannot compile
+    is an `InvalidRequestError` naming `param`."""
+    target = schema if schema is not None else {"type": "object"}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(schema if schema is not None else {"type": "object"}),
-            defaults=_JSON_OPTIONS,
+            json.dumps(json_schema.strict(target) if strict else target), defaults=_JSON_OPTIONS
         )
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"The JSON schema cannot be used: {exc}", param=param) from exc

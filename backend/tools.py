@@ -1,20 +1,28 @@
-"""Tool calls on any model, as vLLM does for `tool_choice` `required` or a named function: the
-reply is constrained by a grammar to JSON calls whose arguments follow each function's schema,
-then parsed back into OpenAI's `tool_calls`. (`auto` would need a parser of each model's own
-tool-call syntax; it is refused when the request is validated.)
+"""Tool calls on any model, in llama.cpp's generic format (`common/chat.cpp`,
+`common_chat_params_init_generic`), for chat templates that have no tool-call format of their
+own (Mistral v0.2's, SmolLM2's):
 
-Chat templates without a tool role (Mistral v0.2's, SmolLM2's) get the tool traffic as text, by
-this documented rendering: the functions are listed in a system message; an assistant turn that
-called tools reads `{"tool_calls": [{"name": …, "arguments": {…}}]}`; a `tool` message becomes a
-user message `Result of tool call <id>: <content>` (consecutive results in one message).
+- the functions are listed in a system message, which tells the model the reply's JSON form;
+- the reply is constrained by a grammar: `{"tool_calls": [{"name": …, "arguments": {…}}]}` for
+  `tool_choice` `required` or a named function (as vLLM does for those); for `auto` (also the
+  default when tools are sent) either those calls or `{"response": "<text>"}`, so the model
+  decides between calling and answering, as llama.cpp's generic handler lets it;
+- `ReplyReader` reads the reply back: the response's text streams out as content while it is
+  written, and the calls go out whole once the grammar has closed them.
+
+Tool traffic in the conversation is rendered as text: an assistant turn that called tools reads
+`{"tool_calls": [{"name": …, "arguments": {…}}]}`; a `tool` message becomes a user message
+`Result of tool call <id>: <content>` (consecutive results in one message).
 """
 
 from __future__ import annotations
 
 import json
-import uuid
-from typing import Any
+import secrets
+import string
+from typing import Any, Literal
 
+from backend.json_schema import rebased, strict
 from backend.protocol import (
     ChatCompletionRequest,
     ChatMessage,
@@ -27,10 +35,25 @@ from backend.structured import json_grammar
 
 # At most this many calls in one reply (`parallel_tool_calls`): a reply always has an end.
 MAX_PARALLEL_CALLS = 8
+ToolMode = Literal["none", "auto", "required"]
+# Where a call's arguments lie in the grammar's schema (`_reply_schema`), for their `$ref`s.
+_CALLS_POINTER = "/anyOf/0"
+RESPONSE_OPENING = '{"response":"'  # compact JSON: the grammar allows no whitespace
+_ALPHANUMERIC = string.ascii_letters + string.digits
 
 
-def conversation(messages: list[ChatMessage], tools: list[ToolDef] | None) -> list[dict[str, str]]:
-    """The messages as role/content dicts for a chat template, tool traffic rendered as text."""
+def tool_mode(request: ChatCompletionRequest) -> ToolMode:
+    """Whether the reply may not call tools, may, or must."""
+    if not request.tools or request.tool_choice == "none":
+        return "none"
+    return "auto" if request.tool_choice in (None, "auto") else "required"
+
+
+def conversation(
+    messages: list[ChatMessage], tools: list[ToolDef] | None, mode: ToolMode = "required"
+) -> list[dict[str, str]]:
+    """The messages as role/content dicts for a chat template, tool traffic rendered as text
+    and the functions (if any) listed with the reply's form (`mode`: `auto` or `required`)."""
     rendered: list[dict[str, str]] = []
     after_tool = False  # the last message rendered holds tool results
     for message in messages:
@@ -53,41 +76,69 @@ def conversation(messages: list[ChatMessage], tools: list[ToolDef] | None) -> li
             rendered.append({"role": message.role, "content": message.text()})
         if message.name is not None:  # templates that know names use them (as in vLLM)
             rendered[-1]["name"] = message.name
-    return _with_tool_list(rendered, tools) if tools else rendered
+    return _with_tool_list(rendered, tools, mode) if tools else rendered
 
 
 def request_conversation(request: ChatCompletionRequest) -> list[dict[str, str]]:
     """A chat request's conversation for the template (the tools listed unless `none`)."""
-    tools = request.tools if request.tool_choice != "none" else None
-    return conversation(request.messages, tools)
+    mode = tool_mode(request)
+    return conversation(request.messages, request.tools if mode != "none" else None, mode)
 
 
 def tools_grammar(request: ChatCompletionRequest) -> str:
-    """The grammar of the calls the request requires."""
+    """The grammar of the reply a request with tools asks for: calls, or (`auto`) calls or a
+    response."""
+    schema = _reply_schema(request)
+    if tool_mode(request) == "required":
+        del schema["anyOf"][1]  # the response
+    return json_grammar(schema, param="tools", strict=False)
+
+
+def _reply_schema(request: ChatCompletionRequest) -> dict[str, Any]:
+    """`{"anyOf": [calls, response]}`; each function's arguments read strictly unless it says
+    `strict: false`, and its references rebased to where its schema lies."""
     tools = request.tools or []
     choice = request.tool_choice
     if isinstance(choice, NamedToolChoice):
         tools = [tool for tool in tools if tool.function.name == choice.function.name]
-    calls = [_call_schema(tool) for tool in tools]
-    one = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    items = "/properties/tool_calls/items" + ("/anyOf/{}" if len(tools) > 1 else "")
+    calls = [
+        _call_schema(tool, _CALLS_POINTER + items.format(i) + "/properties/arguments")
+        for i, tool in enumerate(tools)
+    ]
     most = MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1
-    schema = {
+    array = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
+    return {
+        "anyOf": [
+            _object(tool_calls={**array, "minItems": 1, "maxItems": most}),
+            _object(response={"type": "string"}),
+        ]
+    }
+
+
+def _call_schema(tool: ToolDef, pointer: str) -> dict[str, Any]:
+    parameters = tool.function.parameters
+    if tool.function.strict is not False:
+        parameters = strict(parameters)
+    return _object(name={"const": tool.function.name}, arguments=rebased(parameters, pointer))
+
+
+def _object(**properties: Any) -> dict[str, Any]:
+    """An object schema with exactly these properties, in this order."""
+    return {
         "type": "object",
-        "properties": {
-            "tool_calls": {"type": "array", "items": one, "minItems": 1, "maxItems": most}
-        },
-        "required": ["tool_calls"],
+        "properties": properties,
+        "required": list(properties),
         "additionalProperties": False,
     }
-    return json_grammar(schema, param="tools")
 
 
-def parse_calls(text: str) -> list[ToolCall]:
+def parse_calls(text: str, model_id: str = "") -> list[ToolCall]:
     """The calls in a reply the grammar constrained (and that ended by itself)."""
     calls = json.loads(text)["tool_calls"]
     return [
         ToolCall(
-            id=f"call_{uuid.uuid4().hex[:24]}",
+            id=new_call_id(model_id),
             function=FunctionCall(
                 name=call["name"], arguments=json.dumps(call["arguments"], ensure_ascii=False)
             ),
@@ -96,16 +147,69 @@ def parse_calls(text: str) -> list[ToolCall]:
     ]
 
 
-def _call_schema(tool: ToolDef) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {
-            "name": {"const": tool.function.name},
-            "arguments": tool.function.parameters,
-        },
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+def new_call_id(model_id: str) -> str:
+    """A fresh tool-call id in the form the model's clients expect: 9 alphanumeric characters
+    for Mistral models (their templates check it, and vLLM's Mistral parser makes them so),
+    else OpenAI's `call_` and 24."""
+    if "mistral" in model_id.lower():
+        return _random_alphanumeric(9)
+    return "call_" + _random_alphanumeric(24)
+
+
+def _random_alphanumeric(length: int) -> str:
+    return "".join(secrets.choice(_ALPHANUMERIC) for _ in range(length))
+
+
+class ReplyReader:
+    """Reads one choice's reply, in the form `tools_grammar` constrains it to, as it streams:
+    `feed` the generated text, get the content to send now; `finish` gives the rest, the
+    calls and the finish reason."""
+
+    def __init__(self, mode: ToolMode, model_id: str) -> None:
+        self._mode = mode
+        self._model_id = model_id
+        self._raw = ""
+        self._read = len(RESPONSE_OPENING)  # where the response's undecoded text starts
+
+    def feed(self, text: str) -> str:
+        """The content that `text` completes: itself without tools, the response's text as
+        far as it is written, nothing while calls are written."""
+        if self._mode == "none":
+            return text
+        self._raw += text
+        if not self._raw.startswith(RESPONSE_OPENING):
+            return ""
+        decoded, self._read = _decode_string(self._raw, self._read)
+        return decoded
+
+    def finish(self, reason: str | None) -> tuple[str, list[ToolCall] | None, str | None]:
+        """(content still to send, the calls or None, the finish reason) once the reply ends.
+        A reply cut before its calls closed (`length`) is sent as the text it got to."""
+        rest = self.feed("")
+        if self._mode == "none" or self._raw.startswith(RESPONSE_OPENING):
+            return rest, None, reason
+        if reason == "stop":
+            return "", parse_calls(self._raw, self._model_id), "tool_calls"
+        return self._raw, None, reason
+
+
+def _decode_string(raw: str, start: int) -> tuple[str, int]:
+    """The text of the JSON string body in `raw` from `start`, as far as it is complete (up to
+    its closing quote, or an escape not yet whole), and where decoding stopped."""
+    parts: list[str] = []
+    at = start
+    while at < len(raw) and raw[at] != '"':
+        if raw[at] != "\\":
+            end = at + 1
+        else:
+            end = at + (6 if raw[at + 1 : at + 2] == "u" else 2)
+            if end - at == 6 and end <= len(raw) and 0xD800 <= int(raw[at + 2 : end], 16) < 0xDC00:
+                end += 6  # a high surrogate: decoded with its pair
+            if end > len(raw):
+                break
+        parts.append(json.loads(f'"{raw[at:end]}"') if end - at > 1 else raw[at])
+        at = end
+    return "".join(parts), at
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:
@@ -116,12 +220,20 @@ def _call_json(call: ToolCall) -> dict[str, Any]:
     return {"name": call.function.name, "arguments": arguments}
 
 
-def _with_tool_list(messages: list[dict[str, str]], tools: list[ToolDef]) -> list[dict[str, str]]:
+def _with_tool_list(
+    messages: list[dict[str, str]], tools: list[ToolDef], mode: ToolMode
+) -> list[dict[str, str]]:
     listed = [tool.function.model_dump(exclude_none=True, exclude={"strict"}) for tool in tools]
-    note = (
-        "You can call these functions. To call them, reply with JSON only: "
-        '{"tool_calls": [{"name": <function name>, "arguments": {<arguments>}}]}.\n'
-        "Functions: " + json.dumps(listed, ensure_ascii=False)
+    calls = '{"tool_calls": [{"name": <function name>, "arguments": {<arguments>}}]}'
+    if mode == "auto":  # llama.cpp's generic handler tells the model both forms, as here
+        how = (
+            "Respond in JSON format, either with tool_calls (a request to call functions): "
+            f'{calls}, or with response (your reply to the user): {{"response": <your reply>}}.'
+        )
+    else:
+        how = f"To call them, reply with JSON only: {calls}."
+    note = f"You can call these functions. {how}\nFunctions: " + json.dumps(
+        listed, ensure_ascii=False
     )
     if messages and messages[0]["role"] in ("system", "developer"):
         first = {**messages[0], "content": messages[0]["content"] + "\n\n" + note}

@@ -133,8 +133,8 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
             tools = gr.Textbox(
                 settings.tools,
                 label="Tools",
-                info="An OpenAI `tools` JSON list of functions: each answer is then a call of "
-                "one, and your next message is its result. Empty = a plain chat.",
+                info="An OpenAI `tools` JSON list of functions the model may call; your message "
+                "after a call is its result. Empty = a plain chat.",
                 placeholder=TOOLS_EXAMPLE,
                 lines=3,
                 max_lines=16,
@@ -144,7 +144,8 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
                 tool_choices(settings.tools) or [],
                 value=settings.tool_choice,
                 label="Tool choice",
-                info="`required`: any of the functions; or the one function to call.",
+                info="`auto`: the model answers or calls; `required`: it calls any of the "
+                "functions; or the one function it calls.",
                 elem_id="tool-choice",
             )
         timer = gr.Timer(settings.health_poll_interval_s)

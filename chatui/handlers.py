@@ -61,7 +61,7 @@ from chatui.conversation import (
     user_message,
 )
 from chatui.settings import ChatUISettings
-from chatui.tools import REQUIRED, ToolsError, tool_choices, tool_request
+from chatui.tools import AUTO, ToolsError, tool_choices, tool_request
 
 SKIP: dict[str, Any] = gr.skip()
 # Under a reply that called tools (see `chatui.conversation.to_openai`).
@@ -144,12 +144,12 @@ def tools_notice(error: ToolsError) -> dict[str, Any]:
 
 
 def tool_choice_update(tools: str, choice: str) -> dict[str, Any]:
-    """The tool choice control for the Tools box: `required` and each function's name, the
-    choice kept while it is still one of them; unchanged while the box cannot be read."""
+    """The tool choice control for the Tools box: `auto`, `required` and each function's name,
+    the choice kept while it is still one of them; unchanged while the box cannot be read."""
     names = tool_choices(tools)
     if names is None:
         return SKIP
-    return gr.update(choices=names, value=choice if choice in names else REQUIRED)
+    return gr.update(choices=names, value=choice if choice in names else AUTO)
 
 
 _STARTING = "🟡 Backend starting… (the model is loading)"
@@ -393,7 +393,7 @@ class ChatHandlers:
             self.settings.json_output if json_output is None else json_output,
             # No tools: the API's {role, content} history has no place for a turn's calls.
             "",
-            REQUIRED,
+            AUTO,
         ):
             result = update
         last = result[-1]

@@ -9,7 +9,7 @@ import httpx
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chatui.tools import REQUIRED, ToolsError, tool_request
+from chatui.tools import AUTO, MODES, ToolsError, tool_request
 
 ENV_PREFIX = "CHATUI_"
 
@@ -81,9 +81,10 @@ class ChatUISettings(BaseSettings):
         "of function definitions; empty = a plain chat; needs the `openai` API.",
     )
     tool_choice: str = Field(
-        REQUIRED,
-        description="Default tool choice (editable in the UI): `required` (any of the "
-        "functions) or the name of one function of CHATUI_TOOLS.",
+        AUTO,
+        description="Default tool choice (editable in the UI): `auto` (the model answers or "
+        "calls: it decides), `required` (it calls any of the functions) or the name of one "
+        "function of CHATUI_TOOLS.",
     )
     health_poll_interval_s: float = Field(
         5.0, ge=0.5, description="Seconds between two backend health checks (the status line)."
@@ -163,7 +164,7 @@ class ChatUISettings(BaseSettings):
             tools = tool_request(self.tools, self.tool_choice, json_output=self.json_output)
         except ToolsError as exc:
             raise ValueError(f"{ENV_PREFIX}TOOLS or {ENV_PREFIX}TOOL_CHOICE: {exc}") from exc
-        if tools is None and self.tool_choice != REQUIRED:
+        if tools is None and self.tool_choice not in MODES:
             raise ValueError(f"{ENV_PREFIX}TOOL_CHOICE names a function: set {ENV_PREFIX}TOOLS")
         if tools is not None and self.backend_api != "openai":
             raise ValueError(

@@ -1,9 +1,9 @@
 """Tool calls in the UI: the Tools setting read into a request's `tools` and `tool_choice`, and
 the calls a reply makes, as OpenAI's wire format has them.
 
-The backend can only be made to call (`tool_choice` `required` or one named function; `auto`
-needs a parser of each model's own syntax), so with tools every reply is a call. The message the
-user sends after a call is its result: it goes to the backend as one `tool` message per call of
+With tools, the tool choice says whether the model decides between answering and calling
+(`auto`, OpenAI's default), must call one of them (`required`) or one named function. The message
+the user sends after a call is its result: it goes to the backend as one `tool` message per call of
 that reply (OpenAI requires every call answered before the conversation goes on; see
 `chatui.conversation.to_openai`).
 """
@@ -16,7 +16,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-REQUIRED = "required"  # the tool choice that lets the model pick any of the functions
+AUTO = "auto"  # the model answers, or calls any of the functions: it decides
+REQUIRED = "required"  # the model calls any of the functions
+MODES = (AUTO, REQUIRED)  # the tool choices that name no function
 
 
 class ToolsError(ValueError):
@@ -61,12 +63,12 @@ class ToolRequest:
     """The functions the model may call, as the user wrote them, and which it must call."""
 
     tools: tuple[dict[str, Any], ...]
-    choice: str  # REQUIRED, or the name of one of the functions
+    choice: str  # AUTO, REQUIRED, or the name of one of the functions
 
     def body(self) -> dict[str, Any]:
         """The request fields `tools` and `tool_choice`."""
         choice: Any = self.choice
-        if choice != REQUIRED:
+        if choice not in MODES:
             choice = {"type": "function", "function": {"name": choice}}
         return {"tools": list(self.tools), "tool_choice": choice}
 
@@ -78,10 +80,10 @@ def tool_request(text: str, choice: str, *, json_output: bool = False) -> ToolRe
     names = _names(tools)
     if not names:
         return None
-    if choice != REQUIRED and choice not in names:
+    if choice not in MODES and choice not in names:
         raise ToolsError(
-            f"The tool choice {choice!r} is not a function of Tools: pick {REQUIRED!r} or one "
-            f"of {', '.join(names)}."
+            f"The tool choice {choice!r} is not a function of Tools: pick {AUTO!r}, "
+            f"{REQUIRED!r} or one of {', '.join(names)}."
         )
     if json_output:
         raise ToolsError("JSON output and tools cannot be combined: untick one or empty Tools.")
@@ -89,10 +91,10 @@ def tool_request(text: str, choice: str, *, json_output: bool = False) -> ToolRe
 
 
 def tool_choices(text: str) -> list[str] | None:
-    """The tool choices the Tools setting offers (`required`, then each function's name); None
-    when it cannot be read."""
+    """The tool choices the Tools setting offers (`auto`, `required`, then each function's
+    name); None when it cannot be read."""
     try:
-        return [REQUIRED, *_names(_load(text))]
+        return [*MODES, *_names(_load(text))]
     except ToolsError:
         return None
 

@@ -81,6 +81,27 @@ async def test_fields_that_cannot_change_the_reply_are_accepted(client: httpx.As
     harmless = {"user": "u1", "metadata": {"k": "v"}, "store": False, "service_tier": "auto"}
     response = await client.post(CHAT, json={"messages": HELLO, **harmless})
     assert response.status_code == 200
+    as_open_webui_sends_it = {"name": "Ada", "id": "u1", "email": "a@b.c", "role": "user"}
+    response = await client.post(CHAT, json={"messages": HELLO, "user": as_open_webui_sends_it})
+    assert response.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "file", "file": {"file_id": "f1"}},
+    ],
+)
+async def test_a_part_of_another_modality_is_a_400_that_says_so(
+    client: httpx.AsyncClient, script: Script, part: dict[str, object]
+) -> None:
+    content = [{"type": "text", "text": "What is this?"}, part]
+    response = await client.post(CHAT, json={"messages": [{"role": "user", "content": content}]})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "messages.0.content.1"
+    assert f"reads text only: {part['type']} parts" in error["message"] and script.history == []
 
 
 @pytest.mark.parametrize(
@@ -501,6 +522,51 @@ async def test_a_streamed_tool_call_arrives_whole_in_one_delta(
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+RESPONSE_JSON = ['{"response":"Hel', 'lo \\"', 'there\\""}']
+
+
+@pytest.mark.parametrize("choice", [None, "auto"])
+async def test_with_auto_a_response_streams_as_content_as_it_is_written(
+    client: httpx.AsyncClient, script: Script, choice: str | None
+) -> None:
+    script.enqueue(RESPONSE_JSON)
+    body = {"messages": HELLO, "tools": [TOOL], "stream": True, "tool_choice": choice}
+    events = sse_payloads((await client.post(CHAT, json=body)).text)
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert [d.get("content") for d in deltas[1:]] == ["Hel", 'lo "', 'there"', None]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    script.enqueue(RESPONSE_JSON)
+    whole = (await client.post(CHAT, json={**body, "stream": False})).json()["choices"][0]
+    assert whole["message"] == {"role": "assistant", "content": 'Hello "there"'}
+    assert whole["finish_reason"] == "stop"
+
+
+async def test_with_auto_calls_come_back_as_tool_calls(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(CALLS_JSON)
+    choice = (await client.post(CHAT, json={"messages": HELLO, "tools": [TOOL]})).json()
+    assert choice["choices"][0]["finish_reason"] == "tool_calls"
+    assert choice["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "lookup"
+
+
+async def test_with_auto_the_model_is_told_both_forms_and_none_tells_it_nothing(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.enqueue(['{"response":"x"}'])
+    await client.post(CHAT, json={"messages": HELLO, "tools": [TOOL]})
+    told = script.history[-1][0][0]
+    assert (
+        told["role"] == "system" and '"response"' in told["content"] and "lookup" in told["content"]
+    )
+    script.enqueue(["plain"])
+    reply = await client.post(
+        CHAT, json={"messages": HELLO, "tools": [TOOL], "tool_choice": "none"}
+    )
+    assert script.history[-1][0] == HELLO
+    assert reply.json()["choices"][0]["message"]["content"] == "plain"
+
+
 async def test_a_conversation_with_tool_results_is_accepted(
     client: httpx.AsyncClient, script: Script
 ) -> None:
@@ -610,7 +676,7 @@ async def test_an_unknown_stream_option_is_a_400_naming_it(client: httpx.AsyncCl
         ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages.0.audio"),
         (
             {"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "k": 1}]}]},
-            "messages.0.content",
+            "messages.0.content.0.k",
         ),
         (
             {"messages": HELLO, "response_format": {"type": "json_object", "extra": 1}},

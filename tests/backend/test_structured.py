@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 
+import llguidance
 import pytest
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -51,6 +52,15 @@ def random_constrained_text(
         if masked:
             constraint.advance(token)
     return tokenizer.decode(tokens)
+
+
+def grammar_accepts(tokenizer: PreTrainedTokenizerBase, grammar: str, text: str) -> bool:
+    """Whether the grammar allows `text`, token by token, and ends there."""
+    matcher = llguidance.LLMatcher(
+        GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(), grammar
+    )
+    tokens = tokenizer.encode(text, add_special_tokens=False)
+    return matcher.consume_tokens(tokens) and matcher.is_accepting()
 
 
 @pytest.mark.parametrize("seed", range(5))

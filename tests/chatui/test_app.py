@@ -75,7 +75,7 @@ def test_settings_offer_tools_and_a_tool_choice_that_every_reply_reads(
     assert box["type"] == "textbox" and box["props"]["value"] == tools
     assert box["props"]["label"] == "Tools"
     assert choice["type"] == "dropdown" and choice["props"]["value"] == "get_weather"
-    assert [c[0] for c in choice["props"]["choices"]] == ["required", "get_weather"]
+    assert [c[0] for c in choice["props"]["choices"]] == ["auto", "required", "get_weather"]
     replies = [d for d in config["dependencies"] if str(d["api_name"]).startswith("respond")]
     assert len(replies) == 4
     assert all({box["id"], choice["id"]} <= set(d["inputs"]) for d in replies)
@@ -89,10 +89,10 @@ def test_settings_offer_tools_and_a_tool_choice_that_every_reply_reads(
     ]
 
 
-def test_without_tools_the_choice_is_required(config: dict[str, Any]) -> None:
+def test_without_tools_the_choice_is_auto(config: dict[str, Any]) -> None:
     choice = components(config)["tool-choice"]["props"]
     assert components(config)["tools"]["props"]["value"] == ""
-    assert choice["value"] == "required" and [c[0] for c in choice["choices"]] == ["required"]
+    assert choice["value"] == "auto" and [c[0] for c in choice["choices"]] == ["auto", "required"]
 
 
 def test_only_the_chat_endpoint_is_public(settings: ChatUISettings, client: ScriptedClient) -> None:

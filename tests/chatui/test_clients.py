@@ -184,7 +184,7 @@ def tool_call(index: int, arguments: str, **fields: Any) -> dict[str, Any]:
     }
 
 
-@pytest.mark.parametrize("choice", ["required", "get_weather"])
+@pytest.mark.parametrize("choice", ["auto", "required", "get_weather"])
 async def test_tools_ask_for_a_call_and_a_plain_chat_does_not(
     router: respx.Router, choice: str
 ) -> None:
@@ -200,7 +200,7 @@ async def test_tools_ask_for_a_call_and_a_plain_chat_does_not(
     assert calling == {
         **plain,
         "tools": [WEATHER],
-        "tool_choice": "required" if choice == "required" else named,
+        "tool_choice": choice if choice in ("auto", "required") else named,
     }
 
 

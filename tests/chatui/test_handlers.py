@@ -307,12 +307,12 @@ def test_the_tool_choice_follows_the_tools_box() -> None:
     two = json.dumps([*TOOLS, {"type": "function", "function": {"name": "get_time"}}])
     update = tool_choice_update(two, "required")
     assert (update["choices"], update["value"]) == (
-        ["required", "get_weather", "get_time"],
+        ["auto", "required", "get_weather", "get_time"],
         "required",
     )
     assert tool_choice_update(two, "get_time")["value"] == "get_time"  # still defined: kept
-    assert tool_choice_update(json.dumps(TOOLS), "get_time")["value"] == "required"
-    assert tool_choice_update("", "get_time")["choices"] == ["required"]
+    assert tool_choice_update(json.dumps(TOOLS), "get_time")["value"] == "auto"
+    assert tool_choice_update("", "get_time")["choices"] == ["auto", "required"]
     assert tool_choice_update('[{"type": "func', "get_time") is SKIP  # while typing
 
 

@@ -128,7 +128,7 @@ def test_tools_default_to_none_and_a_named_choice_must_be_defined(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     settings = load_settings()
-    assert (settings.tools, settings.tool_choice) == ("", "required")  # a plain chat
+    assert (settings.tools, settings.tool_choice) == ("", "auto")  # a plain chat
     monkeypatch.setenv("CHATUI_TOOLS", WEATHER)
     monkeypatch.setenv("CHATUI_TOOL_CHOICE", "get_weather")
     assert (load_settings().tools, load_settings().tool_choice) == (WEATHER, "get_weather")

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from chatui.tools import REQUIRED, ToolRequest, ToolsError, tool_choices, tool_request
+from chatui.tools import AUTO, REQUIRED, ToolRequest, ToolsError, tool_choices, tool_request
 
 
 def function(name: str, **extra: Any) -> dict[str, Any]:
@@ -24,13 +24,15 @@ TOOLS = [function("get_weather", description="The weather in a city"), function(
 def test_no_tools_is_a_plain_chat(text: str) -> None:
     assert tool_request(text, REQUIRED) is None
     assert tool_request(text, REQUIRED, json_output=True) is None
-    assert tool_choices(text) == [REQUIRED]
+    assert tool_choices(text) == [AUTO, REQUIRED]
 
 
 def test_the_tools_go_as_written_and_required_lets_the_model_pick() -> None:
     request = tool_request(json.dumps(TOOLS), REQUIRED)
     assert request == ToolRequest(tuple(TOOLS), REQUIRED)
     assert request.body() == {"tools": TOOLS, "tool_choice": "required"}
+    auto = tool_request(json.dumps(TOOLS), AUTO)
+    assert auto is not None and auto.body() == {"tools": TOOLS, "tool_choice": "auto"}
 
 
 def test_a_named_choice_is_sent_as_openai_names_a_function() -> None:
@@ -39,8 +41,8 @@ def test_a_named_choice_is_sent_as_openai_names_a_function() -> None:
     assert request.body()["tool_choice"] == {"type": "function", "function": {"name": "get_time"}}
 
 
-def test_the_choices_are_required_then_each_function() -> None:
-    assert tool_choices(json.dumps(TOOLS)) == [REQUIRED, "get_weather", "get_time"]
+def test_the_choices_are_auto_required_then_each_function() -> None:
+    assert tool_choices(json.dumps(TOOLS)) == [AUTO, REQUIRED, "get_weather", "get_time"]
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,7 @@ def test_tools_that_cannot_be_sent_say_what_is_wrong(text: str, says: str) -> No
 
 
 def test_the_choice_must_be_one_of_the_functions() -> None:
-    with pytest.raises(ToolsError, match=r"'get_news' is not a function of Tools: pick 'required'"):
+    with pytest.raises(ToolsError, match=r"'get_news' is not a function of Tools: pick 'auto'"):
         tool_request(json.dumps(TOOLS), "get_news")
 
 
