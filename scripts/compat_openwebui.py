@@ -5,15 +5,17 @@ Run with the Python of `.venv-openwebui` (it has Open WebUI, httpx and python-so
     .venv-openwebui/bin/python scripts/compat_openwebui.py compat --backend-python .venv/bin/python
     .venv-openwebui/bin/python scripts/compat_openwebui.py record --out tests/fixtures/openwebui
 
-`compat` starts our backend (`python -m backend`, the embedded model), `record` starts
-`scripts/record_openwebui.py` instead; then both start Open WebUI in a temporary DATA_DIR with
-its default settings (only the OpenAI connection set, plus what keeps it offline), sign up the
-first user (the admin) through its API, and send two messages in a new chat the way its web
-frontend does: a socket.io session, then `POST /api/chat/completions` with the frontend's fields
-(`session_id`, `id`, `message_ids`, `parent_id`, `user_message`, `background_tasks`, ...).
-Open WebUI then calls the backend for each reply and for its background tasks (title, tags,
-follow-ups). The report says per step what came back; the exit status is 1 when a chat turn got
-no assistant reply. Every process started here is stopped before exit.
+`compat` starts our backend (`python -m backend`, the embedded model) and, in front of it,
+`scripts/record_openwebui.py --forward` (which logs each request and the backend's answer);
+`record` starts `scripts/record_openwebui.py` alone, as the backend. Then both start Open WebUI
+in a temporary DATA_DIR with its default settings (only the OpenAI connection set, plus what
+keeps it offline), sign up the first user (the admin) through its API, and send two messages in
+a new chat the way its web frontend does: a socket.io session, then
+`POST /api/chat/completions` with the frontend's fields (`session_id`, `id`, `message_ids`,
+`parent_id`, `user_message`, `background_tasks`, ...). Open WebUI then calls the backend for
+each reply and for its background tasks (title, tags, follow-ups). The report says per step
+what came back, and lists the requests the backend got with its answers; the exit status is 1
+when a chat turn got no assistant reply. Every process started here is stopped before exit.
 """
 
 from __future__ import annotations
@@ -277,12 +279,7 @@ async def drive(base: str, prompts: list[str], timeout_s: float) -> dict[str, An
                         for e in mine("chat:completion")
                     )
 
-                wanted = ["chat:message:follow_ups"]
-                if "title_generation" in body["background_tasks"]:
-                    wanted += ["chat:title", "chat:tags"]
                 finished = await wait_for(done, timeout_s)
-                # The tasks run after the reply (the title from the chat's creation on); when the
-                # reply failed some never run, so wait less for them then.
                 failed = (
                     not finished
                     or bool(mine("chat:message:error"))
@@ -291,9 +288,14 @@ async def drive(base: str, prompts: list[str], timeout_s: float) -> dict[str, An
                         for e in mine("chat:completion")
                     )
                 )
-                await wait_for(
-                    lambda wanted=wanted: all(mine(k) for k in wanted), 20 if failed else timeout_s
-                )
+                turn["failed"] = failed
+                # The title task starts with the chat, beside the reply, and runs whatever the
+                # reply becomes; tags and follow-ups run only after a reply, so a failed one has
+                # none to wait for.
+                wanted = [] if failed else ["chat:message:follow_ups"]
+                if "title_generation" in body["background_tasks"]:
+                    wanted += ["chat:title"] if failed else ["chat:title", "chat:tags"]
+                await wait_for(lambda wanted=wanted: all(mine(k) for k in wanted), timeout_s)
                 await asyncio.sleep(2)  # let the last database writes land
                 parent_id = message_id
         finally:
@@ -305,6 +307,10 @@ async def drive(base: str, prompts: list[str], timeout_s: float) -> dict[str, An
             r = await http.get(f"/api/v1/chats/{chat_id}/tags", headers=auth)
             out["tags"] = r.json() if r.status_code == 200 else None
     return out
+
+
+def not_run(turn: dict[str, Any]) -> str:
+    return " (not run: Open WebUI runs this task only after a reply)" if turn.get("failed") else ""
 
 
 def report(result: dict[str, Any]) -> bool:
@@ -346,15 +352,44 @@ def report(result: dict[str, Any]) -> bool:
         if number == 1:
             title = chat.get("title")
             generated = bool(title) and title not in ("New Chat", turn["prompt"])
-            note = "" if generated else " (the default or the user's message: none generated)"
+            note = (
+                ""
+                if generated
+                else " (Open WebUI's default or its fallback, the user's message: the title"
+                " request failed or its answer held no JSON title)"
+            )
             print(f"  step title: {'OK' if generated else 'FAIL'}: title={title!r}{note}")
             tags = [
                 t.get("name", t) if isinstance(t, dict) else t for t in result.get("tags") or []
             ]
-            print(f"  step tags: {'OK' if tags else 'FAIL'}: tags={tags!r}")
+            print(f"  step tags: {'OK' if tags else 'FAIL'}: tags={tags!r}{not_run(turn)}")
         follow_ups = message.get("followUps")
-        print(f"  step follow_ups: {'OK' if follow_ups else 'FAIL'}: follow_ups={follow_ups!r}")
+        print(
+            f"  step follow_ups: {'OK' if follow_ups else 'FAIL'}: "
+            f"follow_ups={follow_ups!r}{not_run(turn)}"
+        )
     return all_ok
+
+
+def report_backend(requests_log: Path) -> None:
+    """One line per request Open WebUI sent the backend, with what the backend answered."""
+    print("requests Open WebUI sent the backend (logged by the recorder in between):")
+    if not requests_log.exists():
+        print("  none")
+        return
+    for line in requests_log.read_text().splitlines():
+        entry = json.loads(line)
+        body = entry.get("body") if isinstance(entry.get("body"), dict) else {}
+        fields = [k for k in body if k not in ("model", "messages")]
+        response = entry.get("response") or {}
+        answer = {k: v for k, v in response.items() if k != "status" and v not in (None, [], "")}
+        text = json.dumps(answer)
+        if len(text) > 300:
+            text = text[:300] + "...(cut)"
+        print(
+            f"  {entry['seq']}. {entry['kind']}: {entry['method']} {entry['path']} "
+            f"fields={fields} -> {response.get('status')} {text}"
+        )
 
 
 def main() -> int:
@@ -382,32 +417,11 @@ def main() -> int:
     args.logs.mkdir(parents=True, exist_ok=True)
     try:
         with tempfile.TemporaryDirectory(prefix="openwebui-") as tmp:
-            if args.mode == "record":
+            requests_log = args.logs / "requests.jsonl"
+            requests_log.unlink(missing_ok=True)
+            if args.mode == "compat" and not args.backend_url:
                 port = free_port()
-                base_url = f"http://127.0.0.1:{port}/v1"
-                recorder = Service(
-                    "recorder",
-                    [
-                        sys.executable,
-                        str(REPO / "scripts/record_openwebui.py"),
-                        "--port",
-                        str(port),
-                        "--out",
-                        str(args.out),
-                        "--log",
-                        str(args.logs / "requests.jsonl"),
-                    ],
-                    {},
-                    args.logs / "recorder.log",
-                    REPO,
-                )
-                services.append(recorder)
-                recorder.wait_ready(f"http://127.0.0.1:{port}/healthz", 30)
-            elif args.backend_url:
-                base_url = args.backend_url.rstrip("/")
-            else:
-                port = free_port()
-                base_url = f"http://127.0.0.1:{port}/v1"
+                backend_url = f"http://127.0.0.1:{port}"
                 backend = Service(
                     "backend",
                     [args.backend_python, "-m", "backend"],
@@ -423,7 +437,28 @@ def main() -> int:
                     REPO,
                 )
                 services.append(backend)
-                backend.wait_ready(f"http://127.0.0.1:{port}/healthz", 600)
+                backend.wait_ready(f"{backend_url}/healthz", 600)
+            elif args.mode == "compat":
+                backend_url = args.backend_url.rstrip("/").removesuffix("/v1")
+            # Between Open WebUI and the backend, the recorder: it answers itself (record), or
+            # passes each request on and logs what the backend answered (compat).
+            port = free_port()
+            base_url = f"http://127.0.0.1:{port}/v1"
+            recorder_argv = [
+                sys.executable,
+                str(REPO / "scripts/record_openwebui.py"),
+                "--port",
+                str(port),
+                "--log",
+                str(requests_log),
+            ]
+            if args.mode == "record":
+                recorder_argv += ["--out", str(args.out)]
+            else:
+                recorder_argv += ["--forward", backend_url]
+            recorder = Service("recorder", recorder_argv, {}, args.logs / "recorder.log", REPO)
+            services.append(recorder)
+            recorder.wait_ready(f"http://127.0.0.1:{port}/healthz", 30)
             owui_port = free_port()
             owui = Service(
                 "open-webui",
@@ -447,6 +482,8 @@ def main() -> int:
             if args.dump:
                 args.dump.write_text(json.dumps(result, indent=2) + "\n")
             ok = report(result)
+            if args.mode == "compat":
+                report_backend(requests_log)
     finally:
         for service in reversed(services):
             service.stop()

@@ -6,18 +6,22 @@ It answers `GET /v1/models` with one model and `POST /v1/chat/completions` with 
 streamed (SSE) or whole as the request asks; a task request (title, tags, follow-ups, ...) gets
 the JSON its prompt asks for, so the client's task succeeds; a user message asking for the
 "Unix timestamp" gets a call of the client's `get_current_timestamp` tool, so the request that
-brings the tool's result back is recorded too. Every request is appended to the log
-(one JSON object a line); the first request of each kind is also written to `<out>/<kind>.json`,
-its body exactly as received. Standard library only, so any python3 runs it.
+brings the tool's result back is recorded too. Every request is appended to the log (one JSON
+object a line); the first request of each kind is also written to `<out>/<kind>.json`, its body
+exactly as received. With `--forward URL` it answers nothing itself: it passes each request to a
+real backend and its answer back, and logs a summary of the answer with the request. Standard
+library only, so any python3 runs it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -116,7 +120,7 @@ class Recorder:
         print(f"recorded {entry['method']} {entry['path']} as {kind}", flush=True)
 
 
-def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
+def make_handler(recorder: Recorder, upstream: str | None = None) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -141,6 +145,9 @@ def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
             if self.path == "/healthz":  # the driver's readiness probe: not the client's
                 self._send_json(200, {"status": "ok"})
                 return
+            if upstream:
+                self._forward(classify("GET", self.path, None), None, b"")
+                return
             kind = classify("GET", self.path, None)
             recorder.record(kind, self._entry(None))
             if kind == "models":
@@ -156,6 +163,9 @@ def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
             except ValueError:
                 body = raw.decode(errors="replace")
             kind = classify("POST", self.path, body)
+            if upstream:
+                self._forward(kind, body, raw)
+                return
             recorder.record(kind, self._entry(body))
             if not self.path.endswith("/chat/completions") or not isinstance(body, dict):
                 self._send_json(404, {"error": {"message": "not found", "type": "not_found"}})
@@ -166,6 +176,38 @@ def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
                 self._stream(body, "" if call else text, call)
             else:
                 self._send_json(200, self._completion(body, text, call))
+
+        def _forward(self, kind: str, body: Any, raw: bytes) -> None:
+            """Pass the request to the upstream and its answer back (SSE as it comes), then
+            record the request with a summary of the answer."""
+            assert upstream is not None
+            url = urllib.parse.urlsplit(upstream)
+            conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=900)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in SKIPPED_HEADERS}
+            conn.request(self.command, self.path, body=raw or None, headers=headers)
+            resp = conn.getresponse()
+            self.send_response(resp.status)
+            content_type = resp.getheader("Content-Type", "")
+            self.send_header("Content-Type", content_type)
+            response: dict[str, Any] = {"status": resp.status}
+            if content_type.startswith("text/event-stream"):
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                lines = []
+                for line in resp:
+                    self.wfile.write(line)
+                    self.wfile.flush()
+                    lines.append(line.decode(errors="replace"))
+                response.update(_summarize_sse(lines))
+            else:
+                data = resp.read()
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                response.update(_summarize_json(data))
+            conn.close()
+            recorder.record(kind, {**self._entry(body), "response": response})
 
         def _completion(self, body: dict[str, Any], text: str, call: bool) -> dict[str, Any]:
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -225,6 +267,50 @@ def make_handler(recorder: Recorder) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _summarize_json(data: bytes) -> dict[str, Any]:
+    """An upstream's whole answer, in short: its reply's text, finish and tool calls, or error."""
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        return {"text": data.decode(errors="replace")[:2000]}
+    if not isinstance(payload, dict):
+        return {}
+    if "error" in payload:
+        return {"error": payload["error"]}
+    choices = payload.get("choices") or []
+    if not choices:
+        return {"models": [m.get("id") for m in payload.get("data") or []]}
+    message = choices[0].get("message") or {}
+    return {
+        "content": message.get("content"),
+        "tool_calls": message.get("tool_calls"),
+        "finish_reason": choices[0].get("finish_reason"),
+        "usage": payload.get("usage"),
+    }
+
+
+def _summarize_sse(lines: list[str]) -> dict[str, Any]:
+    """A streamed answer, joined: the text, the tool calls' names, the finish and any error."""
+    content, names, finish, error = [], [], None, None
+    for line in lines:
+        if not line.startswith("data: ") or line.strip() == "data: [DONE]":
+            continue
+        try:
+            chunk = json.loads(line[6:])
+        except ValueError:
+            continue
+        error = chunk.get("error", error)
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") or {}
+            content.append(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                if (call.get("function") or {}).get("name"):
+                    names.append(call["function"]["name"])
+            finish = choice.get("finish_reason") or finish
+    summary = {"content": "".join(content), "tool_calls": names, "finish_reason": finish}
+    return {**summary, "error": error} if error else summary
+
+
 def _tool_call() -> dict[str, Any]:
     return {
         "id": TOOL_CALL_ID,
@@ -245,8 +331,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8701)
     parser.add_argument("--out", type=Path, help="write the first request of each kind here")
     parser.add_argument("--log", type=Path, help="append every request here (JSON lines)")
+    parser.add_argument(
+        "--forward",
+        metavar="URL",
+        help="a real backend (http://host:port): pass every request to it and its answers back, "
+        "recording both, instead of answering",
+    )
     args = parser.parse_args()
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(Recorder(args.out, args.log)))
+    handler = make_handler(Recorder(args.out, args.log), args.forward)
+    server = ThreadingHTTPServer((args.host, args.port), handler)
     print(f"recording on http://{args.host}:{args.port}/v1", flush=True)
     with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
