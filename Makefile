@@ -8,6 +8,11 @@ GUIDELLM_VENV := .venv-guidellm
 GUIDELLM_VERSION := 0.8.1
 # A new pin, a new stamp: the next `make bench` installs it.
 GUIDELLM_STAMP := $(GUIDELLM_VENV)/.installed-$(GUIDELLM_VERSION)
+OPENWEBUI_VENV := .venv-openwebui
+OPENWEBUI_VERSION := 0.12.4
+OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION)
+# Open WebUI 0.12 requires Python >=3.11,<3.13: Debian's 3.11 where there is one, else the PATH's.
+PY311 ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
@@ -33,7 +38,7 @@ DIGESTS ?= $(OVERLAY_DIR)/digests
 IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu \
 	$(REGISTRY)/$(UI_IMAGE):$(TAG)
 
-.PHONY: install run serve ui test bench lint format clean images push overlay
+.PHONY: install run serve ui test bench compat lint format clean images push overlay
 
 install: $(STAMP)
 
@@ -85,6 +90,20 @@ $(GUIDELLM_STAMP):
 	$(GUIDELLM_VENV)/bin/pip install -q torch==2.13.0
 	$(GUIDELLM_VENV)/bin/pip install -q guidellm==$(GUIDELLM_VERSION)
 	touch $(GUIDELLM_STAMP)
+
+# Open WebUI (a real client, heavy) against the real backend: its default chat flow driven
+# headless through its own HTTP API (scripts/compat_openwebui.py). Not part of `make test`.
+# Logs: artifacts/openwebui/. Exits non-zero when a chat turn gets no assistant reply.
+compat: install $(OPENWEBUI_STAMP)
+	$(OPENWEBUI_VENV)/bin/python scripts/compat_openwebui.py compat --backend-python $(BIN)/python
+
+# Open WebUI lives in a venv of its own (its pins clash with ours). torch: as above.
+$(OPENWEBUI_STAMP):
+	test -x $(OPENWEBUI_VENV)/bin/python || $(PY311) -m venv $(OPENWEBUI_VENV)
+	$(OPENWEBUI_VENV)/bin/pip install -q --upgrade pip
+	$(OPENWEBUI_VENV)/bin/pip install -q torch==2.13.0
+	$(OPENWEBUI_VENV)/bin/pip install -q open-webui==$(OPENWEBUI_VERSION)
+	touch $(OPENWEBUI_STAMP)
 
 # The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
 images:
@@ -138,4 +157,4 @@ overlay:
 	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 
 clean:
-	rm -rf $(VENV) $(GUIDELLM_VENV) .pytest_cache artifacts
+	rm -rf $(VENV) $(GUIDELLM_VENV) $(OPENWEBUI_VENV) .pytest_cache artifacts
