@@ -106,7 +106,9 @@ def _reply_schema(request: ChatCompletionRequest) -> dict[str, Any]:
         _call_schema(tool, _CALLS_POINTER + items.format(i) + "/properties/arguments")
         for i, tool in enumerate(tools)
     ]
-    most = MAX_PARALLEL_CALLS if request.parallel_tool_calls else 1
+    # A named function is called once (as vLLM's grammar for it, and OpenAI, do).
+    named = isinstance(choice, NamedToolChoice)
+    most = MAX_PARALLEL_CALLS if request.parallel_tool_calls and not named else 1
     array = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     return {
         "anyOf": [

@@ -35,6 +35,15 @@ class Project(BaseModel):
     budget: int | None = Field(None, ge=0, le=1000)
 
 
+class Team(BaseModel):
+    """Nested, a list of models, optionals: no enum, which instructor's partial models in TOOLS
+    mode validate strictly (a JSON string is not an `Enum` instance there)."""
+
+    name: str = Field(max_length=12)
+    lead: Owner
+    members: list[Owner] = Field(max_length=3)
+
+
 class Cat(BaseModel):
     kind: Literal["cat"]
     lives: int = Field(ge=0, le=9)
@@ -59,7 +68,7 @@ class Node(BaseModel):
     children: list[Node] = Field(default_factory=list, max_length=2)
 
 
-MODELS: list[type[BaseModel]] = [Task, Project, Pet, Node]
+MODELS: list[type[BaseModel]] = [Task, Project, Team, Pet, Node]
 
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
