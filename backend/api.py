@@ -21,7 +21,7 @@ from backend.errors import (
     RequestTooLargeError,
     ServiceError,
 )
-from backend.openapi import json_body, publish, replies
+from backend.openapi import Refusal, json_body, publish, replies
 from backend.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -32,6 +32,7 @@ from backend.protocol import (
     DetokenizeRequest,
     DetokenizeResponse,
     ErrorResponse,
+    HealthStatus,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -51,6 +52,54 @@ _LOADING = "The model is still loading; retry in a few seconds."
 # Server-sent events must not be buffered by proxies (nginx honours this header).
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
+# What a route that reads a body and reaches the model may answer besides 200 (and 500).
+_BODY_ERRORS = (400, 404, 413, 503)
+# Why a body that follows a route's schema may still be refused: rules across fields, and limits
+# of the model or the server's settings, which JSON Schema cannot state (each route publishes its
+# own as `x-refusals-of-valid-bodies`).
+_MESSAGE_RULES = (
+    Refusal("content is required", "A message has content, but an assistant one with tool_calls"),
+    Refusal("has a tool_call_id", "A `tool` message, and only it, has a tool_call_id"),
+    Refusal("only an assistant message has tool_calls", "Only an assistant has tool_calls"),
+)
+_GENERATION_LIMITS = (
+    Refusal("maximum context length", "The prompt and max_tokens must fit the model's window"),
+    Refusal(
+        "above this server's limit",
+        "max_tokens at most LLM_MAX_TOKENS_CAP; n at most LLM_MAX_CHOICES and LLM_MAX_BATCH_SIZE",
+    ),
+)
+_CHAT_RULES = (
+    *_MESSAGE_RULES,
+    *_GENERATION_LIMITS,
+    Refusal("top_logprobs needs logprobs", "top_logprobs needs logprobs: true"),
+    Refusal("ignore_eos cannot be combined", "ignore_eos excludes a JSON reply and tool calls"),
+    Refusal("needs a 'json_schema' object", "response_format json_schema needs its json_schema"),
+    Refusal("The JSON schema cannot be used", "A schema the grammar compiler cannot compile"),
+    Refusal(
+        "tool_choice",
+        "tool_choice needs tools and names one of them; with tools, no JSON response_format",
+    ),
+)
+_COMPLETION_RULES = (
+    *_GENERATION_LIMITS,
+    Refusal("best_of must equal n", "best_of, if given, equals n (each candidate is returned)"),
+)
+_TOKENIZE_RULES = (*_MESSAGE_RULES, Refusal("give either 'prompt' or 'messages'", "One of them"))
+_DETOKENIZE_RULES = (
+    Refusal("The tokens cannot be decoded", "Token ids beyond the model's vocabulary"),
+)
+# Operations whose 200 feeds another's body (OpenAPI links: schemathesis' stateful phase follows
+# them): the served model's id, and tokens back to their text.
+_SERVED_MODEL = {"model": "$response.body#/data/0/id"}
+_MODEL_LINKS = {
+    name: {"operationId": name, "requestBody": _SERVED_MODEL}
+    for name in ("createChatCompletion", "createCompletion", "tokenize", "detokenize")
+}
+_TOKENS_LINK = {
+    "detokenize": {"operationId": "detokenize", "requestBody": {"tokens": "$response.body#/tokens"}}
+}
+
 
 def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
     """The FastAPI app: OpenAI routes, health, and the blueprint's `/infer`; with keys set,
@@ -65,9 +114,10 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
 
     @app.post(
         "/v1/chat/completions",
+        operation_id="createChatCompletion",
         response_model=None,
-        openapi_extra=json_body(ChatCompletionRequest),
-        responses=replies(ChatCompletionResponse, streamed=True),
+        openapi_extra=json_body(ChatCompletionRequest, _CHAT_RULES),
+        responses=replies(ChatCompletionResponse, *_BODY_ERRORS, chunk=ChatCompletionChunk),
     )
     async def chat_completions(raw: Request) -> Response:
         """OpenAI Chat Completions, streamed as SSE when `stream` is true."""
@@ -76,9 +126,10 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
 
     @app.post(
         "/v1/completions",
+        operation_id="createCompletion",
         response_model=None,
-        openapi_extra=json_body(CompletionRequest),
-        responses=replies(CompletionResponse, streamed=True),
+        openapi_extra=json_body(CompletionRequest, _COMPLETION_RULES),
+        responses=replies(CompletionResponse, *_BODY_ERRORS, chunk=CompletionResponse),
     )
     async def text_completions(raw: Request) -> Response:
         """OpenAI's legacy text completion of one prompt, streamed as SSE when `stream` is
@@ -86,19 +137,31 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         body = await _read_body(raw, settings.max_request_bytes)
         return _reply(await completions.create(_parse(CompletionRequest, body)))
 
-    @app.post("/tokenize", openapi_extra=json_body(TokenizeRequest))
+    @app.post(
+        "/tokenize",
+        operation_id="tokenize",
+        openapi_extra=json_body(TokenizeRequest, _TOKENIZE_RULES),
+        responses=replies(None, *_BODY_ERRORS, links=_TOKENS_LINK),
+    )
     async def tokenize(raw: Request) -> TokenizeResponse:
         """vLLM's tokenizer route: a prompt's (or a conversation's) token ids."""
         body = await _read_body(raw, settings.max_request_bytes)
         return await client.tokenize(_parse(TokenizeRequest, body))
 
-    @app.post("/detokenize", openapi_extra=json_body(DetokenizeRequest))
+    @app.post(
+        "/detokenize",
+        operation_id="detokenize",
+        openapi_extra=json_body(DetokenizeRequest, _DETOKENIZE_RULES),
+        responses=replies(None, *_BODY_ERRORS),
+    )
     async def detokenize(raw: Request) -> DetokenizeResponse:
         """vLLM's detokenizer route: the text of token ids."""
         body = await _read_body(raw, settings.max_request_bytes)
         return await client.detokenize(_parse(DetokenizeRequest, body))
 
-    @app.get("/v1/models")
+    @app.get(
+        "/v1/models", operation_id="listModels", responses=replies(None, 503, links=_MODEL_LINKS)
+    )
     async def list_models() -> ModelList:
         """The served model (503 while it loads)."""
         info = await client.info()
@@ -107,7 +170,10 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         card = ModelCard(id=info.model_id, created=now(), max_model_len=info.context_window)
         return ModelList(data=[card])
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        responses={200: {"model": HealthStatus}, 503: {"model": HealthStatus}},
+    )
     async def healthz() -> JSONResponse:
         """200 while a model replica can serve; 503 while it loads (`loading`) or when none can
         (`unavailable`: loading failed, or every replica has stopped)."""
@@ -117,16 +183,16 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         status = "unavailable" if info.error else "loading"
         return JSONResponse({"status": status, "error": info.error or _LOADING}, status_code=503)
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses=replies(None, 503))
     async def health() -> Response:
         """vLLM's health route (benchmark clients probe it): 200 with no body while a model
-        replica can serve, else 503 as `/healthz`."""
+        replica can serve, else 503 with why, in OpenAI's error shape."""
         info = await client.info()
         if info.ready:
             return Response(status_code=200)
-        return JSONResponse({"error": info.error or _LOADING}, status_code=503)
+        raise OverloadedError(info.error or _LOADING)
 
-    @app.get("/infer")
+    @app.get("/infer", responses=replies(None, 503))
     async def infer(
         sentence: str = Query(min_length=1, max_length=settings.max_request_bytes, pattern=r"\S"),
     ) -> list[str]:
@@ -138,6 +204,7 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
         app,
         requests=[ChatCompletionRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest],
         responses=[ChatCompletionResponse, ChatCompletionChunk, CompletionResponse, ErrorResponse],
+        authenticated=bool(keys),
     )
     return app
 
@@ -167,16 +234,24 @@ def _too_large(limit: int) -> RequestTooLargeError:
 
 def _parse(model: type[RequestT], body: bytes) -> RequestT:
     try:
-        data: Any = json.loads(body)
+        data: Any = json.loads(body, parse_float=_json_number)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequestError(f"The body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise InvalidRequestError("The body must be a JSON object.")
     try:
-        return model.model_validate(data)
+        # Strict: JSON's types as the schema publishes them (no "1" for 1, no 0 for false).
+        return model.model_validate(data, strict=True)
     except ValidationError as exc:
         # The deepest complaint names the field: a union's other members fail at its top.
         raise _invalid(max(exc.errors(), key=lambda error: len(error["loc"]))) from exc
+
+
+def _json_number(text: str) -> float | int:
+    """A JSON number with a fraction or an exponent, as JSON Schema reads it: `1.0` and `1e2`
+    are integers (strict validation takes no float for an int)."""
+    value = float(text)
+    return int(value) if value.is_integer() else value
 
 
 def _invalid(error: Any) -> InvalidRequestError:

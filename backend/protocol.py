@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
@@ -90,10 +91,40 @@ class ToolCall(_Strict):
     function: FunctionCall
 
 
+_GIVEN = {"not": {"type": "null"}}
+_NO_CALLS = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
+
+
+def _published_with_role_rules(schema: dict[str, Any]) -> None:
+    """`_complete`'s rules, in the schema: a client (or a fuzzer) following it is not refused."""
+    schema["oneOf"] = [
+        {
+            "properties": {"role": {"enum": ["system", "developer", "user"]}, "content": _GIVEN},
+            "required": ["content"],
+            "not": {"required": ["tool_call_id"], "properties": {"tool_call_id": _GIVEN}},
+        },
+        {
+            "properties": {"role": {"const": "tool"}, "content": _GIVEN, "tool_call_id": _GIVEN},
+            "required": ["content", "tool_call_id"],
+        },
+        {
+            "properties": {"role": {"const": "assistant"}},
+            "not": {"required": ["tool_call_id"], "properties": {"tool_call_id": _GIVEN}},
+            "anyOf": [
+                {"properties": {"content": _GIVEN}, "required": ["content"]},
+                {"properties": {"tool_calls": {"minItems": 1}}, "required": ["tool_calls"]},
+            ],
+        },
+    ]
+    for other in schema["oneOf"][:2]:
+        other["properties"]["tool_calls"] = _NO_CALLS
+
+
 class ChatMessage(_Strict):
     """A chat message; content is a string or a list of text parts. An assistant message may
     carry the tool calls it made instead of content; a `tool` message answers one of them."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_published_with_role_rules)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = Field(
@@ -336,6 +367,13 @@ class ChatCompletionRequest(SamplingRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+def _a_bool(value: Any) -> Any:
+    """JSON's `false` only: a Literal[False] alone takes 0, which equals False in Python."""
+    if not isinstance(value, bool):
+        raise ValueError("must be a boolean")
+    return value
+
+
 class CompletionRequest(SamplingRequest):
     """`POST /v1/completions` body (OpenAI's legacy text completion): one text prompt."""
 
@@ -344,7 +382,9 @@ class CompletionRequest(SamplingRequest):
     )
     # OpenAI's default for this route, unlike chat's.
     max_tokens: int | None = Field(16, ge=1)
-    echo: Literal[False] = Field(False, description="Echoing the prompt is not supported.")
+    echo: Annotated[Literal[False], BeforeValidator(_a_bool)] = Field(
+        False, description="Echoing the prompt is not supported."
+    )
     suffix: None = Field(None, description="Insertion (a suffix) is not supported.")
     best_of: int | None = Field(
         None, ge=1, description="Candidates per choice returned: only n (each one) is supported."
@@ -575,6 +615,15 @@ class ModelList(BaseModel):
 
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class HealthStatus(BaseModel):
+    """`GET /healthz`: `ok` and the model, or why no replica can serve (`loading`,
+    `unavailable`)."""
+
+    status: Literal["ok", "loading", "unavailable"]
+    model: str | None = None
+    error: str | None = None
 
 
 def completion_id() -> str:

@@ -186,12 +186,16 @@ class ReplyReader:
 
     def finish(self, reason: str | None) -> tuple[str, list[ToolCall] | None, str | None]:
         """(content still to send, the calls or None, the finish reason) once the reply ends.
-        A reply cut before its calls closed (`length`) is sent as the text it got to."""
+        A reply cut before its calls closed (`length`, or a stop sequence) is sent as the text
+        it got to."""
         rest = self.feed("")
         if self._mode == "none" or self._raw.startswith(RESPONSE_OPENING):
             return rest, None, reason
         if reason == "stop":
-            return "", parse_calls(self._raw, self._model_id), "tool_calls"
+            try:
+                return "", parse_calls(self._raw, self._model_id), "tool_calls"
+            except (ValueError, KeyError, TypeError):  # JSON cut short by a stop sequence
+                pass
         return self._raw, None, reason
 
 
