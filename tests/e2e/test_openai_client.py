@@ -155,14 +155,36 @@ def test_a_tool_call_round_trip(backend: ServiceProcess) -> None:
     assert second.choices[0].finish_reason == "length" and second.choices[0].message.content
 
 
-def test_tools_without_a_parser_for_auto_are_refused_by_name(backend: ServiceProcess) -> None:
-    with pytest.raises(openai.BadRequestError) as raised:
-        client(backend).chat.completions.create(
-            model="SmolLM2-135M-Instruct",
-            messages=[{"role": "user", "content": "Hi"}],
-            tools=[WEATHER],  # type: ignore[list-item]
-        )
-    assert "tool_choice" in str(raised.value)
+@pytest.mark.parametrize("stream", [False, True])
+def test_with_tools_and_no_tool_choice_the_model_answers_or_calls(
+    backend: ServiceProcess, stream: bool
+) -> None:
+    """`auto`, the default with tools: the same seeded request comes back the same way whole
+    and streamed, as text that ends by itself, or as calls that follow the schema."""
+    reply = client(backend).chat.completions.create(
+        model="SmolLM2-135M-Instruct",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER],  # type: ignore[list-item]
+        max_tokens=200,
+        seed=3,
+        stream=stream,
+    )
+    if stream:
+        chunks = [chunk.choices[0] for chunk in reply if chunk.choices]  # type: ignore[union-attr]
+        text = "".join(choice.delta.content or "" for choice in chunks)
+        calls = [call for choice in chunks for call in choice.delta.tool_calls or []]
+        finish = chunks[-1].finish_reason
+    else:
+        message = reply.choices[0].message  # type: ignore[union-attr]
+        text, calls = message.content or "", list(message.tool_calls or [])
+        finish = reply.choices[0].finish_reason  # type: ignore[union-attr]
+    if finish == "tool_calls":
+        assert calls and not text
+        for call in calls:
+            arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+            jsonschema.validate(arguments, WEATHER["function"]["parameters"])  # type: ignore[index]
+    else:
+        assert finish in ("stop", "length") and text and not calls
 
 
 def test_text_completions_and_the_tokenizer_routes(backend: ServiceProcess) -> None:
