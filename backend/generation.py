@@ -92,6 +92,9 @@ class PromptAccepted:
     prompt_tokens: int
     model_id: str
     context_window: int
+    # The chat template's own tool-call format the reply is written in (`backend.tool_formats`
+    # names them); None: plain text, or the generic format.
+    tool_format: str | None = None
 
 
 GenerationEvent = PromptAccepted | Delta

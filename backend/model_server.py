@@ -32,7 +32,13 @@ from backend.protocol import (
 )
 from backend.settings import BackendSettings
 from backend.structured import json_grammar
-from backend.tools import conversation, request_conversation, tools_grammar
+from backend.tools import (
+    call_schemas,
+    conversation,
+    request_conversation,
+    tool_mode,
+    tools_grammar,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -67,12 +73,13 @@ class ModelServer:
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[GenerationEvent, None]:
         """`PromptAccepted`, then the reply's deltas; invalid requests raise before the first."""
         try:
-            prompt_ids, params = await self._admit(request)
+            prompt_ids, params, tool_format = await self._admit(request)
         except ServiceError as exc:
             if self._metrics is not None:
                 self._metrics.reject(rejection_reason(exc))
             raise
-        yield PromptAccepted(len(prompt_ids), self._engine.model_id, self._engine.context_window)
+        engine = self._engine
+        yield PromptAccepted(len(prompt_ids), engine.model_id, engine.context_window, tool_format)
         tracker = self._metrics.track(len(prompt_ids)) if self._metrics else None
         reasons: list[str] = []  # of the choices that finished
         try:
@@ -91,26 +98,30 @@ class ModelServer:
                 # "abort" unless every choice finished: the client left, or generation failed.
                 tracker.finished(reasons[-1] if len(reasons) == params.n else "abort")
 
-    async def _admit(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
+    async def _admit(
+        self, request: GenerationRequest
+    ) -> tuple[list[int], SamplingParams, str | None]:
+        """The prompt's ids, the sampling parameters and the tool format the reply is read in."""
         self._require_ready()
         self._check_model(request.model)
         self._check_choices(request.n)
-        grammar = None
+        grammar = tool_format = None
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         if isinstance(request, ChatCompletionRequest):
-            messages = request_conversation(request)
-            prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)
-            response_format = request.response_format
-            if request.uses_tools():
-                grammar = tools_grammar(request)
-            elif response_format is not None and response_format.constrained():
-                grammar = json_grammar(
-                    response_format.target_schema(), strict=response_format.reads_strictly()
-                )
+            native = self._engine.tool_format if tool_mode(request) == "auto" else None
+            if native is not None:  # the template lists the tools in its own words
+                tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
+                messages = conversation(request.messages, tools=None)
+                prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages, tools)
+                grammar, tool_format = native.grammar(call_schemas(request)), native.name
+            else:
+                messages = request_conversation(request)
+                prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)
+                grammar = _reply_grammar(request)
         else:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
-        return prompt_ids, request.to_sampling_params(max_tokens, grammar)
+        return prompt_ids, request.to_sampling_params(max_tokens, grammar), tool_format
 
     def _check_choices(self, n: int) -> None:
         limit = min(self._settings.max_choices, self._settings.max_batch_size)
@@ -197,3 +208,16 @@ class ModelServer:
                 code="context_length_exceeded",
             )
         return requested or min(self._settings.default_max_tokens, window - prompt_tokens)
+
+
+def _reply_grammar(request: ChatCompletionRequest) -> str | None:
+    """The grammar of a chat reply without a native tool format: the tools' generic form, the
+    `response_format`'s JSON, or None (free text)."""
+    response_format = request.response_format
+    if request.uses_tools():
+        return tools_grammar(request)
+    if response_format is not None and response_format.constrained():
+        return json_grammar(
+            response_format.target_schema(), strict=response_format.reads_strictly()
+        )
+    return None

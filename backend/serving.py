@@ -34,7 +34,8 @@ from backend.protocol import (
     completion_id,
     now,
 )
-from backend.tools import ReplyReader, tool_mode
+from backend.tool_formats import FORMATS
+from backend.tools import NativeReplyReader, ReplyReader, tool_mode
 
 logger = logging.getLogger(__name__)
 
@@ -91,9 +92,8 @@ class ChatService:
         """Start generating; errors raised here happen before any byte is sent."""
         first, events = await start_generation(self._client, request)
         if request.stream:
-            chunks = self._chunks(request, first.model_id, first.prompt_tokens, events)
-            return framed(chunks, events)
-        return await self._collect(request, first.model_id, first.prompt_tokens, events)
+            return framed(self._chunks(request, first, events), events)
+        return await self._collect(request, first, events)
 
     async def reply_text(self, request: ChatCompletionRequest) -> str:
         """Only the reply's text (for the blueprint's `/infer`)."""
@@ -104,20 +104,19 @@ class ChatService:
     async def _collect(
         self,
         request: ChatCompletionRequest,
-        model_id: str,
-        prompt_tokens: int,
+        first: PromptAccepted,
         events: AsyncGenerator[GenerationEvent, None],
     ) -> ChatCompletionResponse:
         replies = await gathered(events, request.n)
         return ChatCompletionResponse(
             id=completion_id(),
             created=now(),
-            model=model_id,
+            model=first.model_id,
             choices=[
-                _chat_choice(request, model_id, index, reply) for index, reply in enumerate(replies)
+                _chat_choice(request, first, index, reply) for index, reply in enumerate(replies)
             ],
             usage=usage_of(
-                prompt_tokens,
+                first.prompt_tokens,
                 sum(reply.tokens for reply in replies),
                 sum(reply.cached for reply in replies),
             ),
@@ -126,16 +125,16 @@ class ChatService:
     async def _chunks(
         self,
         request: ChatCompletionRequest,
-        model_id: str,
-        prompt_tokens: int,
+        first: PromptAccepted,
         events: AsyncGenerator[GenerationEvent, None],
     ) -> AsyncGenerator[str, None]:
-        chunk = _ChunkWriter(completion_id(), now(), model_id)
+        prompt_tokens = first.prompt_tokens
+        chunk = _ChunkWriter(completion_id(), now(), first.model_id)
         tokens = cached = 0
         continuous = request.wants_continuous_usage()
         if continuous:
             chunk.usage_so_far = usage_of(prompt_tokens, tokens, cached)
-        readers = [reply_reader(request, model_id) for _ in range(request.n)]
+        readers = [reply_reader(request, first) for _ in range(request.n)]
         for index in range(request.n):
             yield chunk.delta(DeltaMessage(role="assistant", content=""), index=index)
         async for delta in deltas_of(events):
@@ -154,17 +153,25 @@ class ChatService:
             yield chunk.usage(usage_of(prompt_tokens, tokens, cached))
 
 
-def reply_reader(request: ChatCompletionRequest, model_id: str) -> ReplyReader:
-    """The reader of one choice of `request`'s reply (text, or the tools' JSON form)."""
-    return ReplyReader(tool_mode(request), model_id)
+def reply_reader(
+    request: ChatCompletionRequest, first: PromptAccepted
+) -> ReplyReader | NativeReplyReader:
+    """The reader of one choice of `request`'s reply: text, the tools' generic JSON form, or
+    the chat template's own tool format (`first.tool_format`)."""
+    if first.tool_format is not None:
+        return NativeReplyReader(FORMATS[first.tool_format], first.model_id)
+    return ReplyReader(tool_mode(request), first.model_id)
 
 
-def _chat_choice(request: ChatCompletionRequest, model_id: str, index: int, reply: Reply) -> Choice:
-    """A whole choice: its text, or the tool calls the grammar made it write."""
-    reader = reply_reader(request, model_id)
+def _chat_choice(
+    request: ChatCompletionRequest, first: PromptAccepted, index: int, reply: Reply
+) -> Choice:
+    """A whole choice: its text, and the tool calls the grammar made it write."""
+    reader = reply_reader(request, first)
     content = reader.feed(reply.text)
     rest, calls, reason = reader.finish(reply.finish_reason)
-    message = ResponseMessage(content=None if calls else content + rest, tool_calls=calls)
+    text = content + rest  # with calls, only the text a native format wrote before them
+    message = ResponseMessage(content=text or (None if calls else ""), tool_calls=calls)
     logprobs = ChoiceLogprobs.of(reply.logprobs) if request.logprobs else None
     return Choice(index=index, message=message, finish_reason=reason, logprobs=logprobs)
 
@@ -199,7 +206,9 @@ async def gathered(events: AsyncGenerator[GenerationEvent, None], choices: int) 
     return replies
 
 
-def from_finish(chunk: _ChunkWriter, reader: ReplyReader, reason: str, index: int) -> str:
+def from_finish(
+    chunk: _ChunkWriter, reader: ReplyReader | NativeReplyReader, reason: str, index: int
+) -> str:
     """The chunks that end a choice: the content its reader still held, its calls (whole, in
     one delta), and its finish reason."""
     rest, calls, finish_reason = reader.finish(reason)

@@ -8,7 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FilePath, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from backend.protocol import MAX_CHOICES
@@ -110,6 +110,11 @@ class BackendSettings(BaseSettings):
     )
     max_request_bytes: int = Field(
         1_000_000, ge=1024, description="Largest accepted request body (HTTP 413 above)."
+    )
+    chat_template: FilePath | None = Field(
+        None,
+        description="A Jinja chat template file used instead of the tokenizer's own (as vLLM's "
+        "--chat-template); a template with a tool-call format of its own gets it used.",
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "mistral-inf2-chat",

@@ -18,6 +18,7 @@ Tool traffic in the conversation is rendered as text: an assistant turn that cal
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from typing import Any, Literal
@@ -32,6 +33,7 @@ from backend.protocol import (
     ToolDef,
 )
 from backend.structured import json_grammar
+from backend.tool_formats import NativeFormat, partial_suffix
 
 # At most this many calls in one reply (`parallel_tool_calls`): a reply always has an end.
 MAX_PARALLEL_CALLS = 8
@@ -95,19 +97,10 @@ def tools_grammar(request: ChatCompletionRequest) -> str:
 
 
 def _reply_schema(request: ChatCompletionRequest) -> dict[str, Any]:
-    """`{"anyOf": [calls, response]}`; each function's arguments read strictly unless it says
-    `strict: false`, and its references rebased to where its schema lies."""
-    tools = request.tools or []
-    choice = request.tool_choice
-    if isinstance(choice, NamedToolChoice):
-        tools = [tool for tool in tools if tool.function.name == choice.function.name]
-    items = "/properties/tool_calls/items" + ("/anyOf/{}" if len(tools) > 1 else "")
-    calls = [
-        _call_schema(tool, _CALLS_POINTER + items.format(i) + "/properties/arguments")
-        for i, tool in enumerate(tools)
-    ]
+    """`{"anyOf": [calls, response]}`."""
+    calls = call_schemas(request, _CALLS_POINTER + "/properties/tool_calls/items")
     # A named function is called once (as vLLM's grammar for it, and OpenAI, do).
-    named = isinstance(choice, NamedToolChoice)
+    named = isinstance(request.tool_choice, NamedToolChoice)
     most = MAX_PARALLEL_CALLS if request.parallel_tool_calls and not named else 1
     array = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     return {
@@ -116,6 +109,18 @@ def _reply_schema(request: ChatCompletionRequest) -> dict[str, Any]:
             _object(response={"type": "string"}),
         ]
     }
+
+
+def call_schemas(request: ChatCompletionRequest, pointer: str = "") -> list[dict[str, Any]]:
+    """The schema of a call `{"name", "arguments"}` of each function the request allows; the
+    arguments read strictly unless the function says `strict: false`, their references
+    rebased for calls placed at `pointer` (in an `anyOf` when there are several)."""
+    tools = request.tools or []
+    choice = request.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        tools = [tool for tool in tools if tool.function.name == choice.function.name]
+    where = pointer + ("/anyOf/{}" if len(tools) > 1 else "") + "/properties/arguments"
+    return [_call_schema(tool, where.format(i)) for i, tool in enumerate(tools)]
 
 
 def _call_schema(tool: ToolDef, pointer: str) -> dict[str, Any]:
@@ -137,7 +142,11 @@ def _object(**properties: Any) -> dict[str, Any]:
 
 def parse_calls(text: str, model_id: str = "") -> list[ToolCall]:
     """The calls in a reply the grammar constrained (and that ended by itself)."""
-    calls = json.loads(text)["tool_calls"]
+    return calls_of(json.loads(text)["tool_calls"], model_id)
+
+
+def calls_of(calls: list[dict[str, Any]], model_id: str) -> list[ToolCall]:
+    """OpenAI's `tool_calls` for calls read as `{"name", "arguments"}`, each with a new id."""
     return [
         ToolCall(
             id=new_call_id(model_id),
@@ -197,6 +206,41 @@ class ReplyReader:
             except (ValueError, KeyError, TypeError):  # JSON cut short by a stop sequence
                 pass
         return self._raw, None, reason
+
+
+class NativeReplyReader:
+    """Reads one choice's reply in a native format as it streams: the text before the first
+    call goes out as content (held back only while it could be the start of the opening), and
+    the calls once the reply ends."""
+
+    def __init__(self, format_: NativeFormat, model_id: str) -> None:
+        self._format = format_
+        self._model_id = model_id
+        self._raw = ""
+        self._sent = 0  # characters of `_raw` sent as content
+
+    def feed(self, text: str) -> str:
+        """The content `text` completes."""
+        self._raw += text
+        start = self._raw.find(self._format.opening)
+        if start < 0:  # all of it, but what could be the opening's beginning
+            start = len(self._raw) - partial_suffix(self._raw, self._format.opening)
+        content = self._raw[self._sent : max(start, self._sent)]
+        self._sent += len(content)
+        return content
+
+    def finish(self, reason: str | None) -> tuple[str, list[ToolCall] | None, str | None]:
+        """(content still to send, the calls or None, the finish reason) once the reply ends;
+        calls cut short (`length`) are sent as the text they got to."""
+        opening, closing = (
+            re.escape(mark) for mark in (self._format.opening, self._format.closing)
+        )
+        bodies = re.findall(f"{opening}(.*?){closing}", self._raw, flags=re.DOTALL)
+        if reason == "stop" and bodies:
+            return "", calls_of([json.loads(body) for body in bodies], self._model_id), "tool_calls"
+        rest = self._raw[self._sent :]
+        self._sent = len(self._raw)
+        return rest, None, reason
 
 
 def _decode_string(raw: str, start: int) -> tuple[str, int]:

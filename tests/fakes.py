@@ -6,10 +6,12 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from backend.engines.base import Engine
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
+from backend.tool_formats import NativeFormat
 
 VOCAB = 1000
 
@@ -24,6 +26,8 @@ class Script:
     piece_delay_s: float = 0.0
     cancelled: int = 0
     broken: str | None = None  # what `check_health` raises, as an engine whose loop died
+    tool_format: NativeFormat | None = None  # the chat template's own tool-call format
+    tools: list[dict[str, Any]] | None = None  # the tools last given to the chat template
 
     def enqueue(self, pieces: list[str | BaseException]) -> None:
         """Queue the next reply."""
@@ -47,8 +51,15 @@ def scripted_engine(script: Script) -> type[Engine]:
         def start(self) -> None:
             pass
 
-        def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        @property  # type: ignore[override]
+        def tool_format(self) -> NativeFormat | None:
+            return script.tool_format
+
+        def encode_chat(
+            self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+        ) -> list[int]:
             self._messages = messages
+            script.tools = tools
             return [len(word) for m in messages for word in m["content"].split()] or [0]
 
         def encode_text(self, text: str) -> list[int]:

@@ -15,9 +15,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from backend.generation import Delta, SamplingParams
+from backend.tool_formats import NativeFormat
 
 if TYPE_CHECKING:
     from backend.settings import BackendSettings
@@ -30,6 +31,8 @@ class Engine(ABC):
     # Whether the engine can start a request from a prefix it still holds (`LLM_PREFIX_CACHING`):
     # then several replicas are worth routing by prefix.
     prefix_caching: ClassVar[bool] = False
+    # The chat template's own tool-call format, once started (None: it has none we can read).
+    tool_format: NativeFormat | None = None
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings
@@ -49,8 +52,11 @@ class Engine(ABC):
         """Load the model (blocking); afterwards the engine serves requests."""
 
     @abstractmethod
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt token ids for a conversation, ready for the assistant's reply."""
+    def encode_chat(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Prompt token ids for a conversation, ready for the assistant's reply; `tools` (OpenAI
+        `tools`) are given to a chat template that has a `tool_format`."""
 
     @abstractmethod
     def encode_text(self, text: str) -> list[int]:

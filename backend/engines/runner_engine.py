@@ -17,6 +17,7 @@ from backend.errors import EngineError, InvalidRequestError
 from backend.generation import Delta, SamplingParams
 from backend.metrics import BatchGauges
 from backend.settings import BackendSettings
+from backend.tool_formats import native_format
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,9 @@ class RunnerEngine(Engine):
     def start(self) -> None:
         """Load the model and start the batching loop."""
         self._loaded = self._load()
+        if self.settings.chat_template is not None:
+            self._loaded.tokenizer.chat_template = self.settings.chat_template.read_text()
+        self.tool_format = native_format(self._loaded.tokenizer)
         self._batcher = ContinuousBatcher(
             self._loaded.runner,
             self._loaded.tokenizer,
@@ -75,14 +79,16 @@ class RunnerEngine(Engine):
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
+    ) -> list[int]:
         """Apply the model's own chat template; templates without a system role get it merged."""
         try:
-            return self._apply_template(messages)
+            return self._apply_template(messages, tools)
         except InvalidRequestError:
             if not messages or messages[0]["role"] not in ("system", "developer"):
                 raise
-            return self._apply_template(_merge_system_into_first_user(messages))
+            return self._apply_template(_merge_system_into_first_user(messages), tools)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of plain text, BOS included where the tokenizer adds it."""
@@ -113,11 +119,13 @@ class RunnerEngine(Engine):
             raise EngineError("The engine has not been started.")
         return self._loaded
 
-    def _apply_template(self, messages: list[dict[str, str]]) -> list[int]:
+    def _apply_template(
+        self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None
+    ) -> list[int]:
         tokenizer = self._model().tokenizer
         try:
             ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=False
             )
         except Exception as exc:  # jinja2 raises TemplateError for e.g. non-alternating roles
             raise InvalidRequestError(

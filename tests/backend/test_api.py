@@ -14,6 +14,7 @@ from backend.api import build_api
 from backend.errors import EngineError
 from backend.model_server import ModelServer
 from backend.settings import BackendSettings
+from backend.tool_formats import HERMES
 from tests.fakes import Script
 from tests.sse import sse_payloads
 
@@ -565,6 +566,44 @@ async def test_with_auto_the_model_is_told_both_forms_and_none_tells_it_nothing(
     )
     assert script.history[-1][0] == HELLO
     assert reply.json()["choices"][0]["message"]["content"] == "plain"
+
+
+NATIVE_REPLY = [
+    "Let me look.",
+    " <tool_call>\n",
+    '{"name":"lookup","arguments":{}}',
+    "\n</tool_call>",
+]
+
+
+async def test_a_template_with_its_own_tool_format_gets_the_tools_and_a_lazy_grammar(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.tool_format = HERMES
+    script.enqueue(NATIVE_REPLY)
+    body = {"messages": HELLO, "tools": [TOOL], "stream": True}
+    events = sse_payloads((await client.post(CHAT, json=body)).text)
+    sent, params = script.history[-1]
+    assert sent == HELLO and script.tools == [TOOL]  # the template lists them, not our note
+    assert params.grammar is not None and "tool_call" in params.grammar
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert "".join(d.get("content") or "" for d in deltas) == "Let me look. "
+    [call] = next(d["tool_calls"] for d in deltas if d.get("tool_calls"))
+    assert call["function"] == {"name": "lookup", "arguments": "{}"}
+    assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
+    script.enqueue(NATIVE_REPLY)
+    whole = (await client.post(CHAT, json={**body, "stream": False})).json()["choices"][0]
+    assert whole["message"]["content"] == "Let me look. " and whole["finish_reason"] == "tool_calls"
+
+
+async def test_with_a_native_format_required_calls_keep_the_generic_form(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    script.tool_format = HERMES
+    script.enqueue(CALLS_JSON)
+    body = {"messages": HELLO, "tools": [TOOL], "tool_choice": "required"}
+    choice = (await client.post(CHAT, json=body)).json()["choices"][0]
+    assert script.tools is None and choice["finish_reason"] == "tool_calls"
 
 
 async def test_a_conversation_with_tool_results_is_accepted(

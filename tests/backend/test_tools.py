@@ -13,8 +13,10 @@ from backend.engines.embedded import embedded_gguf_path
 from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.protocol import ChatCompletionRequest, ChatMessage
 from backend.settings import BackendSettings
+from backend.tool_formats import HERMES
 from backend.tools import (
     RESPONSE_OPENING,
+    NativeReplyReader,
     ReplyReader,
     conversation,
     new_call_id,
@@ -210,3 +212,31 @@ def test_call_ids_take_the_form_the_models_clients_expect() -> None:
     assert len(mistral) == 9 and mistral.isalnum()
     other = new_call_id("SmolLM2-135M-Instruct")
     assert other.startswith("call_") and len(other) == 29
+
+
+HERMES_REPLY = (
+    'Let me look. <tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'
+)
+
+
+def test_a_native_reply_streams_its_text_and_ends_with_its_calls() -> None:
+    for size in (1, 3, 5):
+        reader = NativeReplyReader(HERMES, "m")
+        pieces = [
+            reader.feed(HERMES_REPLY[i : i + size]) for i in range(0, len(HERMES_REPLY), size)
+        ]
+        assert "".join(pieces) == "Let me look. "  # no part of the opening goes out as text
+        rest, calls, reason = reader.finish("stop")
+        assert rest == "" and reason == "tool_calls"
+        assert calls and calls[0].function.name == "get_weather"
+        assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_a_native_reply_without_calls_is_its_text_held_back_to_the_last_character() -> None:
+    reader = NativeReplyReader(HERMES, "m")
+    assert reader.feed("Sunny <") == "Sunny "  # '<' could open a call
+    assert reader.feed("3 degrees") == "<3 degrees"
+    assert reader.finish("stop") == ("", None, "stop")
+    cut = NativeReplyReader(HERMES, "m")
+    assert cut.feed("Hi <tool_call>\n{") == "Hi "
+    assert cut.finish("length") == ("<tool_call>\n{", None, "length")  # what it got to, as text
