@@ -68,12 +68,14 @@ _GENERATION_LIMITS = (
         "above this server's limit",
         "max_tokens at most LLM_MAX_TOKENS_CAP; n at most LLM_MAX_CHOICES and LLM_MAX_BATCH_SIZE",
     ),
+    Refusal("logit_bias names token ids", "logit_bias names tokens of the model's vocabulary"),
 )
 _CHAT_RULES = (
     *_MESSAGE_RULES,
     *_GENERATION_LIMITS,
     Refusal("top_logprobs needs logprobs", "top_logprobs needs logprobs: true"),
     Refusal("ignore_eos cannot be combined", "ignore_eos excludes a JSON reply and tool calls"),
+    Refusal("stop cannot be combined", "stop excludes a JSON reply and tools"),
     Refusal("needs a 'json_schema' object", "response_format json_schema needs its json_schema"),
     Refusal("The JSON schema cannot be used", "A schema the grammar compiler cannot compile"),
     Refusal(

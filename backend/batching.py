@@ -192,12 +192,16 @@ class _Sequence:
         self.prefilled = 0
         self.started = False
 
-    def adjust(self, logits: torch.Tensor) -> None:
-        """Apply the request's logits processors and grammar to its row (float), in place."""
-        if self._adjusts:
-            adjust(logits, self.params, self.prompt_ids[: self._prompt_length], self._sampled)
+    def mask(self, logits: torch.Tensor) -> None:
+        """Forbid the tokens the request's grammar does not allow next (its row, in place)."""
         if self.constraint is not None:
             self.constraint.mask(logits)
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        """Apply the request's logits processors to its row (float, already masked), in place:
+        after the mask, a cut never leaves a row empty that the grammar left some token."""
+        if self._adjusts:
+            adjust(logits, self.params, self.prompt_ids[: self._prompt_length], self._sampled)
 
     def accept(
         self, token_id: int, eos_ids: frozenset[int], logprob: TokenLogprob | None = None
@@ -633,30 +637,41 @@ class ContinuousBatcher:
         self, batch: list[_Sequence], logits: torch.Tensor
     ) -> list[tuple[int, TokenLogprob | None] | Exception]:
         """The next token of each sequence (with its log-probability, if asked); a row the
-        sampler cannot take (its logits, parameters or grammar) is that row's exception alone.
+        sampler cannot take (its logits, parameters, grammar or log-probabilities) is that
+        row's exception alone.
 
-        Only rows whose requests ask for logits processors, a grammar or log-probabilities cost
-        anything beyond the batch's sampling."""
-        logits = logits.float()
-        scores = {
-            row: torch.log_softmax(logits[row], dim=-1)  # before any processor, as vLLM's raw
-            for row, seq in enumerate(batch)
-            if seq.params.logprobs is not None
-        }
+        One order for every engine (vLLM's, and llama.cpp's grammar first): the grammar mask,
+        then logit bias and penalties, then temperature with the top-k / min-p / top-p cuts, and
+        the draw. It works on a float32 copy it owns: the engine's tensor may be an inference
+        tensor (in place updates of it fail) and is never changed. Log-probabilities describe
+        the model's distribution over what the grammar allows, before bias, penalties and
+        temperature (as vLLM's default `raw_logprobs`, whose grammar mask comes before its
+        sampler). Only rows whose requests ask for processors, a grammar or log-probabilities
+        cost anything beyond the batch's sampling."""
+        logits = logits.to(torch.float32, copy=True)
         failed: dict[int, Exception] = {}
+        scores: dict[int, torch.Tensor] = {}
         for row, seq in enumerate(batch):
             try:
+                seq.mask(logits[row])
+                if seq.params.logprobs is not None:
+                    scores[row] = torch.log_softmax(logits[row], dim=-1)
                 seq.adjust(logits[row])
             except Exception as exc:
-                logger.exception("adjusting a row's logits failed")
+                logger.exception("preparing a row's logits failed")
                 failed[row] = exc
         tokens = self._sample_rows(batch, logits, failed)
-        return [
-            failed[row]
-            if row in failed
-            else (tokens[row], self._logprob(seq, scores, row, tokens[row]))
-            for row, seq in enumerate(batch)
-        ]
+        outcomes: list[tuple[int, TokenLogprob | None] | Exception] = []
+        for row, seq in enumerate(batch):
+            if row in failed:
+                outcomes.append(failed[row])
+                continue
+            try:
+                outcomes.append((tokens[row], self._logprob(seq, scores, row, tokens[row])))
+            except Exception as exc:  # its log-probabilities: that stream alone ends
+                logger.exception("a row's log-probabilities failed")
+                outcomes.append(exc)
+        return outcomes
 
     def _sample_rows(
         self, batch: list[_Sequence], logits: torch.Tensor, failed: dict[int, Exception]
@@ -690,6 +705,7 @@ class ContinuousBatcher:
             tuple(
                 (self._tokenizer.decode([int(t)], skip_special_tokens=False), float(v))
                 for v, t in zip(top.values, top.indices, strict=True)
+                if v > float("-inf")  # a token the grammar forbids is no alternative
             )
             if top is not None
             else ()

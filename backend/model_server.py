@@ -105,6 +105,7 @@ class ModelServer:
         self._require_ready()
         self._check_model(request.model)
         self._check_choices(request.n)
+        self._check_logit_bias(request.logit_bias)
         grammar = tool_format = None
         # In a thread: templating a long conversation must not hold up other streams' tokens.
         if isinstance(request, ChatCompletionRequest):
@@ -122,6 +123,18 @@ class ModelServer:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
         return prompt_ids, request.to_sampling_params(max_tokens, grammar), tool_format
+
+    def _check_logit_bias(self, logit_bias: dict[str, float] | None) -> None:
+        vocab = self._engine.vocab_size
+        if vocab is None or not logit_bias:
+            return
+        unknown = sorted(int(token) for token in logit_bias if int(token) >= vocab)
+        if unknown:  # as vLLM: a bias on no token is a mistake, not a no-op
+            raise InvalidRequestError(
+                f"logit_bias names token ids this model does not have: {unknown[:5]} (the "
+                f"vocabulary has {vocab} tokens, ids 0 to {vocab - 1}).",
+                param="logit_bias",
+            )
 
     def _check_choices(self, n: int) -> None:
         limit = min(self._settings.max_choices, self._settings.max_batch_size)

@@ -343,6 +343,10 @@ class ChatCompletionRequest(SamplingRequest):
         )
         if self.ignore_eos and constrained:
             raise ValueError("ignore_eos cannot be combined with a JSON reply or tool calls")
+        if self.stop and constrained:  # a stop string inside the JSON would cut it unparsable
+            raise ValueError(
+                "stop cannot be combined with a JSON reply or tools: the grammar ends the reply"
+            )
         if self.tool_choice not in (None, "none") and not self.tools:
             raise ValueError("tool_choice needs tools")
         if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in {

@@ -55,6 +55,8 @@ def scripted_engine(script: Script) -> type[Engine]:
         def tool_format(self) -> NativeFormat | None:
             return script.tool_format
 
+        vocab_size = VOCAB
+
         def encode_chat(
             self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
         ) -> list[int]:

@@ -33,6 +33,8 @@ class Engine(ABC):
     prefix_caching: ClassVar[bool] = False
     # The chat template's own tool-call format, once started (None: it has none we can read).
     tool_format: NativeFormat | None = None
+    # Token ids the model knows, once started (None: the engine does not say).
+    vocab_size: int | None = None
 
     def __init__(self, settings: BackendSettings) -> None:
         self.settings = settings

@@ -68,6 +68,7 @@ class RunnerEngine(Engine):
         if self.settings.chat_template is not None:
             self._loaded.tokenizer.chat_template = self.settings.chat_template.read_text()
         self.tool_format = native_format(self._loaded.tokenizer)
+        self.vocab_size = len(self._loaded.tokenizer)
         self._batcher = ContinuousBatcher(
             self._loaded.runner,
             self._loaded.tokenizer,

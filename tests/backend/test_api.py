@@ -741,3 +741,31 @@ async def test_a_message_name_reaches_the_chat_template(
     messages = [{"role": "user", "content": "hi", "name": "ada"}]
     assert (await client.post(CHAT, json={"messages": messages})).status_code == 200
     assert script.history[-1][0] == [{"role": "user", "content": "hi", "name": "ada"}]
+
+
+@pytest.mark.parametrize(
+    "constraint",
+    [
+        {"response_format": {"type": "json_object"}},
+        {"tools": [TOOL]},
+        {"tools": [TOOL], "tool_choice": "required"},
+    ],
+)
+async def test_stop_strings_with_a_constraint_are_a_400(
+    client: httpx.AsyncClient, script: Script, constraint: dict[str, object]
+) -> None:
+    response = await client.post(CHAT, json={"messages": HELLO, "stop": ["}"], **constraint})
+    assert response.status_code == 400 and "stop cannot be combined" in response.text
+    assert script.history == []
+
+
+async def test_a_logit_bias_on_a_token_the_model_lacks_is_a_400(
+    client: httpx.AsyncClient, script: Script
+) -> None:
+    response = await client.post(CHAT, json={"messages": HELLO, "logit_bias": {"5": 1, "1000": 2}})
+    error = response.json()["error"]
+    assert response.status_code == 400 and error["param"] == "logit_bias"
+    assert "[1000]" in error["message"] and script.history == []
+    script.enqueue(["ok"])
+    fine = await client.post(CHAT, json={"messages": HELLO, "logit_bias": {"999": 2}})
+    assert fine.status_code == 200

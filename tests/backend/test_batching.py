@@ -730,3 +730,120 @@ async def test_a_choice_that_fails_ends_its_request_without_prefilling_the_other
         await collect(batcher, [1, 2, 3], replace(GREEDY, n=3))
     assert prefills(runner) == 1
     batcher.shutdown()
+
+
+# --- the sampler's order -------------------------------------------------------------------------
+
+
+class AllowOnly:
+    """A grammar that allows one token, then the end (as `structured.Constraint` is driven)."""
+
+    def __init__(self, tokenizer: object, grammar: str) -> None:
+        self.allowed = int(grammar)
+        self.done = False
+
+    def mask(self, logits: torch.Tensor) -> None:
+        keep = EOS if self.done else self.allowed
+        kept = logits[keep].item()
+        logits.fill_(float("-inf"))
+        logits[keep] = kept
+
+    def advance(self, token: int) -> None:
+        self.done = True
+
+
+class NoGrammarTokenizer:
+    def __init__(self, tokenizer: object, eos_ids: object) -> None:
+        pass
+
+    def get(self) -> None:
+        return None
+
+
+@pytest.fixture
+def allow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "Constraint", AllowOnly)
+    monkeypatch.setattr(batching, "GrammarTokenizer", NoGrammarTokenizer)
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        {"top_k": 1},
+        {"top_k": 3},
+        {"min_p": 0.05},
+        {"top_k": 1, "temperature": 1.0, "seed": 1},
+        {"min_p": 0.05, "temperature": 1.0, "seed": 1},
+    ],
+)
+async def test_the_grammar_mask_comes_before_the_cuts(allow_only: None, cut: dict) -> None:
+    """The model's favourite (the next letter) is forbidden: a cut made before the mask would
+    keep only forbidden tokens (greedy then picks token 0, a sampled row has no mass)."""
+    batcher = make_batcher(CountingRunner(length=5))
+    params = replace(GREEDY, grammar="7", **cut)
+    deltas = await collect(batcher, [1], params)
+    assert "".join(d.text for d in deltas) == "G" and deltas[-1].finish_reason == "stop"
+    batcher.shutdown()
+
+
+async def test_top_logprobs_list_only_what_the_grammar_allows(allow_only: None) -> None:
+    batcher = make_batcher(CountingRunner(length=5))
+    deltas = await collect(batcher, [1], replace(GREEDY, grammar="7", logprobs=3))
+    first = deltas[0].logprobs[0]
+    assert first.token == "G" and [token for token, _ in first.top] == ["G"]
+    batcher.shutdown()
+
+
+class InferenceRunner(CountingRunner):
+    """Logits made under `torch.inference_mode()`, as `hf` and Neuron make them (in float32 on
+    a CPU without native bf16): such a tensor refuses in-place updates outside that mode."""
+
+    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return super().prefill(seq_id, prompt_ids).clone()
+
+    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return super().decode(seq_ids, token_ids).clone()
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [
+        {"presence_penalty": 0.5},
+        {"repetition_penalty": 1.2},
+        {"logit_bias": ((3, 1.0),)},
+        {"top_k": 5},
+        {"min_p": 0.1, "temperature": 0.7, "seed": 1},
+    ],
+)
+async def test_processors_work_on_the_samplers_own_float32_copy(knob: dict) -> None:
+    runner = InferenceRunner(length=4)
+    batcher = make_batcher(runner)
+    deltas = await collect(batcher, [1], replace(GREEDY, **knob))
+    assert sum(d.tokens for d in deltas) == 5 and deltas[-1].finish_reason == "stop"
+    batcher.shutdown()
+
+
+class LogprobsFailTokenizer(ByteTokenizer):
+    """Naming token 8 as a log-probability's token (`skip_special_tokens=False`, which only
+    log-probabilities ask for) raises: the stream from 5 breaks at its third token, a decode."""
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if not skip_special_tokens and 8 in token_ids:
+            raise ValueError("cannot name an alternative")
+        return super().decode(token_ids, skip_special_tokens)
+
+
+async def test_log_probabilities_that_fail_end_their_stream_alone() -> None:
+    runner = CountingRunner(length=20)
+    runner.step_delay_s = 0.01
+    runner.capacity = 8
+    batcher = ContinuousBatcher(runner, LogprobsFailTokenizer(), frozenset({EOS}))
+    batcher.start()
+    other = asyncio.ensure_future(collect(batcher, [10]))
+    await eventually(lambda: any(kind == "decode" for kind, _ in runner.steps))
+    with pytest.raises(EngineError, match="cannot name an alternative"):
+        await asyncio.wait_for(collect(batcher, [5], replace(GREEDY, logprobs=1)), 10)
+    assert sum(d.tokens for d in await other) == 21  # the other stream went on to its end
+    batcher.shutdown()
