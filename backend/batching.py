@@ -590,8 +590,14 @@ class ContinuousBatcher:
             for seq in [s for s in queue_ if s.cancelled]:
                 self._runner.release(seq.id)
                 queue_.remove(seq)
-        if self._preempted and not self._active and not self._prefilling:
-            self._prefilling.append(self._preempted.popleft())  # nothing else holds memory
+                if queue_ is not self._preempted:
+                    self._resume_preempted()
+
+    def _resume_preempted(self) -> None:
+        """A running stream let its memory go (it finished, failed or was cancelled): the
+        oldest preempted stream goes on."""
+        if self._preempted:
+            self._prefilling.appendleft(self._preempted.popleft())
 
     def _decode_step(self) -> None:
         batch = list(self._active)
@@ -617,8 +623,7 @@ class ContinuousBatcher:
                 continue
             if self._accept(seq, *choice):
                 self._active.remove(seq)
-                if self._preempted:  # its memory is free: the oldest preempted stream goes on
-                    self._prefilling.appendleft(self._preempted.popleft())
+                self._resume_preempted()
 
     def _accept(self, seq: _Sequence, token: int, logprob: TokenLogprob | None) -> bool:
         """Give `seq` its token; True when it is done (finished, or failed alone: its text could
@@ -731,6 +736,7 @@ class ContinuousBatcher:
         self._runner.release(seq.id)
         self._active.remove(seq)
         seq.fail(error)
+        self._resume_preempted()
 
 
 def _open(item: Delta | BaseException) -> bool:

@@ -847,3 +847,32 @@ async def test_log_probabilities_that_fail_end_their_stream_alone() -> None:
         await asyncio.wait_for(collect(batcher, [5], replace(GREEDY, logprobs=1)), 10)
     assert sum(d.tokens for d in await other) == 21  # the other stream went on to its end
     batcher.shutdown()
+
+
+class LongSecond(ShortOfMemory):
+    """As `ShortOfMemory`, but the stream from 5 runs ten times longer than the others."""
+
+    def _next(self, seq_id: int) -> torch.Tensor:
+        last, emitted = self.state[seq_id]
+        length = self.length * (10 if self.held.get(seq_id, [0])[0] == 5 else 1)
+        token = EOS if emitted >= length else last % (VOCAB - 2) + 1  # within the vocabulary
+        self.state[seq_id] = (token, emitted + 1)
+        return self._logits(token)
+
+
+async def test_a_preempted_stream_resumes_when_a_running_one_is_cancelled() -> None:
+    """Memory freed by a client that left goes to the preempted stream at once, not when the
+    remaining streams finish."""
+    runner = LongSecond()
+    runner.step_delay_s = 0.01
+    batcher = make_batcher(runner)
+    first = asyncio.ensure_future(collect(batcher, [1]))
+    second = asyncio.ensure_future(collect(batcher, [5]))
+    await eventually(lambda: ("decode", 2) in runner.steps)
+    third = asyncio.ensure_future(collect(batcher, [9]))
+    await eventually(lambda: bool(runner.preempted))
+    first.cancel()
+    deltas = await asyncio.wait_for(third, 10)
+    assert deltas[-1].finish_reason == "stop" and not second.done()
+    await second
+    batcher.shutdown()
