@@ -78,6 +78,7 @@ _CHAT_RULES = (
     Refusal("stop cannot be combined", "stop excludes a JSON reply and tools"),
     Refusal("needs a 'json_schema' object", "response_format json_schema needs its json_schema"),
     Refusal("The JSON schema cannot be used", "A schema the grammar compiler cannot compile"),
+    Refusal("The tools cannot be used", "Tools whose grammar the compiler cannot compile"),
     Refusal(
         "tool_choice",
         "tool_choice needs tools and names one of them; with tools, no JSON response_format",

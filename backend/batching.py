@@ -590,8 +590,11 @@ class ContinuousBatcher:
             for seq in [s for s in queue_ if s.cancelled]:
                 self._runner.release(seq.id)
                 queue_.remove(seq)
-                if queue_ is not self._preempted:
+                if seq.started and queue_ is not self._preempted:  # it held memory
                     self._resume_preempted()
+        if self._preempted and not self._active and not self._prefilling:
+            # Nothing else holds memory (the last stream ended in its prefill, say).
+            self._resume_preempted()
 
     def _resume_preempted(self) -> None:
         """A running stream let its memory go (it finished, failed or was cancelled): the

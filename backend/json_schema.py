@@ -36,16 +36,32 @@ _ONE = (
     "unevaluatedItems",
     "unevaluatedProperties",
 )
-_MAP = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_MAP = (
+    "properties",
+    "patternProperties",
+    "$defs",
+    "definitions",
+    "dependentSchemas",
+    "dependencies",  # draft 7: a map of subschemas (or of property lists, which are skipped)
+)
 _LIST = ("anyOf", "oneOf", "allOf", "prefixItems", "items")
 # What an object schema may say about keys it does not name: when one is there, it is obeyed.
 _OPEN_KEYS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
 
 
 def strict(schema: Schema) -> Schema:
-    """A copy of `schema` that admits only the properties and items it names."""
+    """A copy of `schema` that admits only the properties and items it names. The parts of an
+    intersection (`allOf`, or `$ref` beside `properties`) stay open: each holds only some of
+    the object's keys, so closing one would forbid the others'."""
     closed = copy.deepcopy(schema)
-    _close(closed)
+    parts = _intersected(closed)
+    for node in _walk(closed):
+        if id(node) in parts:
+            continue
+        if "properties" in node and not any(key in node for key in _OPEN_KEYS):
+            node["additionalProperties"] = False
+        if "prefixItems" in node and "items" not in node:
+            node["items"] = False
     return closed
 
 
@@ -60,18 +76,39 @@ def rebased(schema: Schema, pointer: str) -> Schema:
     return moved
 
 
-def _close(schema: Schema, in_intersection: bool = False) -> None:
-    # A member of a multi-schema `allOf` is one part of an object: closing it would forbid the
-    # other parts' keys.
-    if not in_intersection:
-        if "properties" in schema and not any(key in schema for key in _OPEN_KEYS):
-            schema["additionalProperties"] = False
-        if "prefixItems" in schema and "items" not in schema:
-            schema["items"] = False
-    parts = schema.get("allOf")
-    intersection = isinstance(parts, list) and len(parts) > 1
-    for key, child in _children(schema):
-        _close(child, in_intersection=intersection and key == "allOf")
+def _intersected(root: Schema) -> set[int]:
+    """The ids of the schemas that are one part of an intersection: a schema with several
+    `allOf` members, or with `allOf` or `$ref` beside its own `properties`; its members; and
+    the local definitions they refer to."""
+    parts: set[int] = set()
+    for node in _walk(root):
+        found = node.get("allOf")
+        members: list[Any] = found if isinstance(found, list) else []
+        beside = "properties" in node and (members or "$ref" in node)
+        if len(members) < 2 and not beside:
+            continue
+        for part in [node, *(m for m in members if isinstance(m, dict))]:
+            parts.add(id(part))
+            target = _resolve(root, part.get("$ref"))
+            if target is not None:
+                parts.add(id(target))
+    return parts
+
+
+def _resolve(root: Schema, ref: Any) -> Schema | None:
+    """The subschema a local reference (`#`, `#/a/b`) points at in `root`; None otherwise."""
+    if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+        return None
+    node: Any = root
+    for token in ref[2:].split("/") if ref != "#" else []:
+        key = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            return None
+    return node if isinstance(node, dict) else None
 
 
 def _walk(schema: Schema) -> Iterator[Schema]:

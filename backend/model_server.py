@@ -33,8 +33,8 @@ from backend.protocol import (
 from backend.settings import BackendSettings
 from backend.structured import json_grammar
 from backend.tools import (
-    call_schemas,
     conversation,
+    native_grammar,
     request_conversation,
     tool_mode,
     tools_grammar,
@@ -112,9 +112,9 @@ class ModelServer:
             native = self._engine.tool_format if tool_mode(request) == "auto" else None
             if native is not None:  # the template lists the tools in its own words
                 tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
-                messages = conversation(request.messages, tools=None)
+                messages = conversation(request.messages, tools=None, native=native)
                 prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages, tools)
-                grammar, tool_format = native.grammar(call_schemas(request)), native.name
+                grammar, tool_format = native_grammar(native, request), native.name
             else:
                 messages = request_conversation(request)
                 prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)

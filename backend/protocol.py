@@ -69,8 +69,10 @@ class ContentPart(_Strict):
 
     @model_validator(mode="after")
     def _text_only(self) -> ContentPart:
-        if self.type != "text":
-            raise ValueError(f"this model reads text only: {self.type} parts are not supported")
+        media = [kind for kind in ("image_url", "input_audio", "file") if getattr(self, kind)]
+        if self.type != "text" or media:
+            kinds = ", ".join(sorted({self.type, *media} - {"text"}))
+            raise ValueError(f"this model reads text only: {kinds} parts are not supported")
         if self.text is None:
             raise ValueError("a text part needs its 'text'")
         return self

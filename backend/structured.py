@@ -33,7 +33,7 @@ from backend.errors import EngineError, InvalidRequestError
 
 # Compact JSON: no free whitespace for a small model to wander in. `oneOf` is read as `anyOf`,
 # as xgrammar (vLLM's default) reads it: pydantic writes `oneOf` for discriminated unions.
-_JSON_OPTIONS: Any = {"whitespace_flexible": False, "coerce_one_of": True}
+JSON_OPTIONS: Any = {"whitespace_flexible": False, "coerce_one_of": True}
 
 
 def json_grammar(
@@ -45,7 +45,7 @@ def json_grammar(
     target = schema if schema is not None else {"type": "object"}
     try:
         grammar = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps(json_schema.strict(target) if strict else target), defaults=_JSON_OPTIONS
+            json.dumps(json_schema.strict(target) if strict else target), defaults=JSON_OPTIONS
         )
     except (TypeError, ValueError) as exc:
         raise InvalidRequestError(f"The JSON schema cannot be used: {exc}", param=param) from exc

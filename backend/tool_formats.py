@@ -5,7 +5,7 @@ model opens each call with the format's marker. Generation then runs free until 
 appears, and only from there does the call grammar take over: llama.cpp's lazy grammar with
 triggers (`common/chat.cpp`, `common_chat_params_init_hermes_2_pro`: trigger word `<tool_call>`,
 a JSON `{"name", "arguments"}` call, closed by `</tool_call>`), built here from llguidance's lazy
-lexemes (`StructTag`). `backend.tools.NativeReplyReader` reads such a reply back.
+lexemes. `backend.tools.NativeReplyReader` reads such a reply back.
 
 Known formats: Hermes-style `<tool_call>` (Hermes 2 Pro, Qwen 2.5 and others). A format whose
 marker is a special token (Mistral v0.3's `[TOOL_CALLS]`, Llama 3's `<|python_tag|>`) is not
@@ -17,15 +17,15 @@ The bottom of the tool layer: it knows formats and grammars, not requests.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import llguidance
 
 from backend.errors import InvalidRequestError
-
-# As `backend.structured`: compact JSON, `oneOf` read as `anyOf`.
-_COMPACT: dict[str, Any] = {"whitespace_flexible": False, "coerce_one_of": True}
+from backend.structured import JSON_OPTIONS
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,26 @@ class NativeFormat:
     opening: str
     closing: str
 
-    def grammar(self, calls: list[dict[str, Any]]) -> str:
+    def grammar(self, calls: list[dict[str, Any]], most: int) -> str:
         """Free text, in which each `opening` starts a call that follows one of `calls` (the
-        schemas of `{"name", "arguments"}`) and ends with `closing`."""
+        schemas of `{"name", "arguments"}`) and ends with `closing`; at most `most` calls.
+
+        llguidance's lazy lexeme (docs/syntax.md, "Tool calling"; what its `StructTag` builds):
+        the text before an opening matches as little as it can, so the call's grammar takes
+        over as soon as the opening is written."""
         one = calls[0] if len(calls) == 1 else {"anyOf": calls}
-        tag = llguidance.StructTag(
-            trigger=self.opening,
-            begin=self.opening + "\n",
-            grammar={**one, "x-guidance": _COMPACT},
-            end="\n" + self.closing,
+        call = json.dumps({**one, "x-guidance": JSON_OPTIONS})
+        opening, closing = json.dumps(self.opening), json.dumps("\n" + self.closing)
+        # The text after the last call holds no opening: past `most` calls, none can start.
+        after = f"/(?s:.*)/ & ~/(?s:.*){re.escape(self.opening)}(?s:.*)/"
+        grammar = (
+            "%llguidance {}\n"
+            f"start: call{{0,{most}}} AFTER\n"
+            f'call: call_opening "\\n" %json {call} {closing}\n'
+            f"call_opening[lazy]: TEXT {opening}\n"
+            "TEXT: /(.|\\n)*/\n"
+            f"AFTER: {after}\n"
         )
-        grammar = llguidance.StructTag.to_grammar([tag], assume_special=False)
         error = llguidance.LLMatcher.validate_grammar(grammar)
         if error:
             raise InvalidRequestError(f"The tools cannot be used: {error}", param="tools")

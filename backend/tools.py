@@ -1,6 +1,6 @@
 """Tool calls on any model, in llama.cpp's generic format (`common/chat.cpp`,
 `common_chat_params_init_generic`), for chat templates that have no tool-call format of their
-own (Mistral v0.2's, SmolLM2's):
+own (Mistral v0.2's, SmolLM2's), and for `required` or a named function on every template:
 
 - the functions are listed in a system message, which tells the model the reply's JSON form;
 - the reply is constrained by a grammar: `{"tool_calls": [{"name": …, "arguments": {…}}]}` for
@@ -11,8 +11,12 @@ own (Mistral v0.2's, SmolLM2's):
   written, and the calls go out whole once the grammar has closed them.
 
 Tool traffic in the conversation is rendered as text: an assistant turn that called tools reads
-`{"tool_calls": [{"name": …, "arguments": {…}}]}`; a `tool` message becomes a user message
+`{"tool_calls": [{"name": …, "arguments": {…}}]}` (in a template's own format, as its model
+writes calls, when it has one); a `tool` message becomes a user message
 `Result of tool call <id>: <content>` (consecutive results in one message).
+
+Templates with a tool format of their own get the tools and a lazy grammar instead
+(`native_grammar`), and `NativeReplyReader` reads their replies.
 """
 
 from __future__ import annotations
@@ -52,10 +56,14 @@ def tool_mode(request: ChatCompletionRequest) -> ToolMode:
 
 
 def conversation(
-    messages: list[ChatMessage], tools: list[ToolDef] | None, mode: ToolMode = "required"
+    messages: list[ChatMessage],
+    tools: list[ToolDef] | None,
+    mode: ToolMode = "required",
+    native: NativeFormat | None = None,
 ) -> list[dict[str, str]]:
     """The messages as role/content dicts for a chat template, tool traffic rendered as text
-    and the functions (if any) listed with the reply's form (`mode`: `auto` or `required`)."""
+    (past calls as the template's `native` format writes them, if it has one) and the
+    functions (if any) listed with the reply's form (`mode`: `auto` or `required`)."""
     rendered: list[dict[str, str]] = []
     after_tool = False  # the last message rendered holds tool results
     for message in messages:
@@ -69,10 +77,8 @@ def conversation(
             continue
         after_tool = False
         if message.tool_calls:
-            calls = [_call_json(call) for call in message.tool_calls]
-            text = (message.text() + "\n" if message.text() else "") + json.dumps(
-                {"tool_calls": calls}, ensure_ascii=False
-            )
+            calls = _calls_text([_call_json(call) for call in message.tool_calls], native)
+            text = (message.text() + "\n" if message.text() else "") + calls
             rendered.append({"role": "assistant", "content": text})
         else:
             rendered.append({"role": message.role, "content": message.text()})
@@ -99,16 +105,25 @@ def tools_grammar(request: ChatCompletionRequest) -> str:
 def _reply_schema(request: ChatCompletionRequest) -> dict[str, Any]:
     """`{"anyOf": [calls, response]}`."""
     calls = call_schemas(request, _CALLS_POINTER + "/properties/tool_calls/items")
-    # A named function is called once (as vLLM's grammar for it, and OpenAI, do).
-    named = isinstance(request.tool_choice, NamedToolChoice)
-    most = MAX_PARALLEL_CALLS if request.parallel_tool_calls and not named else 1
     array = {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}}
     return {
         "anyOf": [
-            _object(tool_calls={**array, "minItems": 1, "maxItems": most}),
+            _object(tool_calls={**array, "minItems": 1, "maxItems": most_calls(request)}),
             _object(response={"type": "string"}),
         ]
     }
+
+
+def native_grammar(format_: NativeFormat, request: ChatCompletionRequest) -> str:
+    """The lazy grammar of a reply in the template's own tool format (`auto`)."""
+    return format_.grammar(call_schemas(request), most=most_calls(request))
+
+
+def most_calls(request: ChatCompletionRequest) -> int:
+    """How many calls one reply may make: one with `parallel_tool_calls: false` or a named
+    function (as vLLM's grammar for it, and OpenAI, do), else `MAX_PARALLEL_CALLS`."""
+    named = isinstance(request.tool_choice, NamedToolChoice)
+    return MAX_PARALLEL_CALLS if request.parallel_tool_calls and not named else 1
 
 
 def call_schemas(request: ChatCompletionRequest, pointer: str = "") -> list[dict[str, Any]]:
@@ -151,7 +166,8 @@ def calls_of(calls: list[dict[str, Any]], model_id: str) -> list[ToolCall]:
         ToolCall(
             id=new_call_id(model_id),
             function=FunctionCall(
-                name=call["name"], arguments=json.dumps(call["arguments"], ensure_ascii=False)
+                name=call["name"],
+                arguments=valid_unicode(json.dumps(call["arguments"], ensure_ascii=False)),
             ),
         )
         for call in calls
@@ -203,7 +219,7 @@ class ReplyReader:
         if reason == "stop":
             try:
                 return "", parse_calls(self._raw, self._model_id), "tool_calls"
-            except (ValueError, KeyError, TypeError):  # JSON cut short by a stop sequence
+            except (ValueError, KeyError, TypeError):  # not the grammar's JSON: sent as text
                 pass
         return self._raw, None, reason
 
@@ -232,12 +248,17 @@ class NativeReplyReader:
     def finish(self, reason: str | None) -> tuple[str, list[ToolCall] | None, str | None]:
         """(content still to send, the calls or None, the finish reason) once the reply ends;
         calls cut short (`length`) are sent as the text they got to."""
-        opening, closing = (
-            re.escape(mark) for mark in (self._format.opening, self._format.closing)
-        )
-        bodies = re.findall(f"{opening}(.*?){closing}", self._raw, flags=re.DOTALL)
-        if reason == "stop" and bodies:
-            return "", calls_of([json.loads(body) for body in bodies], self._model_id), "tool_calls"
+        if reason == "stop" and self._format.opening in self._raw:
+            # The grammar writes `opening\n{json}\nclosing`: a raw newline is in no JSON
+            # string, so the closing's newline is where a call's JSON ends.
+            opening, closing = (re.escape(m) for m in (self._format.opening, self._format.closing))
+            bodies = re.findall(f"{opening}\\n(.*?)\\n{closing}", self._raw, flags=re.DOTALL)
+            try:
+                calls = calls_of([json.loads(body) for body in bodies], self._model_id)
+            except (ValueError, KeyError, TypeError):  # not the grammar's: sent as text
+                calls = []
+            if calls:
+                return "", calls, "tool_calls"
         rest = self._raw[self._sent :]
         self._sent = len(self._raw)
         return rest, None, reason
@@ -249,17 +270,47 @@ def _decode_string(raw: str, start: int) -> tuple[str, int]:
     parts: list[str] = []
     at = start
     while at < len(raw) and raw[at] != '"':
-        if raw[at] != "\\":
-            end = at + 1
-        else:
-            end = at + (6 if raw[at + 1 : at + 2] == "u" else 2)
-            if end - at == 6 and end <= len(raw) and 0xD800 <= int(raw[at + 2 : end], 16) < 0xDC00:
-                end += 6  # a high surrogate: decoded with its pair
-            if end > len(raw):
-                break
+        end = at + 1 if raw[at] != "\\" else _escape_end(raw, at)
+        if end is None:
+            break
         parts.append(json.loads(f'"{raw[at:end]}"') if end - at > 1 else raw[at])
         at = end
-    return "".join(parts), at
+    return valid_unicode("".join(parts)), at
+
+
+_LOW_SURROGATE = re.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
+_LOW_SURROGATE_START = re.compile(r"(\\(u([dD]([c-fC-F][0-9a-fA-F]?)?)?)?)?")
+
+
+def _escape_end(raw: str, at: int) -> int | None:
+    """Where the escape at `at` ends (a high surrogate's with its low one, when one follows);
+    None while it is not whole yet."""
+    end = at + (6 if raw[at + 1 : at + 2] == "u" else 2)
+    if end > len(raw):
+        return None
+    if end - at == 6 and 0xD800 <= int(raw[at + 2 : end], 16) < 0xDC00:
+        follow = raw[end : end + 6]
+        if _LOW_SURROGATE.fullmatch(follow):
+            return end + 6
+        if len(follow) < 6 and _LOW_SURROGATE_START.fullmatch(follow):
+            return None  # its low half may be on the way
+    return end
+
+
+def valid_unicode(text: str) -> str:
+    """`text` with any lone surrogate (JSON's grammar lets `\\ud800` through alone) as U+FFFD:
+    a lone surrogate cannot be encoded in UTF-8, so no response could carry it."""
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+def _calls_text(calls: list[dict[str, Any]], native: NativeFormat | None) -> str:
+    """Past calls as the model wrote them: the generic JSON, or the template's own format."""
+    if native is None:
+        return json.dumps({"tool_calls": calls}, ensure_ascii=False)
+    return "".join(
+        f"{native.opening}\n{json.dumps(call, ensure_ascii=False)}\n{native.closing}"
+        for call in calls
+    )
 
 
 def _call_json(call: ToolCall) -> dict[str, Any]:

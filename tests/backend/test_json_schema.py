@@ -102,3 +102,23 @@ def test_read_literally_the_same_schema_lets_other_keys_in(
         assert not grammar_accepts(tokenizer, strict_, text)
     exact = json.dumps(PROJECT, separators=(",", ":"))
     assert grammar_accepts(tokenizer, strict_, exact)
+
+
+BASE = {"properties": {"x": {"type": "integer"}}, "required": ["x"]}
+EXTRA = {"properties": {"extra": {"type": "string"}}, "required": ["extra"]}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"allOf": [{"$ref": "#/$defs/Base"}, EXTRA], "$defs": {"Base": BASE}},
+        {**BASE, "allOf": [EXTRA]},
+        {"$ref": "#/$defs/Base", **EXTRA, "$defs": {"Base": BASE}},
+    ],
+    ids=["allOf-of-a-reference", "allOf-beside-properties", "reference-beside-properties"],
+)
+def test_the_parts_of_an_intersection_admit_each_others_keys(
+    tokenizer: PreTrainedTokenizerBase, schema: dict[str, Any]
+) -> None:
+    grammar = json_grammar(schema)  # a 400 ("unsatisfiable") when each part is closed
+    assert grammar_accepts(tokenizer, grammar, '{"x":1,"extra":"e"}')

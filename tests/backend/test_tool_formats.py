@@ -21,7 +21,7 @@ from backend.serving import ChatService, start_generation
 from backend.settings import BackendSettings
 from backend.structured import Constraint, GrammarTokenizer
 from backend.tool_formats import HERMES, native_format, partial_suffix
-from backend.tools import call_schemas
+from backend.tools import conversation, native_grammar
 from tests.backend.test_structured import grammar_accepts
 from tests.backend.test_tools import WEATHER
 
@@ -54,9 +54,9 @@ def test_a_marker_that_is_a_special_token_is_not_used(tokenizer: PreTrainedToken
     assert native_format(special) is None
 
 
-def weather_grammar() -> str:
-    body = {"messages": [{"role": "user", "content": "Paris?"}], "tools": [WEATHER]}
-    return HERMES.grammar(call_schemas(ChatCompletionRequest.model_validate(body)))
+def weather_grammar(**fields: object) -> str:
+    body = {"messages": [{"role": "user", "content": "Paris?"}], "tools": [WEATHER], **fields}
+    return native_grammar(HERMES, ChatCompletionRequest.model_validate(body))
 
 
 CALL = '<tool_call>\n{"name":"get_weather","arguments":{"city":"Paris"}}\n</tool_call>'
@@ -80,6 +80,26 @@ def test_the_reply_runs_free_until_the_opening_then_follows_the_schema(
     tokenizer: PreTrainedTokenizerBase, text: str, allowed: bool
 ) -> None:
     assert grammar_accepts(tokenizer, weather_grammar(), text) is allowed
+
+
+def test_parallel_tool_calls_false_allows_one_call(tokenizer: PreTrainedTokenizerBase) -> None:
+    one = weather_grammar(parallel_tool_calls=False)
+    assert grammar_accepts(tokenizer, one, "Sure." + CALL)
+    assert not grammar_accepts(tokenizer, one, CALL + CALL)
+
+
+def test_past_calls_are_shown_as_the_template_writes_them() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    body = {
+        "messages": [
+            {"role": "user", "content": "Paris?"},
+            {"role": "assistant", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        ]
+    }
+    messages = ChatCompletionRequest.model_validate(body).messages
+    shown = conversation(messages, tools=None, native=HERMES)[1]["content"]
+    assert shown == '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -188,6 +188,25 @@ def test_a_response_streams_as_its_text_however_the_tokens_split_it() -> None:
     assert reader.feed(half_pair) == RESPONSE[: RESPONSE.index("😀")]  # no half of a character
 
 
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        ("\\ud800abcd", "\ufffdabcd"),  # a lone high surrogate, then text
+        ("\\udc00x", "\ufffdx"),  # a lone low one
+        ("a\\ud83d", "a\ufffd"),  # a high one at the end
+        ("a\\ud83d\\ude00b", "a😀b"),  # a pair
+    ],
+)
+def test_what_json_escapes_allow_comes_out_as_text_utf8_can_carry(body: str, text: str) -> None:
+    raw = '{"response":"' + body + '"}'
+    for size in (1, len(raw)):
+        reader = ReplyReader("auto", "m")
+        content = "".join(reader.feed(raw[i : i + size]) for i in range(0, len(raw), size))
+        rest, _, _ = reader.finish("stop")
+        assert content + rest == text
+        (content + rest).encode("utf-8")
+
+
 def test_calls_go_out_whole_with_finish_reason_tool_calls() -> None:
     text = '{"tool_calls":[{"name":"get_weather","arguments":{"city":"Paris"}}]}'
     reader = ReplyReader("auto", "m")
@@ -230,6 +249,19 @@ def test_a_native_reply_streams_its_text_and_ends_with_its_calls() -> None:
         assert rest == "" and reason == "tool_calls"
         assert calls and calls[0].function.name == "get_weather"
         assert json.loads(calls[0].function.arguments) == {"city": "Paris"}
+
+
+def test_a_closing_inside_the_arguments_does_not_end_the_call() -> None:
+    arguments = '{"s":"</tool_call> and <tool_call>"}'
+    text = f'<tool_call>\n{{"name":"write","arguments":{arguments}}}\n</tool_call>'
+    reader = NativeReplyReader(HERMES, "m")
+    reader.feed(text)
+    _, calls, reason = reader.finish("stop")
+    assert (
+        reason == "tool_calls"
+        and calls
+        and json.loads(calls[0].function.arguments) == {"s": "</tool_call> and <tool_call>"}
+    )
 
 
 def test_a_native_reply_without_calls_is_its_text_held_back_to_the_last_character() -> None:

@@ -37,15 +37,10 @@ def send(backend: ServiceProcess, kind: str, model: str) -> httpx.Response:
     return httpx.request(request["method"], backend.url + request["path"], json=body, timeout=600)
 
 
-def test_the_recording_is_open_webuis_default_chat() -> None:
-    """What the replay stands for: tools on every chat, no tool_choice, nothing configured."""
-    for kind in CHATS:
+def test_open_webuis_default_flow_gets_replies(backend: ServiceProcess) -> None:
+    for kind in CHATS:  # what the replay stands for: tools on every chat, no tool_choice
         body = recorded(kind)["body"]
         assert body["stream"] is True and len(body["tools"]) == 36 and "tool_choice" not in body
-    assert all("tools" not in recorded(kind)["body"] for kind in TASKS)
-
-
-def test_open_webuis_default_flow_gets_replies(backend: ServiceProcess) -> None:
     models = httpx.get(backend.url + recorded("models")["path"], timeout=30)
     assert models.status_code == 200
     model = models.json()["data"][0]["id"]

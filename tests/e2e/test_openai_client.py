@@ -159,8 +159,8 @@ def test_a_tool_call_round_trip(backend: ServiceProcess) -> None:
 def test_with_tools_and_no_tool_choice_the_model_answers_or_calls(
     backend: ServiceProcess, stream: bool
 ) -> None:
-    """`auto`, the default with tools: the same seeded request comes back the same way whole
-    and streamed, as text that ends by itself, or as calls that follow the schema."""
+    """`auto`, the default with tools: whole or streamed, the reply is text, or calls that
+    follow the schema with `finish_reason` `tool_calls`, never both."""
     reply = client(backend).chat.completions.create(
         model="SmolLM2-135M-Instruct",
         messages=[{"role": "user", "content": "What is the weather in Paris?"}],
