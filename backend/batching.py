@@ -166,7 +166,7 @@ class _Sequence:
         self._sampled_at: list[float] = []  # of the tokens not yet reported
         self._logprobs: list[TokenLogprob] = []  # of the tokens not yet reported, if asked
         self._adjusts = adjusts(params)
-        self.constraint: Constraint | None = None  # set by the loop for a grammar
+        self.constraint: Constraint | None = None  # set by `stream` for a grammar
         # Every choice of the request (this one too): one that fails ends them all.
         self.request: list[_Sequence] = [self]
         # The other choices, to start from this one's prompt when it is first prefilled.
@@ -379,8 +379,10 @@ class ContinuousBatcher:
             )
             for i in range(params.n)
         ]
-        for seq in seqs:
+        constraints = await self._constraints(params)
+        for seq, constraint in zip(seqs, constraints, strict=True):
             seq.request = seqs
+            seq.constraint = constraint
         seqs[0].siblings = seqs[1:]
         try:
             self._inbox.put(seqs)  # raises if the loop has stopped meanwhile
@@ -390,6 +392,21 @@ class ContinuousBatcher:
         finally:
             for seq in seqs:
                 seq.cancelled = True
+
+    async def _constraints(self, params: SamplingParams) -> list[Constraint | None]:
+        """A matcher for each of the request's choices: the grammar compiled once, in a worker
+        thread (neither the event loop nor the batching loop waits on it), and copied for the
+        other choices."""
+        if params.grammar is None:
+            return [None] * params.n
+        grammar = params.grammar
+        try:
+            first = await asyncio.to_thread(
+                lambda: Constraint(self._grammar_tokenizer.get(), grammar)
+            )
+        except Exception as exc:
+            raise EngineError(f"Generation failed before prefill: {exc}") from exc
+        return [first, *(first.copy() for _ in range(params.n - 1))]
 
     async def _delivered(
         self, deltas: asyncio.Queue[Delta | BaseException], choices: int
@@ -506,25 +523,9 @@ class ContinuousBatcher:
             self._runner.release(seq.id)
             seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
             return False
-        if not self._constrain(seq):
-            self._prefilling.popleft()
-            self._runner.release(seq.id)
-            return False
         seq.start_at(cached)
         self.stats.prompt_tokens += len(seq.prompt_ids)
         self.stats.cached_tokens += cached
-        return True
-
-    def _constrain(self, seq: _Sequence) -> bool:
-        """Give a sequence with a grammar its matcher; False (and the sequence failed) if the
-        grammar cannot be built."""
-        if seq.params.grammar is None or seq.constraint is not None:
-            return True
-        try:
-            seq.constraint = Constraint(self._grammar_tokenizer.get(), seq.params.grammar)
-        except Exception as exc:
-            seq.fail(EngineError(f"Generation failed before prefill: {exc}"))
-            return False
         return True
 
     def _prefill(self, seq: _Sequence, chunk: list[int]) -> None:
@@ -568,9 +569,6 @@ class ContinuousBatcher:
         for sibling in siblings:
             if sibling not in self._prefilling or sibling.started or sibling.cancelled:
                 continue  # not admitted yet (the batch is full), or gone
-            if not self._constrain(sibling):
-                self._prefilling.remove(sibling)
-                continue
             try:
                 copied = self._runner.fork(seq.id, sibling.id)
             except Exception:

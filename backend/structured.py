@@ -83,10 +83,19 @@ class Constraint:
     """One sequence's grammar: masks its logits row, advances with each sampled token."""
 
     def __init__(self, tokenizer: llguidance.LLTokenizer, grammar: str) -> None:
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        self._vocab = tokenizer.vocab_size
-        self._bitmask = allocate_token_bitmask(1, self._vocab)
+        self._start(llguidance.LLMatcher(tokenizer, grammar, log_level=0), tokenizer.vocab_size)
         self._check()
+
+    def _start(self, matcher: llguidance.LLMatcher, vocab: int) -> None:
+        self._matcher = matcher
+        self._vocab = vocab
+        self._bitmask = allocate_token_bitmask(1, vocab)
+
+    def copy(self) -> Constraint:
+        """An independent matcher in the same state, without compiling the grammar again."""
+        twin = Constraint.__new__(Constraint)
+        twin._start(self._matcher.deep_copy(), self._vocab)
+        return twin
 
     def mask(self, logits: torch.Tensor) -> None:
         """Set every token the grammar does not allow next to -inf (in place, one float32 row).

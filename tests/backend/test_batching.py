@@ -8,6 +8,7 @@ import itertools
 import threading
 from collections.abc import Callable
 from dataclasses import replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -875,4 +876,36 @@ async def test_a_preempted_stream_resumes_when_a_running_one_is_cancelled() -> N
     deltas = await asyncio.wait_for(third, 10)
     assert deltas[-1].finish_reason == "stop" and not second.done()
     await second
+    batcher.shutdown()
+
+
+class CountedGrammar(AllowOnly):
+    """`AllowOnly`, counting compilations and copies, and where each compilation ran."""
+
+    compiled: ClassVar[list[str]] = []
+    copied: ClassVar[int] = 0
+
+    def __init__(self, tokenizer: object, grammar: str) -> None:
+        super().__init__(tokenizer, grammar)
+        CountedGrammar.compiled.append(threading.current_thread().name)
+
+    def copy(self) -> CountedGrammar:
+        CountedGrammar.copied += 1
+        twin = CountedGrammar.__new__(CountedGrammar)
+        twin.allowed, twin.done = self.allowed, self.done
+        return twin
+
+
+async def test_a_grammar_is_compiled_once_per_request_off_both_loops(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batching, "Constraint", CountedGrammar)
+    monkeypatch.setattr(batching, "GrammarTokenizer", NoGrammarTokenizer)
+    CountedGrammar.compiled, CountedGrammar.copied = [], 0
+    batcher = make_batcher(CountingRunner(length=5))
+    deltas = await collect(batcher, [1], replace(GREEDY, grammar="7", n=3))
+    assert texts_by_choice(deltas) == {0: "G", 1: "G", 2: "G"}
+    assert len(CountedGrammar.compiled) == 1 and CountedGrammar.copied == 2
+    # Neither the event loop's thread nor the batching loop's.
+    assert CountedGrammar.compiled[0] not in {threading.main_thread().name, "continuous-batcher"}
     batcher.shutdown()

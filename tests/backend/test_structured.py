@@ -83,3 +83,24 @@ def test_a_schema_llguidance_cannot_use_is_a_400_naming_the_field() -> None:
     with pytest.raises(InvalidRequestError) as raised:
         json_grammar({"type": "object", "properties": {"x": {"$ref": "#/nowhere"}}})
     assert raised.value.param == "response_format"
+
+
+def test_a_copy_masks_as_its_original_and_then_goes_its_own_way(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    original = Constraint(
+        GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(), json_grammar(SCHEMA)
+    )
+    for token in tokenizer.encode('{"name":"', add_special_tokens=False):
+        original.advance(token)
+    twin = original.copy()
+    masks = [torch.zeros(len(tokenizer)) for _ in range(2)]
+    original.mask(masks[0])
+    twin.mask(masks[1])
+    assert torch.equal(masks[0], masks[1]) and bool(torch.isinf(masks[0]).any())
+    for token in tokenizer.encode('Ada","age":', add_special_tokens=False):
+        twin.advance(token)  # the twin moves on to the number; the original is in the string
+    masks = [torch.zeros(len(tokenizer)) for _ in range(2)]
+    original.mask(masks[0])
+    twin.mask(masks[1])
+    assert not torch.equal(masks[0], masks[1])
