@@ -107,18 +107,20 @@ class ModelServer:
         self._check_choices(request.n)
         self._check_logit_bias(request.logit_bias)
         grammar = tool_format = None
-        # In a thread: templating a long conversation must not hold up other streams' tokens.
+        # In threads: templating a long conversation, or building a grammar of many tools,
+        # must not hold up other streams' tokens.
         if isinstance(request, ChatCompletionRequest):
             native = self._engine.tool_format if tool_mode(request) == "auto" else None
             if native is not None:  # the template lists the tools in its own words
                 tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
                 messages = conversation(request.messages, tools=None, native=native)
                 prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages, tools)
-                grammar, tool_format = native_grammar(native, request), native.name
+                grammar = await asyncio.to_thread(native_grammar, native, request)
+                tool_format = native.name
             else:
                 messages = request_conversation(request)
                 prompt_ids = await asyncio.to_thread(self._engine.encode_chat, messages)
-                grammar = _reply_grammar(request)
+                grammar = await asyncio.to_thread(_reply_grammar, request)
         else:
             prompt_ids = await asyncio.to_thread(self._engine.encode_text, request.text())
         max_tokens = self._resolve_max_tokens(len(prompt_ids), request.requested_max_tokens())
