@@ -290,9 +290,9 @@ class _Inbox:
             return None
 
     def waiting(self) -> int:
-        """Requests queued whose callers still wait for them."""
+        """Requests queued whose callers still wait for them (a request's choices, once)."""
         with self._changed:
-            return sum(not seq.cancelled for seq in self._items)
+            return len({id(seq.request) for seq in self._items if not seq.cancelled})
 
     def interrupt(self) -> None:
         """Wake a waiting `get` (the loop is stopping)."""
@@ -437,7 +437,7 @@ class ContinuousBatcher:
                 raise error
 
     def occupancy(self) -> tuple[int, int]:
-        """Streams running in the batch and streams waiting for a slot, as last observed."""
+        """Requests running and requests waiting, as last observed (`_requests`)."""
         return self._occupancy
 
     def _run(self) -> None:
@@ -470,7 +470,7 @@ class ContinuousBatcher:
         self._active.clear()
 
     def _observe(self) -> None:
-        occupancy = (self._running(), self._inbox.waiting())
+        occupancy = self._requests()
         kv_usage = round(self._runner.kv_usage(), 2)  # a new figure per percent, not per token
         now = time.monotonic()
         changed = (occupancy, kv_usage) != (self._occupancy, self._kv_usage)
@@ -479,6 +479,14 @@ class ContinuousBatcher:
         self._occupancy, self._kv_usage, self._observed_at = occupancy, kv_usage, now
         if self._observer is not None:
             self._observer.batch_changed(*occupancy, kv_usage)
+
+    def _requests(self) -> tuple[int, int]:
+        """Requests running (one of their choices started: prefilling or decoding) and
+        waiting (queued, preempted, or not started yet), each once whatever its `n`: vLLM's
+        `num_requests_running` and `num_requests_waiting`."""
+        running = {id(s.request) for s in (*self._prefilling, *self._active) if s.started}
+        held = {id(s.request) for s in (*self._prefilling, *self._preempted)} - running
+        return len(running), len(held) + self._inbox.waiting()
 
     def _running(self) -> int:
         return len(self._prefilling) + len(self._active) + len(self._preempted)

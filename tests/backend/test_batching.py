@@ -909,3 +909,16 @@ async def test_a_grammar_is_compiled_once_per_request_off_both_loops(
     # Neither the event loop's thread nor the batching loop's.
     assert CountedGrammar.compiled[0] not in {threading.main_thread().name, "continuous-batcher"}
     batcher.shutdown()
+
+
+async def test_occupancy_counts_requests_not_their_choices() -> None:
+    runner = CountingRunner(length=30)
+    runner.step_delay_s = 0.01
+    observer = RecordingObserver()
+    batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), observer=observer)
+    batcher.start()
+    await collect(batcher, [1], replace(GREEDY, n=3))
+    await asyncio.sleep(0.05)
+    assert max(running for running, _ in observer.seen) == 1  # one request of three choices
+    assert observer.seen[-1] == (0, 0)
+    batcher.shutdown()
