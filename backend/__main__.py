@@ -9,7 +9,7 @@ import threading
 import ray
 from ray import serve
 
-from backend.app import build_app
+from backend.deployments import build_app
 from backend.settings import get_settings
 
 

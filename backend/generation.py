@@ -21,7 +21,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
-    # Logits processors (backend.processors); the defaults change nothing.
+    # Logits processors (backend.replica.processors); the defaults change nothing.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0

@@ -11,11 +11,11 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from backend.batching import BatchRunner, ContinuousBatcher
 from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
 from backend.generation import Delta, SamplingParams
 from backend.metrics import BatchGauges
+from backend.replica.loop import BatchRunner, ContinuousBatcher
 from backend.settings import BackendSettings
 from backend.tool_formats import native_format
 

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from backend.api import build_api
-from backend.model_server import ModelServer
+from backend.ingress.routes import build_api
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from tests.fakes import Script, scripted_engine
 from tests.mistral_checkpoint import build_checkpoint

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import torch
 
-from backend.batching import ContinuousBatcher
 from backend.generation import Delta, SamplingParams
 from backend.metrics import RequestMetrics, RequestTracker
+from backend.replica.loop import ContinuousBatcher
 
 VOCAB = 8
 # Decode step times of the runner below, repeated: four quick steps, then a slow one.

@@ -15,9 +15,9 @@ from transformers import PreTrainedTokenizerBase
 
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.llamacpp import LlamaCppEngine, load_gguf_tokenizer
-from backend.model_server import ModelServer
+from backend.ingress.serving import ChatService, start_generation
 from backend.protocol import ChatCompletionRequest, ChatCompletionResponse
-from backend.serving import ChatService, start_generation
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from backend.structured import Constraint, GrammarTokenizer
 from backend.tool_formats import HERMES, native_format, partial_suffix

@@ -32,7 +32,7 @@ def serve_app(rayservice: Manifest) -> Any:
     """The application as Ray Serve builds it from the manifest's import path and args."""
     from ray.serve._private.build_app import build_app as build_serve_app
 
-    from backend.app import build_app
+    from backend.deployments import build_app
 
     (application,) = serve_config(rayservice)["applications"]
     return build_serve_app(build_app(application["args"]), name=application["name"])

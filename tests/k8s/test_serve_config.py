@@ -203,7 +203,7 @@ def test_serve_application_is_the_backend(name: str) -> None:
     """One application at `/` whose import path resolves to a callable."""
     (application,) = serve_config(one(rendered(name), "RayService", RAYSERVICE))["applications"]
     assert application["route_prefix"] == "/"
-    assert application["import_path"] == "backend.app:build_app"
+    assert application["import_path"] == "backend.deployments:build_app"
     assert import_path_problems(application["import_path"]) == []
 
 
@@ -255,7 +255,7 @@ def _broken_args() -> list[str]:
 
 
 def _broken_import_path() -> list[str]:
-    return import_path_problems("backend.app:no_such_builder")
+    return import_path_problems("backend.deployments:no_such_builder")
 
 
 def _missed_delimiter(overlay: str, replacement: int) -> tuple[Manifest, dict[str, str]]:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from backend.detokenizer import IncrementalDetokenizer
 from backend.engines.embedded import load_embedded_model
 from backend.engines.hf import HFEngine, PaddedBatchRunner, _eos_ids, pick_dtype
 from backend.generation import Delta, SamplingParams
+from backend.replica.detokenizer import IncrementalDetokenizer
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 # Largest logit gap at which two correct implementations may pick different greedy tokens.

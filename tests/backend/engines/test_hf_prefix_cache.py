@@ -9,11 +9,11 @@ import pytest
 import torch
 from transformers import PreTrainedModel
 
-from backend.batching import BatcherStats, ContinuousBatcher
 from backend.engines.embedded import load_embedded_model
 from backend.engines.hf import HFEngine, PaddedBatchRunner
 from backend.errors import EngineError, Preempt
 from backend.generation import Delta, SamplingParams
+from backend.replica.loop import BatcherStats, ContinuousBatcher
 from tests.backend.engines.test_hf import BATCH_TOLERANCE
 
 # The resumed prompt's tail is computed in one call instead of as part of the whole prompt:

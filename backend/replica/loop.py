@@ -34,11 +34,11 @@ from typing import ClassVar, Protocol
 
 import torch
 
-from backend.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
 from backend.errors import EngineError, Preempt, SequencesFailed
 from backend.generation import Delta, FinishReason, SamplingParams, TokenLogprob
-from backend.processors import adjust, adjusts
-from backend.sampling import make_generator, sample_next_tokens
+from backend.replica.detokenizer import Decoder, IncrementalDetokenizer, StopSequenceFilter
+from backend.replica.processors import adjust, adjusts
+from backend.replica.sampler import make_generator, sample_next_tokens
 from backend.structured import Constraint, GrammarTokenizer
 
 logger = logging.getLogger(__name__)

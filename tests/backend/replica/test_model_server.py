@@ -10,8 +10,8 @@ import pytest
 
 from backend.errors import EngineError, OverloadedError
 from backend.generation import PromptAccepted
-from backend.model_server import ModelServer
 from backend.protocol import ChatCompletionRequest
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from tests.fakes import Script, scripted_engine
 

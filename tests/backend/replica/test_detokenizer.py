@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from backend.detokenizer import IncrementalDetokenizer, StopSequenceFilter
+from backend.replica.detokenizer import IncrementalDetokenizer, StopSequenceFilter
 
 
 class ByteTokenizer:

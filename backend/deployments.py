@@ -1,7 +1,8 @@
 """Ray Serve application: a model deployment that owns the engine, and a FastAPI ingress.
 
-`serve run backend.app:build_app` (or `python -m backend`) starts it; KubeRay's serveConfigV2
-points at the same `build_app`. Arguments given to `build_app` override `LLM_*` settings.
+`serve run backend.deployments:build_app` (or `python -m backend`) starts it; KubeRay's
+serveConfigV2 points at the same `build_app`. Arguments given to `build_app` override
+`LLM_*` settings.
 """
 
 from __future__ import annotations
@@ -22,12 +23,11 @@ from ray.serve.deployment import Deployment
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from backend.api import build_api
 from backend.engines.base import engine_class
 from backend.errors import EngineError, OverloadedError, ServiceError
 from backend.generation import GenerationEvent, ModelInfo, PromptAccepted
+from backend.ingress.routes import build_api
 from backend.metrics import count_rejection
-from backend.model_server import ModelServer
 from backend.protocol import (
     ChatCompletionRequest,
     DetokenizeRequest,
@@ -36,6 +36,7 @@ from backend.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from backend.tools import request_conversation
 

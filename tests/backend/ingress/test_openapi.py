@@ -20,8 +20,8 @@ from schemathesis.core.failures import FailureGroup
 from schemathesis.openapi.checks import RejectedPositiveData
 from schemathesis.specs.openapi.schemas import OpenApiSchema
 
-from backend.api import build_api
-from backend.model_server import ModelServer
+from backend.ingress.routes import build_api
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from tests.fakes import Script, scripted_engine
 

@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from backend.auth import OPEN_PATHS
+from backend.ingress.auth import OPEN_PATHS
 
 _REF = "#/components/schemas/{model}"
 # Why each error status is answered (every one in OpenAI's error shape).

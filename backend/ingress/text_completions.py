@@ -9,8 +9,7 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from backend.generation import GenerationEvent
-from backend.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, now
-from backend.serving import (
+from backend.ingress.serving import (
     ModelClient,
     deltas_of,
     framed,
@@ -19,6 +18,7 @@ from backend.serving import (
     start_generation,
     usage_of,
 )
+from backend.protocol import CompletionChoice, CompletionRequest, CompletionResponse, Usage, now
 
 
 @dataclass(frozen=True)

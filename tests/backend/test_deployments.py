@@ -14,7 +14,7 @@ from ray.serve._private.config import DeploymentConfig
 from ray.serve.exceptions import BackPressureError
 from ray.serve.request_router import RequestRouter
 
-from backend.app import (
+from backend.deployments import (
     PREFIX_ROUTER,
     REPLICA_STATES_MAX_AGE_S,
     HandleModelClient,

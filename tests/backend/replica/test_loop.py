@@ -13,12 +13,12 @@ from typing import ClassVar
 import pytest
 import torch
 
-from backend import batching
-from backend.batching import ContinuousBatcher
 from backend.engines.prefix_store import common_prefix
 from backend.errors import EngineError, Preempt, SequencesFailed
 from backend.generation import SamplingParams
-from backend.sampling import sample_next_tokens
+from backend.replica import loop as batch_loop
+from backend.replica.loop import ContinuousBatcher
+from backend.replica.sampler import sample_next_tokens
 
 VOCAB = 50
 EOS = 0
@@ -484,14 +484,14 @@ async def test_a_request_submitted_as_the_loop_stops_is_refused_not_lost(
 ) -> None:
     batcher = make_batcher(CountingRunner())
 
-    class StoppedMeanwhile(batching._Sequence):
+    class StoppedMeanwhile(batch_loop._Sequence):
         """The loop stops after `stream` checked that it runs, before the request is queued."""
 
         def __init__(self, *args: object) -> None:
             batcher.shutdown()
             super().__init__(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batching, "_Sequence", StoppedMeanwhile)
+    monkeypatch.setattr(batch_loop, "_Sequence", StoppedMeanwhile)
     with pytest.raises(EngineError, match="not running"):
         await asyncio.wait_for(collect(batcher, [1]), 5)
 
@@ -543,7 +543,7 @@ async def test_a_row_the_sampler_cannot_take_fails_alone(monkeypatch: pytest.Mon
     runner = CountingRunner(length=12)
     runner.step_delay_s = 0.01
     batcher = make_batcher(runner)
-    monkeypatch.setattr(batching, "sample_next_tokens", refuse_seed_13)
+    monkeypatch.setattr(batch_loop, "sample_next_tokens", refuse_seed_13)
     fine = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 2)]
     await eventually(lambda: any(kind == "decode" for kind, _ in runner.steps))
     with pytest.raises(EngineError, match="while sampling: bad row"):
@@ -763,8 +763,8 @@ class NoGrammarTokenizer:
 
 @pytest.fixture
 def allow_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(batching, "Constraint", AllowOnly)
-    monkeypatch.setattr(batching, "GrammarTokenizer", NoGrammarTokenizer)
+    monkeypatch.setattr(batch_loop, "Constraint", AllowOnly)
+    monkeypatch.setattr(batch_loop, "GrammarTokenizer", NoGrammarTokenizer)
 
 
 @pytest.mark.parametrize(
@@ -899,8 +899,8 @@ class CountedGrammar(AllowOnly):
 async def test_a_grammar_is_compiled_once_per_request_off_both_loops(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(batching, "Constraint", CountedGrammar)
-    monkeypatch.setattr(batching, "GrammarTokenizer", NoGrammarTokenizer)
+    monkeypatch.setattr(batch_loop, "Constraint", CountedGrammar)
+    monkeypatch.setattr(batch_loop, "GrammarTokenizer", NoGrammarTokenizer)
     CountedGrammar.compiled, CountedGrammar.copied = [], 0
     batcher = make_batcher(CountingRunner(length=5))
     deltas = await collect(batcher, [1], replace(GREEDY, grammar="7", n=3))

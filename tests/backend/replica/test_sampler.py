@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from backend.generation import SamplingParams
-from backend.sampling import make_generator, sample_next_tokens
+from backend.replica.sampler import make_generator, sample_next_tokens
 
 LOGITS = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
 

@@ -3,7 +3,7 @@ then penalties (repetition over prompt and output; presence and frequency over t
 the candidate cuts that depend on the distribution (top-k, min-p).
 
 Only the rows of streams that asked for one are touched, so the other streams in a batch pay
-nothing; the temperature and top-p cut stay in `backend.sampling`.
+nothing; the temperature and top-p cut stay in `backend.replica.sampler`.
 """
 
 from __future__ import annotations

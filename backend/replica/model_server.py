@@ -1,6 +1,7 @@
 """The model deployment's logic: one engine, loaded by `start()`, fed validated chat requests.
 
-It is a plain class (Ray wraps it in `backend.app`), so tests drive it directly with a fake engine.
+It is a plain class (Ray wraps it in `backend.deployments`), so tests drive it directly with a
+fake engine.
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from backend.auth import BearerKeyMiddleware
 from backend.errors import (
     EngineError,
     InvalidRequestError,
@@ -21,7 +20,10 @@ from backend.errors import (
     RequestTooLargeError,
     ServiceError,
 )
-from backend.openapi import Refusal, json_body, publish, replies
+from backend.ingress.auth import BearerKeyMiddleware
+from backend.ingress.openapi import Refusal, json_body, publish, replies
+from backend.ingress.serving import ChatService, ModelClient
+from backend.ingress.text_completions import CompletionService
 from backend.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -40,9 +42,7 @@ from backend.protocol import (
     now,
     validation_param,
 )
-from backend.serving import ChatService, ModelClient
 from backend.settings import BackendSettings
-from backend.text_completions import CompletionService
 
 logger = logging.getLogger(__name__)
 

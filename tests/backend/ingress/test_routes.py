@@ -10,9 +10,9 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from backend.api import build_api
 from backend.errors import EngineError
-from backend.model_server import ModelServer
+from backend.ingress.routes import build_api
+from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
 from backend.tool_formats import HERMES
 from tests.fakes import Script
@@ -307,7 +307,7 @@ async def test_an_unexpected_failure_is_a_json_500_and_its_traceback_is_logged(
     assert response.status_code == 500
     error = response.json()["error"]
     assert error["type"] == "internal_error" and "secret" not in error["message"]
-    [logged] = [r for r in caplog.records if r.name == "backend.api"]
+    [logged] = [r for r in caplog.records if r.name == "backend.ingress.routes"]
     assert logged.exc_info is not None  # the operator gets where it failed
     assert "boom at /srv/secret.py" in caplog.text and "Traceback" in caplog.text
 
@@ -405,7 +405,7 @@ async def test_keys_are_compared_in_full_against_every_key(
         calls.append((a, b))
         return real(a, b)
 
-    monkeypatch.setattr("backend.auth.hmac.compare_digest", compare)
+    monkeypatch.setattr("backend.ingress.auth.hmac.compare_digest", compare)
     assert (await locked.get("/v1/models", headers=_bearer(KEYS[0]))).status_code == 200
     assert len(calls) == len(KEYS)
     assert all(len(a) == len(b) == 32 for a, b in calls)  # digests: equal length, whatever the key

@@ -7,7 +7,7 @@ import math
 import torch
 
 from backend.generation import SamplingParams
-from backend.processors import adjust, adjusts
+from backend.replica.processors import adjust, adjusts
 
 PLAIN = SamplingParams(max_tokens=1)
 
