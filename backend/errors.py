@@ -94,24 +94,6 @@ class EngineError(ServiceError):
     error_type = "internal_error"
 
 
-class SequencesFailed(EngineError):
-    """Raised by a runner when some sequences of a step cannot go on and it did nothing for any
-    of them: the loop ends those streams and keeps the others (never sent to a client)."""
-
-    def __init__(self, message: str, seq_ids: list[int]) -> None:
-        super().__init__(message)
-        self.seq_ids = seq_ids
-
-
-class Preempt(Exception):
-    """Raised by a runner short of KV memory, having done nothing for any sequence: the named
-    sequences leave the batch and are computed again later (never sent to a client)."""
-
-    def __init__(self, seq_ids: list[int]) -> None:
-        super().__init__(f"sequences {seq_ids} preempted")
-        self.seq_ids = seq_ids
-
-
 def rejection_reason(error: ServiceError) -> str:
     """The `reason` label of a request refused with `error` (metrics)."""
     if isinstance(error, OverloadedError):

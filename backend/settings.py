@@ -16,7 +16,7 @@ from backend.protocol import MAX_CHOICES
 logger = logging.getLogger(__name__)
 
 # Old setting name -> new one (both without the LLM_ prefix).
-_RENAMED = {"torch_threads": "cpu_threads"}
+_RENAMED = {"torch_threads": "cpu_threads", "prefill_chunk_tokens": "max_num_batched_tokens"}
 
 
 class BackendSettings(BaseSettings):
@@ -79,11 +79,13 @@ class BackendSettings(BaseSettings):
         description="Host memory, in GiB, for finished conversations' KV beyond what the "
         "engine's sequences hold (least recently used dropped first); 0 = none.",
     )
-    prefill_chunk_tokens: int = Field(
+    max_num_batched_tokens: int = Field(
         256,
         ge=16,
-        description="Most prompt tokens prefilled between two decode steps; longer prompts go "
-        "in chunks (hf), or wait for the next step (neuron, whole prompts only).",
+        description="Tokens one step computes, decode tokens and prompt chunks together (vLLM's "
+        "`max_num_batched_tokens`): a longer prompt goes in chunks over several steps "
+        "(`llamacpp` in the same forward pass as the decode tokens, `hf` in its own), or waits "
+        "for a step of its own (`neuron`, whole prompts only). At least the batch size.",
     )
     # Every item a stream sends costs the ingress and Ray's proxy CPU, taken from the model's
     # cores: merging a stream's text gives tokens/s back and keeps health probes quick under
@@ -223,6 +225,15 @@ class BackendSettings(BaseSettings):
         if not _split_keys(raw):
             raise ValueError(f"LLM_API_KEY_FILE ({self.api_key_file}) holds no key")
         self.api_key = SecretStr(raw)
+        return self
+
+    @model_validator(mode="after")
+    def _step_holds_the_batch(self) -> BackendSettings:
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
+                f"max_batch_size ({self.max_batch_size}): every running stream decodes each step"
+            )
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,6 @@ that sequences of different lengths decode in one forward pass.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from pathlib import Path
 from typing import ClassVar
@@ -27,7 +26,7 @@ from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
 from backend.engines.kv_budget import GIB, kv_budget_bytes, machine_memory_bytes
 from backend.engines.prefix_store import PrefixStore
 from backend.engines.runner_engine import LoadedModel, RunnerEngine, context_window
-from backend.errors import EngineError, Preempt
+from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +59,7 @@ class PaddedBatchRunner:
     """
 
     chunked_prefill: ClassVar[bool] = True
+    mixed_batch: ClassVar[bool] = False  # prompts go in alone, then join the padded batch
 
     def __init__(
         self,
@@ -75,8 +75,9 @@ class PaddedBatchRunner:
         self._cache = BatchKVCache(model.config.num_hidden_layers, expected_rows=capacity)
         self.parked: PrefixStore[_Layers] = PrefixStore(host_cache_bytes)
         self._kv_budget = kv_budget_bytes  # live and parked KV together; 0 = no bound
-        self._token_bytes = 0  # of one token's keys and values over all layers, once seen
-        self._joined = itertools.count()
+        self._token_bytes = _config_token_bytes(model)  # one token's keys and values, all layers
+        # The budget in tokens, which the loop's scheduler admits and preempts by.
+        self.kv_tokens = kv_budget_bytes // self._token_bytes if kv_budget_bytes else None
         self.reset()
 
     @torch.inference_mode()  # the buffers are inference tensors: only changed in this mode
@@ -85,8 +86,12 @@ class PaddedBatchRunner:
         self._order: list[int] = []  # seq id of each row of the shared cache
         self._prefilling: dict[int, DynamicCache] = {}  # prompts not yet decoding
         self._tokens: dict[int, list[int]] = {}  # what each sequence's KV holds
-        self._age: dict[int, int] = {}  # when each sequence joined: the youngest goes first
         self._cache.reset()
+
+    def lookup(self, prompt_ids: list[int]) -> int:
+        """The prompt tokens `resume` would start from: the longest parked prefix."""
+        shared, entry = self.parked.best(prompt_ids)
+        return 0 if entry is None else max(0, min(shared, len(prompt_ids) - 1))
 
     @torch.inference_mode()
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
@@ -107,16 +112,13 @@ class PaddedBatchRunner:
             input_ids=torch.tensor([prompt_ids]), cache=cache, use_cache=True, logits_to_keep=1
         )
         self._tokens.setdefault(seq_id, []).extend(prompt_ids)
-        self._age.setdefault(seq_id, next(self._joined))
-        self._token_bytes = self._token_bytes or _bytes_per_token(_layers(cache))
         return out.logits[0, -1]
 
     @torch.inference_mode()
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One forward pass for the whole batch; returns logits in the order of `seq_ids`.
-
-        Short of KV memory for the step, parked prefixes go first (least recently used), then
-        the youngest sequence is preempted (`Preempt`, before anything is computed)."""
+        Parked prefixes give way to the step's tokens (least recently used first); the loop's
+        scheduler keeps live sequences within the budget (`kv_tokens`), preempting if need be."""
         self._make_room(seq_ids)
         for seq_id in seq_ids:
             if seq_id in self._prefilling:
@@ -148,14 +150,12 @@ class PaddedBatchRunner:
         prompt = _layers(self._prefilling[parent_id])
         self._prefilling[child_id] = _cache_of(prompt, prompt[0][0].shape[2])
         self._tokens[child_id] = list(self._tokens[parent_id])
-        self._age[child_id] = next(self._joined)
         return True
 
     @torch.inference_mode()
     def release(self, seq_id: int) -> None:
         """Drop a sequence (parking its KV first); the last row takes its place."""
         tokens = self._tokens.pop(seq_id, [])
-        self._age.pop(seq_id, None)
         prompt = self._prefilling.pop(seq_id, None)
         if prompt is not None:
             self._park(tokens, _layers(prompt))
@@ -177,8 +177,6 @@ class PaddedBatchRunner:
             return
         needed = self._live_bytes() + len(seq_ids) * self._token_bytes  # this step's tokens
         self.parked.shrink_to(max(0, self._kv_budget - needed))
-        if needed > self._kv_budget and len(seq_ids) > 1:
-            raise Preempt([max(seq_ids, key=lambda s: self._age[s])])
 
     def _live_bytes(self) -> int:
         return sum(len(tokens) for tokens in self._tokens.values()) * self._token_bytes
@@ -206,6 +204,15 @@ def _cache_of(layers: _Layers, length: int) -> DynamicCache:
 def _bytes_per_token(layers: _Layers) -> int:
     """Keys and values of one token over all layers."""
     return sum(k[0, :, 0].nbytes + v[0, :, 0].nbytes for k, v in layers)
+
+
+def _config_token_bytes(model: PreTrainedModel) -> int:
+    """Keys and values of one token over all layers, from the model's configuration (as
+    `_bytes_per_token` measures them on a cache): layers x 2 x KV heads x head size x dtype."""
+    config = model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * 2 * heads * head_dim * model.dtype.itemsize
 
 
 def _layers(cache: DynamicCache) -> _Layers:

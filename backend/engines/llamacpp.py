@@ -60,6 +60,7 @@ class LlamaCppEngine(RunnerEngine):
             threads,
             prefix_caching=self.settings.prefix_caching,
             host_cache_bytes=int(self.settings.prompt_cache_gib * GIB),
+            step_tokens=self.settings.max_num_batched_tokens,
         )
         reserved = batch * self._runner.n_ctx_seq
         logger.info(

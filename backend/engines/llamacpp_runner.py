@@ -1,9 +1,12 @@
 """`LlamaCppRunner`: the `BatchRunner` of the `llamacpp` engine, over llama.cpp's low-level API.
 
 One llama.cpp context holds `n_seq_max` sequences, each in its own KV stream (`kv_unified` off:
-a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every decode step
-is one `llama_batch` with one token of every running sequence, each under its own sequence id and
-position; a prefill puts a prompt (or a chunk of it) into its sequence's stream. The loop's
+a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every step of the
+loop's plan is one `llama_batch`, as in `update_slots` of llama.cpp's server
+(tools/server/server-context.cpp): first the sampled token of every decoding sequence, then the
+planned prompt chunks, each token under its own sequence id and position, logits asked only for
+the decode tokens and for the last token of a prompt that is all in. One `llama_decode` reads the
+weights once for all of them, so running streams move while prompts arrive. The loop's
 sequence ids grow without end, llama.cpp's must stay below `n_seq_max`: a `SlotTable` maps one to
 the other.
 
@@ -39,13 +42,15 @@ except ImportError as exc:  # pragma: no cover - depends on the installation
 
 from backend.engines.prefix_store import Parked, PrefixStore, common_prefix
 from backend.engines.slots import Slot, SlotTable
-from backend.errors import EngineError, SequencesFailed
+from backend.errors import EngineError
+from backend.replica.runner import SequencesFailed
 
 logger = logging.getLogger(__name__)
 _llama_log = logging.getLogger("llama.cpp")
 
-# llama.cpp's n_batch (= n_ubatch): tokens one llama_decode call takes; a longer prompt or chunk
-# of one (the loop's per-step budget, LLM_PREFILL_CHUNK_TOKENS) goes in several calls.
+# llama.cpp's n_ubatch, and the least n_batch: tokens one llama_decode call takes (n_batch; the
+# loop's per-step token budget, LLM_MAX_NUM_BATCHED_TOKENS, if larger) and computes at once
+# (n_ubatch: llama.cpp splits a larger batch). A longer `prefill` goes in several calls.
 N_BATCH = 512
 # A slot is picked for what it shares only above this fraction of the new prompt, else the least
 # recently used one is (the server's `slot_prompt_similarity`, default 0.1).
@@ -138,6 +143,8 @@ class LlamaCppRunner:
 
     # The loop may prefill a prompt in consecutive chunks: positions continue in the same stream.
     chunked_prefill: ClassVar[bool] = True
+    mixed_batch: ClassVar[bool] = True  # `step`: decode tokens and prompt chunks in one batch
+    kv_tokens: int | None = None  # every sequence has a stream of `n_ctx_seq` cells of its own
 
     def __init__(
         self,
@@ -147,6 +154,7 @@ class LlamaCppRunner:
         n_threads: int,
         prefix_caching: bool = True,
         host_cache_bytes: int = 0,
+        step_tokens: int = N_BATCH,
     ) -> None:
         self._model = model
         self.prefix_caching = prefix_caching
@@ -154,7 +162,8 @@ class LlamaCppRunner:
         params.n_seq_max = n_seq_max
         params.kv_unified = False  # own stream per sequence: its cells, its attention
         params.n_ctx = n_ctx_seq * n_seq_max  # llama.cpp rounds each stream up to 256 cells
-        params.n_batch = params.n_ubatch = max(N_BATCH, n_seq_max)
+        params.n_batch = max(N_BATCH, n_seq_max, step_tokens)
+        params.n_ubatch = max(N_BATCH, n_seq_max)
         params.n_threads = params.n_threads_batch = n_threads
         params.no_perf = True
         ctx = llama.llama_init_from_model(model.handle, params)
@@ -190,6 +199,14 @@ class LlamaCppRunner:
         llama.llama_memory_clear(self._memory, False)
         self.slots.clear()
 
+    def lookup(self, prompt_ids: list[int]) -> int:
+        """The prompt tokens `resume` would keep: the best of an idle slot's and a host copy's."""
+        if not self.prefix_caching or not prompt_ids:
+            return 0
+        _, shared = self._pick_slot(prompt_ids)
+        stored, _ = self.parked.best(prompt_ids)
+        return min(max(shared, stored), len(prompt_ids) - 1)
+
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         """Give the sequence the slot (or host copy) sharing the longest prefix with its prompt;
         cut what differs; return the prompt tokens it already holds (< len(prompt_ids))."""
@@ -208,52 +225,46 @@ class LlamaCppRunner:
         """Put a prompt, or the next chunk of one, into the sequence; next-token logits [vocab]."""
         if not prompt_ids:
             raise EngineError("Cannot prefill an empty prompt.")
-        slot = self.slots.of(seq_id)
-        start = 0 if slot is None else len(slot.tokens)
-        if start + len(prompt_ids) > self.n_ctx_seq:
-            raise EngineError(
-                f"The prompt needs {start + len(prompt_ids)} tokens of context; a sequence holds "
-                f"{self.n_ctx_seq}."
-            )
-        if slot is None:  # not resumed: a slot of its own, emptied
-            slot = self.slots.least_recently_used()
-            self._trim(slot, 0)
-            self.slots.lend(slot, seq_id)
         for offset in range(0, len(prompt_ids), self._batch_tokens):
-            chunk = prompt_ids[offset : offset + self._batch_tokens]
-            n = len(chunk)
-            self._tokens[:n] = chunk
-            self._pos[:n] = np.arange(start + offset, start + offset + n)
-            for i in range(n):
-                self._batch.seq_id[i][0] = slot.index
-            self._outputs[:n] = 0
-            last = offset + n == len(prompt_ids)
-            self._outputs[n - 1] = last  # logits of the prompt's last token only
-            self._run(n)
-            slot.tokens.extend(chunk)
-        return self._logits(1)[0]
+            piece = prompt_ids[offset : offset + self._batch_tokens]
+            last = offset + len(piece) == len(prompt_ids)
+            logits = self.step([], [(seq_id, piece, last)])
+        return logits[0]
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         """One token of every sequence in one batch; logits [len(seq_ids), vocab] in that order."""
-        n = len(seq_ids)
+        return self.step(list(zip(seq_ids, token_ids, strict=True)), [])
+
+    def step(
+        self, decodes: list[tuple[int, int]], chunks: list[tuple[int, list[int], bool]]
+    ) -> torch.Tensor:
+        """One `llama_batch` of every decode token and prompt chunk (`update_slots`: the slots'
+        sampled tokens first, then prompt tokens); logits of the decode tokens in order, then of
+        each chunk that completes its prompt."""
+        n = len(decodes) + sum(len(chunk) for _, chunk, _ in chunks)
+        if n > self._batch_tokens:
+            raise EngineError(f"A step of {n} tokens exceeds the batch of {self._batch_tokens}.")
         lent = self.slots.lent()
-        slots = [lent[s] for s in seq_ids]
-        full = [
-            s for s, slot in zip(seq_ids, slots, strict=True) if len(slot.tokens) >= self.n_ctx_seq
-        ]
+        held = {seq_id: len(slot.tokens) for seq_id, slot in lent.items()}
+        wanted = [(s, 1) for s, _ in decodes] + [(s, len(chunk)) for s, chunk, _ in chunks]
+        full = [s for s, more in wanted if held.get(s, 0) + more > self.n_ctx_seq]
         if full:
             raise SequencesFailed(
-                f"The sequence reached its context window ({self.n_ctx_seq}).", full
+                f"The sequence needs more than its context window ({self.n_ctx_seq} tokens).", full
             )
-        for i, slot in enumerate(slots):
-            self._batch.seq_id[i][0] = slot.index
-        self._tokens[:n] = token_ids
-        self._pos[:n] = [len(slot.tokens) for slot in slots]
-        self._outputs[:n] = 1
+        placed: list[tuple[Slot, list[int]]] = []
+        at = 0
+        for seq_id, token in decodes:
+            at = self._put(at, lent[seq_id], [token], output=True)
+            placed.append((lent[seq_id], [token]))
+        for seq_id, chunk, last in chunks:
+            slot = lent.get(seq_id) or self._fresh_slot(seq_id)
+            at = self._put(at, slot, chunk, output=last)
+            placed.append((slot, chunk))
         self._run(n)
-        for slot, token in zip(slots, token_ids, strict=True):
-            slot.tokens.append(token)
-        return self._logits(n)
+        for slot, tokens in placed:
+            slot.tokens.extend(tokens)
+        return self._logits(len(decodes) + sum(last for _, _, last in chunks))
 
     def fork(self, parent_id: int, child_id: int) -> bool:
         """The child takes the least recently used idle slot with a copy of the parent's KV,
@@ -292,6 +303,25 @@ class LlamaCppRunner:
             llama.llama_batch_free(self._batch)
             llama.llama_free(self._ctx)
             self._ctx = None
+
+    def _fresh_slot(self, seq_id: int) -> Slot:
+        """A sequence that was not resumed: the least recently used slot, emptied."""
+        slot = self.slots.least_recently_used()
+        self._trim(slot, 0)
+        self.slots.lend(slot, seq_id)
+        return slot
+
+    def _put(self, at: int, slot: Slot, tokens: list[int], output: bool) -> int:
+        """Write `tokens` of `slot`'s sequence into the batch from index `at`, at the positions
+        after what it holds; logits of the last one if `output`. Returns the next free index."""
+        end = at + len(tokens)
+        self._tokens[at:end] = tokens
+        self._pos[at:end] = np.arange(len(slot.tokens), len(slot.tokens) + len(tokens))
+        for i in range(at, end):
+            self._batch.seq_id[i][0] = slot.index
+        self._outputs[at:end] = 0
+        self._outputs[end - 1] = output
+        return end
 
     def _pick_slot(self, prompt_ids: list[int]) -> tuple[Slot, int]:
         """The idle slot sharing the longest prefix with the prompt, else the least recently

@@ -68,6 +68,13 @@ class NeuronSlotRunner:
     # positions start at 0 (base.py `_prepare_for_continuous_batching`), so a prompt cannot
     # resume from a slot's earlier tokens. The loop never calls `resume`.
     prefix_caching = False
+    # Context encoding and token generation are different compiled graphs: separate calls.
+    mixed_batch: ClassVar[bool] = False
+    kv_tokens: int | None = None  # each slot has a window of its own
+
+    def lookup(self, prompt_ids: list[int]) -> int:
+        """Nothing is ever reused."""
+        return 0
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         """Nothing is ever reused: every prompt is encoded from position 0."""

@@ -15,7 +15,8 @@ from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
 from backend.generation import Delta, SamplingParams
 from backend.metrics import BatchGauges
-from backend.replica.loop import BatchRunner, ContinuousBatcher
+from backend.replica.loop import ContinuousBatcher
+from backend.replica.runner import BatchRunner
 from backend.settings import BackendSettings
 from backend.tool_formats import native_format
 
@@ -73,7 +74,7 @@ class RunnerEngine(Engine):
             self._loaded.runner,
             self._loaded.tokenizer,
             self._loaded.eos_ids,
-            prefill_budget=self.settings.prefill_chunk_tokens,
+            token_budget=self.settings.max_num_batched_tokens,
             observer=BatchGauges(self.model_id),
             stream_interval_s=self.settings.stream_interval_ms / 1000,
         )

@@ -1,12 +1,32 @@
-"""Choosing the next token of every stream in a batch from one logits tensor."""
+"""Choosing the next token of every stream in a batch from one logits tensor.
+
+One order for every engine (vLLM's, and llama.cpp's grammar first), in `sample_rows`:
+1. the grammar mask;
+2. `logit_bias`;
+3. penalties (repetition, frequency, presence);
+4. temperature;
+5. `top_k` / `top_p` / `min_p` (after the mask, so a cut never empties a row the grammar left
+   some token);
+6. the draw.
+It works on a float32 copy it owns: the engine's tensor may be an inference tensor (in place
+updates of it fail) and is never changed. Log-probabilities describe the model's distribution
+over what the grammar allows, before bias, penalties and temperature (vLLM's default
+`logprobs_mode`, `raw_logprobs`, whose grammar bitmask is applied before its sampler).
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from backend.generation import SamplingParams
+from backend.generation import SamplingParams, TokenLogprob
+from backend.replica.detokenizer import Decoder
+
+logger = logging.getLogger(__name__)
 
 # Candidates kept before the nucleus is cut. A row whose nucleus is wider than this (a flat
 # distribution) falls back to sorting the whole vocabulary, so the result is exact either way.
@@ -20,6 +40,104 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     generator = torch.Generator()
     generator.manual_seed(params.seed)
     return generator
+
+
+class Row(Protocol):
+    """A stream as the sampler sees it: its parameters and its own changes to its logits row."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+
+    def mask(self, logits: torch.Tensor) -> None:
+        """Forbid, in place, what its grammar does not allow next (step 1)."""
+        ...
+
+    def adjust(self, logits: torch.Tensor) -> None:
+        """Apply, in place, its logit bias, penalties and the top-k / min-p cuts (steps 2, 3 and
+        5; those cuts are taken at the row's temperature, which `sample_next_tokens` applies
+        with the top-p cut and the draw)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Sampled:
+    """A row's next token, and its log-probability entry when the request asked."""
+
+    token: int
+    logprob: TokenLogprob | None = None
+
+
+def sample_rows(
+    rows: list[Row], logits: torch.Tensor, tokenizer: Decoder
+) -> list[Sampled | Exception]:
+    """The next token of each row of `logits`, in the module's order; a row the sampler cannot
+    take (its logits, parameters, grammar or log-probabilities) is that row's exception alone.
+    Only rows whose requests ask for processors, a grammar or log-probabilities cost anything
+    beyond the batch's draw."""
+    logits = logits.to(torch.float32, copy=True)
+    failed: dict[int, Exception] = {}
+    scores: dict[int, torch.Tensor] = {}
+    for i, row in enumerate(rows):
+        try:
+            row.mask(logits[i])
+            if row.params.logprobs is not None:
+                scores[i] = torch.log_softmax(logits[i], dim=-1)
+            row.adjust(logits[i])
+        except Exception as exc:
+            logger.exception("preparing a row's logits failed")
+            failed[i] = exc
+    tokens = _draw(rows, logits, failed)
+    outcomes: list[Sampled | Exception] = []
+    for i, row in enumerate(rows):
+        if i in failed:
+            outcomes.append(failed[i])
+            continue
+        try:
+            entry = _logprob(row.params, scores.get(i), tokens[i], tokenizer)
+            outcomes.append(Sampled(tokens[i], entry))
+        except Exception as exc:  # its log-probabilities: that stream alone ends
+            logger.exception("a row's log-probabilities failed")
+            outcomes.append(exc)
+    return outcomes
+
+
+def _draw(rows: list[Row], logits: torch.Tensor, failed: dict[int, Exception]) -> list[int]:
+    """Sample every row at once; if that fails, row by row, recording the rows that fail."""
+    params, generators = [r.params for r in rows], [r.generator for r in rows]
+    if not failed:
+        try:
+            return list(sample_next_tokens(logits, params, generators))
+        except Exception:
+            logger.exception("sampling a batch failed; sampling its rows one by one")
+    tokens = [0] * len(rows)
+    for i in range(len(rows)):
+        if i in failed:
+            continue
+        try:
+            tokens[i] = sample_next_tokens(logits[i : i + 1], [params[i]], [generators[i]])[0]
+        except Exception as exc:
+            failed[i] = exc
+    return tokens
+
+
+def _logprob(
+    params: SamplingParams, scores: torch.Tensor | None, token: int, tokenizer: Decoder
+) -> TokenLogprob | None:
+    """OpenAI's log-probability entry of the sampled token, when the request asked."""
+    if scores is None or params.logprobs is None:
+        return None
+    top = scores.topk(params.logprobs) if params.logprobs else None
+    alternatives = (
+        tuple(
+            (tokenizer.decode([int(t)], skip_special_tokens=False), float(v))
+            for v, t in zip(top.values, top.indices, strict=True)
+            if v > float("-inf")  # a token the grammar forbids is no alternative
+        )
+        if top is not None
+        else ()
+    )
+    text = tokenizer.decode([token], skip_special_tokens=False)
+    return TokenLogprob(text, float(scores[token]), alternatives)
 
 
 def sample_next_tokens(

@@ -42,8 +42,10 @@ class TimedRunner:
     """One token per step (always token 1), each step taking a known time."""
 
     chunked_prefill = False
+    mixed_batch = False
     prefix_caching = False
     capacity = 4
+    kv_tokens = None
 
     def __init__(self) -> None:
         self.steps = 0
@@ -56,6 +58,9 @@ class TimedRunner:
         threading.Event().wait(STEPS_S[self.steps % len(STEPS_S)])
         self.steps += 1
         return torch.stack([_token_one() for _ in seq_ids])
+
+    def lookup(self, prompt_ids: list[int]) -> int:
+        return 0
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         return 0

@@ -11,9 +11,10 @@ from transformers import PreTrainedModel
 
 from backend.engines.embedded import load_embedded_model
 from backend.engines.hf import HFEngine, PaddedBatchRunner
-from backend.errors import EngineError, Preempt
+from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
-from backend.replica.loop import BatcherStats, ContinuousBatcher
+from backend.replica.executor import BatcherStats
+from backend.replica.loop import ContinuousBatcher
 from tests.backend.engines.test_hf import BATCH_TOLERANCE
 
 # The resumed prompt's tail is computed in one call instead of as part of the whole prompt:
@@ -121,14 +122,14 @@ def test_decode_refuses_a_batch_without_every_live_sequence(hf_engine: HFEngine)
 
 
 async def test_short_of_kv_the_youngest_stream_waits_and_says_the_same(hf_engine: HFEngine) -> None:
-    """Through the loop, in float32 (greedy replies compared): with KV for about two of three
-    streams, parked prefixes go first, then the youngest stream is preempted, waits for one to
-    finish and is computed again; every reply is the one given with room to spare."""
+    """Through the loop, in float32 (greedy replies compared): with KV for three prompts but
+    not their replies, parked prefixes go first, then the youngest stream is preempted, waits
+    for memory and is computed again; every reply is the one given with room to spare."""
     model = load_embedded_model(hf_engine.settings.cache_dir, torch.float32)[0].eval()
     loaded = hf_engine._model()
     questions = ["Name a color.", "What is 2 + 2?", "Tell me about the sea."]
     prompts = [hf_engine.encode_chat([{"role": "user", "content": q}]) for q in questions]
-    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
 
     async def replies(runner: PaddedBatchRunner) -> tuple[list[str], BatcherStats]:
         batcher = ContinuousBatcher(runner, loaded.tokenizer, loaded.eos_ids)
@@ -138,7 +139,9 @@ async def test_short_of_kv_the_youngest_stream_waits_and_says_the_same(hf_engine
         return list(texts), batcher.stats
 
     expected, roomy = await replies(PaddedBatchRunner(model, 4, host_cache_bytes=BUDGET))
-    budget = (sum(len(p) + 16 for p in prompts[:2]) + 8) * token_bytes(model)
+    # The three prompts are admitted (each with 16 cells of growth to spare, and 10 more) and
+    # outgrow the rest long before their 40 tokens.
+    budget = (sum(len(p) for p in prompts) + 3 * 16 + 10) * token_bytes(model)
     tight = PaddedBatchRunner(model, 4, host_cache_bytes=BUDGET, kv_budget_bytes=budget)
     with torch.inference_mode():
         tight.prefill(99, [1, 2, 3, 4])
@@ -162,7 +165,7 @@ async def text(deltas: AsyncIterator[Delta]) -> str:
     return "".join([d.text async for d in deltas])
 
 
-def test_parked_prefixes_give_way_to_running_streams_before_any_preemption(
+def test_parked_prefixes_give_way_to_running_streams(
     hf_engine: HFEngine,
 ) -> None:
     model = model_of(hf_engine)
@@ -175,8 +178,6 @@ def test_parked_prefixes_give_way_to_running_streams_before_any_preemption(
     assert len(runner.parked) == 1 and runner.parked.nbytes == 4 * token_bytes(model)
     runner.prefill(1, list(range(10, 20)))
     runner.prefill(2, list(range(20, 30)))
-    runner.decode([1, 2], [5, 6])  # no Preempt: the parked prefix went instead
+    runner.decode([1, 2], [5, 6])  # the parked prefix gave way
     assert len(runner.parked) == 0
-    with pytest.raises(Preempt) as preempted:
-        runner.decode([1, 2], [7, 8])  # now only a running stream can go: the youngest
-    assert preempted.value.seq_ids == [2]
+    assert runner.kv_tokens == 22  # the budget the loop's scheduler admits and preempts by

@@ -24,6 +24,7 @@ from backend.engines.llamacpp import (
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, model_params
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
+from backend.replica.runner import SequencesFailed
 from backend.settings import BackendSettings
 from tests.backend.engines.llama_view import held_tokens, lent, pos_max, until
 
@@ -288,12 +289,13 @@ def test_a_sequence_cannot_outgrow_its_window(
 ) -> None:
     runner = make_runner(n_seq_max=1, n_ctx_seq=256)
     assert runner.n_ctx_seq == 256
-    with pytest.raises(EngineError, match="holds 256"):
+    with pytest.raises(SequencesFailed, match="context window"):
         runner.prefill(0, [1] * 257)
     runner.prefill(1, [1] * 255)
     runner.decode([1], [1])  # position 255, the last cell
-    with pytest.raises(EngineError, match="context window"):
+    with pytest.raises(SequencesFailed, match="context window") as refused:
         runner.decode([1], [1])
+    assert refused.value.seq_ids == [1]
 
 
 async def test_a_cancelled_stream_frees_its_slot_and_parks_its_kv(

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from backend.engines.prefix_store import common_prefix
-from backend.errors import EngineError, Preempt, SequencesFailed
+from backend.errors import EngineError
 from backend.generation import SamplingParams
 from backend.replica import loop as batch_loop
+from backend.replica import sampler
 from backend.replica.loop import ContinuousBatcher
+from backend.replica.runner import SequencesFailed
 from backend.replica.sampler import sample_next_tokens
 
 VOCAB = 50
@@ -35,7 +37,9 @@ class CountingRunner:
     """Each sequence emits prompt[-1]+1, +2, ... then EOS after `length` tokens; records steps."""
 
     chunked_prefill = False
+    mixed_batch = False
     prefix_caching = False
+    kv_tokens: int | None = None
 
     def __init__(self, length: int = 5, fail_on_step: int | None = None) -> None:
         self.capacity = 8
@@ -60,6 +64,9 @@ class CountingRunner:
         token = EOS if emitted >= self.length else last + 1
         self.state[seq_id] = (token, emitted + 1)
         return self._logits(token)
+
+    def lookup(self, prompt_ids: list[int]) -> int:
+        raise AssertionError("the loop looked up a prefix on a runner without prefix caching")
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         raise AssertionError("the loop resumed on a runner without prefix caching")
@@ -114,9 +121,12 @@ class PrefixRunner(ChunkingRunner):
         self.parked: list[list[int]] = []
         self.resumed: list[int] = []
 
-    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+    def lookup(self, prompt_ids: list[int]) -> int:
         shared = max((common_prefix(p, prompt_ids) for p in self.parked), default=0)
-        keep = min(shared, len(prompt_ids) - 1)
+        return min(shared, len(prompt_ids) - 1)
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        keep = self.lookup(prompt_ids)
         self.held[seq_id] = prompt_ids[:keep]
         self.resumed.append(keep)
         return keep
@@ -138,7 +148,7 @@ class PrefixRunner(ChunkingRunner):
 def make_batcher(
     runner: CountingRunner,
     max_batch_size: int = 8,
-    prefill_budget: int = 512,
+    token_budget: int = 512,
     stream_interval_s: float = 0.0,
 ) -> ContinuousBatcher:
     runner.capacity = max_batch_size
@@ -146,7 +156,7 @@ def make_batcher(
         runner,
         ByteTokenizer(),
         frozenset({EOS}),
-        prefill_budget=prefill_budget,
+        token_budget=token_budget,
         stream_interval_s=stream_interval_s,
     )
     batcher.start()
@@ -366,7 +376,7 @@ async def until_decoding(runner: CountingRunner) -> None:
 async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> None:
     runner = ChunkingRunner(length=20)
     runner.step_delay_s = 0.002
-    batcher = make_batcher(runner, prefill_budget=4)
+    batcher = make_batcher(runner, token_budget=5)  # the running stream's token, and 4
     running = asyncio.ensure_future(collect(batcher, [1]))
     await until_decoding(runner)
     long_prompt = [1] * 9 + [20]
@@ -387,7 +397,7 @@ async def test_a_long_prompt_is_prefilled_in_chunks_between_decode_steps() -> No
 async def test_whole_prompts_are_admitted_up_to_the_budget_per_step() -> None:
     runner = CountingRunner(length=30)
     runner.step_delay_s = 0.002
-    batcher = make_batcher(runner, prefill_budget=6)
+    batcher = make_batcher(runner, token_budget=6)
     running = asyncio.ensure_future(collect(batcher, [1]))
     await until_decoding(runner)
     before = len(runner.steps)
@@ -397,14 +407,14 @@ async def test_whole_prompts_are_admitted_up_to_the_budget_per_step() -> None:
         for kind, group in itertools.groupby(runner.steps[before:], key=lambda s: s[0])
         if kind == "prefill"
     ]
-    assert prefills_between_decodes == [1, 1, 1]  # 4 + 4 > 6: one prompt per step
+    assert prefills_between_decodes == [1, 1, 1]  # 1 + 4 + 4 > 6: one prompt per step
     await running
     batcher.shutdown()
 
 
 async def test_a_prompt_longer_than_the_budget_still_goes_in_whole() -> None:
     runner = CountingRunner(length=2)
-    batcher = make_batcher(runner, prefill_budget=3)
+    batcher = make_batcher(runner, token_budget=3)
     deltas = await collect(batcher, [1, 2, 3, 4, 5])
     assert "".join(d.text for d in deltas) == "FG"
     assert runner.steps[0] == ("prefill", 5)
@@ -413,7 +423,7 @@ async def test_a_prompt_longer_than_the_budget_still_goes_in_whole() -> None:
 
 async def test_a_follow_up_prompt_prefills_only_what_the_runner_does_not_hold() -> None:
     runner = PrefixRunner(length=3)
-    batcher = make_batcher(runner, prefill_budget=4)
+    batcher = make_batcher(runner, token_budget=4)
     first = await collect(batcher, [1, 2, 3])
     assert first[0].cached_tokens == 0
     # The runner holds 1 2 3 and the reply's tokens it was fed, 4 5 6 (never the last sampled
@@ -440,7 +450,7 @@ async def test_a_prompt_the_runner_holds_whole_still_computes_its_last_token() -
 
 async def test_the_prefill_budget_charges_only_computed_tokens() -> None:
     runner = PrefixRunner(length=10)
-    batcher = make_batcher(runner, prefill_budget=4)
+    batcher = make_batcher(runner, token_budget=4)
     await collect(batcher, [1] * 12 + [2])
     runner.step_delay_s = 0.05  # both follow-ups arrive during one decode step
     before = len(runner.steps)
@@ -448,7 +458,7 @@ async def test_the_prefill_budget_charges_only_computed_tokens() -> None:
     await eventually(lambda: ("decode", 1) in runner.steps[before:])
     before = len(runner.steps)
     # Two follow-ups of the long prompt: each computes 1 token, so both fit one step's budget
-    # of 4, which their whole 14-token prompts never would.
+    # of 4 with the running stream's token, which their whole 14-token prompts never would.
     await asyncio.gather(*(collect(batcher, [1] * 12 + [2, 5 + i]) for i in range(2)))
     assert runner.resumed[2:] == [13, 13]
     kinds = [kind for kind, _ in runner.steps[before:]]
@@ -484,14 +494,14 @@ async def test_a_request_submitted_as_the_loop_stops_is_refused_not_lost(
 ) -> None:
     batcher = make_batcher(CountingRunner())
 
-    class StoppedMeanwhile(batch_loop._Sequence):
+    class StoppedMeanwhile(batch_loop.Sequence):
         """The loop stops after `stream` checked that it runs, before the request is queued."""
 
         def __init__(self, *args: object) -> None:
             batcher.shutdown()
             super().__init__(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(batch_loop, "_Sequence", StoppedMeanwhile)
+    monkeypatch.setattr(batch_loop, "Sequence", StoppedMeanwhile)
     with pytest.raises(EngineError, match="not running"):
         await asyncio.wait_for(collect(batcher, [1]), 5)
 
@@ -543,24 +553,26 @@ async def test_a_row_the_sampler_cannot_take_fails_alone(monkeypatch: pytest.Mon
     runner = CountingRunner(length=12)
     runner.step_delay_s = 0.01
     batcher = make_batcher(runner)
-    monkeypatch.setattr(batch_loop, "sample_next_tokens", refuse_seed_13)
+    monkeypatch.setattr(sampler, "sample_next_tokens", refuse_seed_13)
     fine = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 2)]
     await eventually(lambda: any(kind == "decode" for kind, _ in runner.steps))
     with pytest.raises(EngineError, match="while sampling: bad row"):
         await collect(batcher, [5], SamplingParams(max_tokens=100, temperature=0.0, seed=13))
     for deltas in await asyncio.gather(*fine):
         assert sum(d.tokens for d in deltas) == 13
-    assert calls_with_13[:3] == [1, 3, 1]  # prefill, the batch of three, then its row alone
+    assert calls_with_13[:3] == [1, 3, 1]  # its first token, the batch of three, its row alone
     batcher.shutdown()
 
 
 class ShortOfMemory(PrefixRunner):
-    """Holds KV for two sequences: when a third joins the decode batch, the youngest is
-    preempted (once), as a runner short of KV memory does, having done nothing."""
+    """KV cells for 60 tokens: two streams of 21 fit, a third joining them runs out, and the
+    loop's scheduler preempts the youngest (it admits a prompt with 16 cells of growth to spare
+    for each sequence: `scheduler.GROWTH_TOKENS`)."""
+
+    kv_tokens = 60
 
     def __init__(self) -> None:
-        super().__init__(length=20)  # long enough for the third stream to join the first two
-        self.preempted: list[int] = []
+        super().__init__(length=20)
         self.asked: dict[int, int] = {}  # seq id -> its request's own prompt length
 
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
@@ -575,12 +587,6 @@ class ShortOfMemory(PrefixRunner):
         self.state[seq_id] = (prompt_ids[-1], len(self.held[seq_id]) - self.asked[seq_id])
         return self._next(seq_id)
 
-    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
-        if len(seq_ids) > 2 and not self.preempted:
-            self.preempted.append(max(seq_ids))
-            raise Preempt([max(seq_ids)])
-        return super().decode(seq_ids, token_ids)
-
 
 async def test_a_preempted_stream_is_computed_again_and_says_the_same() -> None:
     alone_runner = PrefixRunner(length=20)
@@ -593,16 +599,17 @@ async def test_a_preempted_stream_is_computed_again_and_says_the_same() -> None:
     runner.capacity = 8
     batcher = ContinuousBatcher(runner, ByteTokenizer(), frozenset({EOS}), observer=observer)
     batcher.start()
-    first_two = [asyncio.ensure_future(collect(batcher, [p])) for p in (1, 5)]
-    await eventually(lambda: ("decode", 2) in runner.steps)
-    third = await collect(batcher, [9])
-    texts = ["".join(d.text for d in r) for r in [*(await asyncio.gather(*first_two)), third]]
-    assert texts == expected and runner.preempted
+    # All three start together; the youngest, from 9, is preempted when they outgrow the cells.
+    replies = await asyncio.gather(*(collect(batcher, [p]) for p in (1, 5, 9)))
+    texts = ["".join(d.text for d in reply) for reply in replies]
+    third = replies[2]
+    assert texts == expected
     assert batcher.stats.preemptions == 1 == observer.preemptions
-    # Computed again from its prompt and the token it had sampled (not yet fed): the prompt
-    # came back from the runner's cache, the sampled token is the one computed.
-    assert runner.resumed[-1] == 1
+    # Computed again from its prompt and the tokens it had sampled: what it held came back
+    # from the runner's cache (more than its one-token prompt), the rest is computed.
+    assert runner.resumed[-1] > 1
     assert sum(d.tokens for d in third) == 21 and sum(d.cached_tokens for d in third) == 0
+    assert batcher.stats.prompt_tokens == 3  # each request's prompt once, preemption or not
     batcher.shutdown()
 
 
@@ -851,11 +858,18 @@ async def test_log_probabilities_that_fail_end_their_stream_alone() -> None:
 
 
 class LongSecond(ShortOfMemory):
-    """As `ShortOfMemory`, but the stream from 5 runs ten times longer than the others."""
+    """As `ShortOfMemory` with room for 120 tokens, but the streams from 1 and 5 run ten times
+    longer than the one from 9 (40 tokens): two of them outgrow the memory without a third."""
+
+    kv_tokens = 120
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 40
 
     def _next(self, seq_id: int) -> torch.Tensor:
         last, emitted = self.state[seq_id]
-        length = self.length * (10 if self.held.get(seq_id, [0])[0] == 5 else 1)
+        length = self.length * (10 if self.held.get(seq_id, [0])[0] in (1, 5) else 1)
         token = EOS if emitted >= length else last % (VOCAB - 2) + 1  # within the vocabulary
         self.state[seq_id] = (token, emitted + 1)
         return self._logits(token)
@@ -865,17 +879,18 @@ async def test_a_preempted_stream_resumes_when_a_running_one_is_cancelled() -> N
     """Memory freed by a client that left goes to the preempted stream at once, not when the
     remaining streams finish."""
     runner = LongSecond()
+    LONG = replace(GREEDY, max_tokens=1000)
     runner.step_delay_s = 0.01
     batcher = make_batcher(runner)
-    first = asyncio.ensure_future(collect(batcher, [1]))
-    second = asyncio.ensure_future(collect(batcher, [5]))
+    first = asyncio.ensure_future(collect(batcher, [1], LONG))
+    second = asyncio.ensure_future(collect(batcher, [5], LONG))
     await eventually(lambda: ("decode", 2) in runner.steps)
-    third = asyncio.ensure_future(collect(batcher, [9]))
-    await eventually(lambda: bool(runner.preempted))
+    third = asyncio.ensure_future(collect(batcher, [9], LONG))
+    await eventually(lambda: batcher.stats.preemptions > 0)
     first.cancel()
     deltas = await asyncio.wait_for(third, 10)
     assert deltas[-1].finish_reason == "stop" and not second.done()
-    await second
+    second.cancel()
     batcher.shutdown()
 
 
