@@ -171,4 +171,6 @@ def test_clients_that_leave_log_no_traceback_and_leave_nothing_running(
     }
     assert stacks == {}, stacks
     ingress = "".join(text for path, text in tails.items() if "_ingress_" in path.name)
-    assert "client left" in ingress  # the one line a disconnect gets
+    left = sum(v.moment != "whole" for v in visits)
+    # One line each (a client that leaves before its body reached the ingress gets none there).
+    assert 0 < ingress.count("client left") <= left, ingress
