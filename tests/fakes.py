@@ -88,7 +88,7 @@ def scripted_engine(script: Script) -> type[Engine]:
                         if step < min(len(pieces), params.max_tokens):
                             await asyncio.sleep(script.piece_delay_s)
                             yield _scripted_delta(pieces, step, params.max_tokens, index)
-            except GeneratorExit:
+            except (GeneratorExit, asyncio.CancelledError):  # closed, or its task cancelled
                 script.cancelled += 1
                 raise
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from starlette.types import Receive, Scope, Send
 
 from backend.errors import (
     EngineError,
@@ -21,6 +22,7 @@ from backend.errors import (
     ServiceError,
 )
 from backend.ingress.auth import BearerKeyMiddleware
+from backend.ingress.disconnects import ClientDisconnects
 from backend.ingress.openapi import Refusal, json_body, publish, replies
 from backend.ingress.serving import ChatService, ModelClient
 from backend.ingress.text_completions import CompletionService
@@ -114,6 +116,8 @@ def build_api(client: ModelClient, settings: BackendSettings) -> FastAPI:
     keys = settings.api_keys()
     if keys:
         app.add_middleware(BearerKeyMiddleware, keys=keys)
+    # Added last, so outermost: a client that leaves ends the request quietly in every layer.
+    app.add_middleware(ClientDisconnects)
 
     @app.post(
         "/v1/chat/completions",
@@ -216,7 +220,26 @@ def _reply(result: BaseModel | AsyncGenerator[str, None]) -> Response:
     """A whole response as JSON, or a stream of server-sent events."""
     if isinstance(result, BaseModel):
         return JSONResponse(result.model_dump())
-    return StreamingResponse(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+    return _EventStream(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+class _EventStream(StreamingResponse):
+    """A stream of server-sent events that closes its events however the response ends.
+
+    When the client leaves, Starlette cancels the task that reads the events and leaves their
+    generator suspended: only garbage collection would close it, and with it the generation on
+    the model replica. Closing it here cancels that generation at once.
+    """
+
+    def __init__(self, events: AsyncGenerator[str, None], **options: Any) -> None:
+        super().__init__(events, **options)
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
 
 
 async def _read_body(raw: Request, limit: int) -> bytes:

@@ -120,6 +120,18 @@ class BackendProcess(ServiceProcess):
         ]
         return sum(values) if values else None
 
+    def session_dir(self) -> Path:
+        """The Ray session directory of this backend's cluster (its `logs/` hold Serve's logs):
+        named on the command line of Ray's own processes, which share the backend's session."""
+        session = os.getsid(self.pid)
+        for process in psutil.process_iter(["pid", "cmdline"]):
+            if _session_of(process.info["pid"]) != session:
+                continue
+            for arg in process.info["cmdline"] or ():
+                if arg.startswith("--session-dir="):
+                    return Path(arg.removeprefix("--session-dir="))
+        raise LookupError("no Ray process of the backend names its session directory")
+
 
 def kill_model_replica(backend: ServiceProcess) -> None:
     """SIGKILL the backend's model replica (as the kernel's OOM killer would); Ray replaces it."""
@@ -159,6 +171,9 @@ def backend_service(port: int, **overrides: str) -> BackendProcess:
         "HF_HUB_OFFLINE": "1",
         # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
         "RAY_metrics_report_interval_ms": "500",
+        # Throughput-optimised Serve buffers 1000 request-path log records before writing them;
+        # tests read the replicas' logs as they happen.
+        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
         **overrides,
     }
     return BackendProcess(port, metrics_port, env)
