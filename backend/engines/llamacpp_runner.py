@@ -18,6 +18,11 @@ a slot's conversation is replaced, its state is copied to host memory
 (`llama_state_seq_get_data`, the server's RAM prompt cache) and restored into a slot
 (`llama_state_seq_set_data`) when a later prompt matches it better than any slot does.
 
+A request for n > 1 choices `fork`s its first choice's prefilled prompt into the others' slots
+with llama.cpp's on-device sequence copy (`LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`): the parent's used
+cells are copied once into a buffer llama.cpp keeps for that sequence, and from there into each
+child, all inside the calls (nothing serialised to host memory, nothing left pending).
+
 ctypes releases the GIL during every llama.cpp call, so the event loop keeps running meanwhile.
 """
 
@@ -60,6 +65,10 @@ _MIN_SIMILARITY = 0.1
 # each other. (A follow-up turn re-tokenizes the previous reply, which may differ from the
 # generated tokens near its end: cutting that much is the slot's own conversation going on.)
 _REWORDED_TAIL = 8
+# `llama_state_seq_*_ext` flag: the KV data goes to (and comes from) a buffer llama.cpp keeps per
+# source sequence on the KV's own device (llama_context::mem_storage, llama-context.cpp); only a
+# few bytes of cell metadata come to host memory.
+_ON_DEVICE = llama.LLAMA_STATE_SEQ_FLAGS_ON_DEVICE
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 1 debug, 2 info, 5 cont
 
 
@@ -187,6 +196,9 @@ class LlamaCppRunner:
         self._outputs = np.ctypeslib.as_array(self._batch.logits, shape=shape)
         self._n_seq_id[:] = 1
         self.parked: PrefixStore[ctypes.Array[ctypes.c_uint8]] = PrefixStore(host_cache_bytes)
+        # The last on-device copy of a parent (see `fork`): its slot, the tokens it then held, and
+        # the cell metadata llama.cpp returned; None once that slot's KV may have changed.
+        self._staged: tuple[int, int, ctypes.Array[ctypes.c_uint8]] | None = None
         self.reset()
 
     @property
@@ -198,6 +210,7 @@ class LlamaCppRunner:
         """Forget every sequence: all KV memory cleared (host copies stay valid and are kept)."""
         llama.llama_memory_clear(self._memory, False)
         self.slots.clear()
+        self._staged = None
 
     def lookup(self, prompt_ids: list[int]) -> int:
         """The prompt tokens `resume` would keep: the best of an idle slot's and a host copy's."""
@@ -268,19 +281,32 @@ class LlamaCppRunner:
 
     def fork(self, parent_id: int, child_id: int) -> bool:
         """The child takes the least recently used idle slot with a copy of the parent's KV,
-        made at once through host memory (`llama_state_seq_get_data`, then `_set_data`).
+        complete when this returns.
 
-        Not `llama_memory_seq_cp`: across streams (`kv_unified` off) it only queues the buffer
-        copy for the next `llama_decode` (llama_kv_cache::seq_cp), and a slot saved, restored
-        or lent again before then would copy, or be overwritten by, the wrong KV."""
+        The copy stays on the KV's device (`llama_state_seq_get_data_ext` and `_set_data_ext`
+        with `LLAMA_STATE_SEQ_FLAGS_ON_DEVICE`): the get copies the parent's used cells into a
+        buffer llama.cpp keeps for the parent's sequence id and returns their metadata (a few
+        bytes a cell); each set copies that buffer into a child's cells. Consecutive forks of one
+        parent (the n - 1 other choices of a request) share one get while the parent's KV is
+        unchanged: `_staged` is dropped by every decode, reset, restore or trim of its slot.
+        llama.cpp keeps that buffer until the context is freed, resized at each get: at most the
+        used cells of every slot ever forked from (as much again as the KV they hold, at worst).
+
+        Not `llama_memory_seq_cp`: across streams (`kv_unified` off) it only queues a copy of
+        the whole stream (all `n_ctx_seq` cells, used or not) for the next `llama_decode`
+        (llama_kv_cache::seq_cp, applied by llama_kv_cache::update), and a slot restored from
+        host memory or saved to it before then would be overwritten by, or save, the wrong KV;
+        llama.cpp applies pending copies only inside a decode (llama_context::memory_update)."""
         parent = self.slots.of(parent_id)
         if parent is None:
             raise EngineError(f"Sequence {parent_id} holds no slot to fork.")
-        state, size = self._state(parent)
+        staged = self._stage(parent)
         slot = self.slots.least_recently_used()
         self._save(slot)
         self._trim(slot, 0)
-        if not size or not llama.llama_state_seq_set_data(self._ctx, state, size, slot.index):
+        if staged is None or not llama.llama_state_seq_set_data_ext(
+            self._ctx, staged, len(staged), slot.index, _ON_DEVICE
+        ):
             return False  # the loop prefills the child itself
         slot.tokens = list(parent.tokens)
         self.slots.lend(slot, child_id)
@@ -338,6 +364,8 @@ class LlamaCppRunner:
         """Remove every position from `keep` on; returns what is kept (0 if llama.cpp cannot
         cut this sequence partially, in which case all of it goes, as the server does)."""
         cut = keep < len(slot.tokens) or keep == 0
+        if cut and self._staged is not None and self._staged[0] == slot.index:
+            self._staged = None
         if cut and not llama.llama_memory_seq_rm(self._memory, slot.index, keep, -1):
             llama.llama_memory_seq_rm(self._memory, slot.index, -1, -1)
             keep = 0
@@ -360,6 +388,22 @@ class LlamaCppRunner:
         state = (ctypes.c_uint8 * size)()
         return state, int(llama.llama_state_seq_get_data(self._ctx, state, size, slot.index))
 
+    def _stage(self, parent: Slot) -> ctypes.Array[ctypes.c_uint8] | None:
+        """The parent's cells copied on device and their metadata (see `fork`), taken again
+        unless the last copy is of this slot as it is now; None if llama.cpp failed."""
+        if self._staged is not None and self._staged[:2] == (parent.index, len(parent.tokens)):
+            return self._staged[2]
+        self._staged = None
+        size = llama.llama_state_seq_get_size_ext(self._ctx, parent.index, _ON_DEVICE)
+        meta = (ctypes.c_uint8 * size)()
+        index = parent.index
+        written = llama.llama_state_seq_get_data_ext(self._ctx, meta, size, index, _ON_DEVICE)
+        if not written:
+            return None
+        staged = (ctypes.c_uint8 * written).from_buffer(meta)
+        self._staged = (parent.index, len(parent.tokens), staged)
+        return staged
+
     def _restore(self, slot: Slot, entry: Parked[ctypes.Array[ctypes.c_uint8]]) -> bool:
         """Load a host copy into the slot instead of what it held; False if llama.cpp refused.
 
@@ -375,6 +419,7 @@ class LlamaCppRunner:
 
     def _run(self, n: int) -> None:
         self._batch.n_tokens = n
+        self._staged = None  # (only a parent's own cells matter; any decode may have added some)
         status = llama.llama_decode(self._ctx, self._batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status}.")
