@@ -7,6 +7,7 @@ import itertools
 import random
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from backend.engines.llamacpp import (
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, llama, model_params
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
+from backend.replica.loop import ContinuousBatcher
 from backend.replica.runner import SequencesFailed
 from backend.settings import BackendSettings
 from tests.backend.engines.llama_view import held_tokens, lent, pos_max, until
@@ -499,3 +501,47 @@ def test_forks_of_one_parent_share_one_copy_until_it_decodes(
         return
     rows = runner.decode([0, 1, 2, 3], [second] * 4)
     assert gets == 2 and float((rows - rows[0]).abs().max()) <= DECODE_TOLERANCE
+
+
+# --- one forward pass per step: decode tokens and prompt chunks together ---------------------
+
+
+async def test_a_running_stream_advances_on_every_step_while_a_long_prompt_prefills(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """llama.cpp's server's `update_slots`: every step's `llama_batch` carries the running
+    stream's next token beside the long prompt's chunk, so the stream never waits for it."""
+    runner = make_runner(n_seq_max=2)
+    steps: list[tuple[list[int], list[int]]] = []  # (decoding ids, ids with a prompt chunk)
+    step = runner.step
+
+    def recorded(
+        decodes: list[tuple[int, int]], chunks: list[tuple[int, list[int], bool]]
+    ) -> torch.Tensor:
+        steps.append(([s for s, _ in decodes], [s for s, _, _ in chunks]))
+        return step(decodes, chunks)
+
+    runner.step = recorded  # type: ignore[method-assign]
+    loaded = llamacpp_engine._model()
+    batcher = ContinuousBatcher(runner, loaded.tokenizer, loaded.eos_ids, token_budget=32)
+    batcher.start()
+    try:
+        params = SamplingParams(max_tokens=80, temperature=0.0, ignore_eos=True)
+        running = asyncio.ensure_future(
+            text_of(batcher.stream(prompts(llamacpp_engine, 1)[0], params))
+        )
+        await until(lambda: len(steps) > 3)  # decoding
+        long_prompt = llamacpp_engine.encode_chat(chat("lighthouse " * 250))
+        await text_of(batcher.stream(long_prompt, replace(params, max_tokens=2)))
+        await running
+    finally:
+        batcher.shutdown()
+    running_id = steps[0][1][0]
+    chunked = [decodes for decodes, chunks in steps if chunks and running_id not in chunks]
+    assert len(chunked) >= len(long_prompt) // 31  # 31 prompt tokens beside the decode token
+    assert all(running_id in decodes for decodes in chunked)
+    assert batcher.stats.mixed_steps >= len(chunked)
+
+
+async def text_of(deltas: AsyncIterator[Delta]) -> str:
+    return "".join([d.text async for d in deltas])
