@@ -84,7 +84,7 @@ def mixes(draw: st.DrawFn, prompts: list[list[int]], bias_tokens: list[int]) -> 
 def run_mix(mix: Mix, runner: ObservedRunner, tokenizer: Any, eos_ids: frozenset[int]) -> list[Any]:
     """The mix through one batcher, checked as on the scripted runner."""
     with observed_constraints() as made:
-        batcher = make_batcher(runner, tokenizer, eos_ids, prefill_budget=16)
+        batcher = make_batcher(runner, tokenizer, eos_ids, token_budget=16)
         try:
             outcomes = asyncio.run(run_all(batcher, mix.requests))
             wait_for_zero_gauges(batcher, runner)

@@ -3,9 +3,8 @@ requests drawn (hypothesis strategies), the observers put around the runner and 
 the checks. Shared by the scripted-runner properties (tests/backend/replica/test_loop_properties.py)
 and the real engines' (tests/backend/engines/test_engine_properties.py).
 
-The loop is being rewritten (its constructor, and preemption planned by the loop from a KV token
-budget the runner reports instead of a runner raising `Preempt`): the batcher is built in
-`make_batcher` alone, and the scripted preemption lives in `TokenBudget` alone.
+The batcher is built in `make_batcher` alone; forced preemption is a small KV token budget the
+observed runner reports (`TokenBudget`), by which the loop's scheduler preempts.
 """
 
 from __future__ import annotations
@@ -25,11 +24,12 @@ import llguidance
 import torch
 from hypothesis import strategies as st
 
-from backend.errors import EngineError, Preempt, SequencesFailed
+from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
 from backend.protocol import ChatCompletionRequest
 from backend.replica import loop as batch_loop
-from backend.replica.loop import BatchRunner, ContinuousBatcher
+from backend.replica.loop import ContinuousBatcher
+from backend.replica.runner import BatchRunner, SequencesFailed
 from backend.structured import Constraint, GrammarTokenizer, json_grammar
 from backend.tools import RESPONSE_OPENING, ReplyReader, tools_grammar
 from tests.json_schemas import schemas
@@ -48,7 +48,7 @@ def make_batcher(
     tokenizer: Any,
     eos_ids: frozenset[int],
     *,
-    prefill_budget: int = 512,
+    token_budget: int = 512,
     stream_interval_s: float = 0.0,
 ) -> ContinuousBatcher:
     """The one place the tests build (and start) a batcher. Batchers of one tokenizer share its
@@ -57,7 +57,7 @@ def make_batcher(
         runner,
         tokenizer,
         eos_ids,
-        prefill_budget=prefill_budget,
+        token_budget=token_budget,
         stream_interval_s=stream_interval_s,
     )
     if id(tokenizer) not in _GRAMMAR_TOKENIZERS:
@@ -82,23 +82,13 @@ def torch_threads(threads: int) -> Iterator[None]:
 
 
 class TokenBudget:
-    """Scripted preemption: a decode step that would hold more than `tokens` tokens (every live
-    sequence's, plus one each for this step) preempts the youngest sequence, before anything is
-    computed, as `PaddedBatchRunner` does from its byte budget (never a lone sequence).
-
-    Today a runner signals it by raising `Preempt` from `decode`; once the loop plans preemption
-    from a budget the runner reports, this becomes that report."""
+    """Forced preemption: the runner reports KV cells for `tokens` tokens (`kv_tokens`), and the
+    loop's scheduler preempts the youngest sequence when the running ones outgrow it (None: the
+    runner's own figure). `preemptions`: sequences seen coming back after one."""
 
     def __init__(self, tokens: int | None) -> None:
         self.tokens = tokens
         self.preemptions = 0
-
-    def before_decode(self, held: dict[int, int], ages: dict[int, int], seq_ids: list[int]) -> None:
-        if self.tokens is None or len(seq_ids) < 2:
-            return
-        if sum(held.values()) + len(seq_ids) > self.tokens:
-            self.preemptions += 1
-            raise Preempt([max(seq_ids, key=lambda s: ages[s])])
 
 
 # --- the runner, observed -------------------------------------------------------------------
@@ -132,12 +122,13 @@ class ObservedRunner:
     ) -> None:
         self.inner = inner
         self.chunked_prefill = inner.chunked_prefill
+        self.mixed_batch = inner.mixed_batch
         self.prefix_caching = inner.prefix_caching
         self.capacity = inner.capacity
         self.budget = budget or TokenBudget(None)
+        self.kv_tokens = inner.kv_tokens if self.budget.tokens is None else self.budget.tokens
         self.fail_step = fail_step
         self.failed: list[int] = []
-        self.preemptions = 0  # by the runner's own budget
         self.keep_logits = keep_logits
         self.held: dict[int, list[int]] = {}  # live sequences' tokens
         self.decoding: set[int] = set()
@@ -165,6 +156,9 @@ class ObservedRunner:
     def _begin(self, seq_id: int) -> None:
         self.ages.setdefault(seq_id, len(self.ages))
 
+    def lookup(self, prompt_ids: list[int]) -> int:
+        return int(self.inner.lookup(prompt_ids))
+
     def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
         self._check_handed()
         self._begin(seq_id)
@@ -186,17 +180,50 @@ class ObservedRunner:
 
     def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
         self._check_handed()
+        self._check_decode(seq_ids)
+        logits = self.inner.decode(seq_ids, token_ids)
+        for row, (seq_id, token) in enumerate(zip(seq_ids, token_ids, strict=True)):
+            self.held[seq_id].append(token)
+            self._record(seq_id, logits[row], "decode")
+        return self._hand(logits)
+
+    def step(
+        self, decodes: list[tuple[int, int]], chunks: list[tuple[int, list[int], bool]]
+    ) -> torch.Tensor:
+        """A mixed step: `decode`'s checks for its decode tokens, `prefill`'s for its chunks."""
+        self._check_handed()
+        for seq_id, _, _ in chunks:
+            self._begin(seq_id)
+            if seq_id in self.decoding:
+                self.problems.append(f"sequence {seq_id} prefilled while decoding")
+        if decodes:
+            self._check_decode([seq_id for seq_id, _ in decodes])
+        logits = self.inner.step(decodes, chunks)
+        rows = iter(logits)
+        for seq_id, token in decodes:
+            self.held[seq_id].append(token)
+            self._record(seq_id, next(rows), "decode")
+        for seq_id, chunk, last in chunks:
+            self.held.setdefault(seq_id, []).extend(chunk)
+            if last:
+                self._record(seq_id, next(rows), "prefill")
+        return self._hand(logits)
+
+    def _check_decode(self, seq_ids: list[int]) -> None:
+        """Every decoding sequence is in the step, once; a preempted one came back whole; the
+        chosen step fails one sequence."""
         ids = set(seq_ids)
         if len(ids) != len(seq_ids) or not self.decoding <= ids <= set(self.held):
             self.problems.append(
                 f"decode of {seq_ids}: decoding {sorted(self.decoding)}, held {sorted(self.held)}"
             )
-        self.budget.before_decode({s: len(t) for s, t in self.held.items()}, self.ages, seq_ids)
         for seq_id in seq_ids:
             if seq_id not in self.decoding:  # its first step: a preempted one is whole again
                 self.decoding.add(seq_id)
                 before = self.released.get(seq_id)
                 now = self.held[seq_id]
+                if before is not None:
+                    self.budget.preemptions += 1
                 if before is not None and (len(now) != len(before) + 1 or now[:-1] != before):
                     self.problems.append(
                         f"sequence {seq_id} came back as {len(now)} tokens, not its "
@@ -208,15 +235,6 @@ class ObservedRunner:
             self._decodes += 1
             raise SequencesFailed(FAULT, [victim])
         self._decodes += 1
-        try:
-            logits = self.inner.decode(seq_ids, token_ids)
-        except Preempt:
-            self.preemptions += 1
-            raise
-        for row, (seq_id, token) in enumerate(zip(seq_ids, token_ids, strict=True)):
-            self.held[seq_id].append(token)
-            self._record(seq_id, logits[row], "decode")
-        return self._hand(logits)
 
     def fork(self, parent_id: int, child_id: int) -> bool:
         self._check_handed()

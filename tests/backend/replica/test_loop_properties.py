@@ -56,6 +56,8 @@ class ScriptedRunner:
     the same tokens give the same logits in any batch; favoured tokens get a head start."""
 
     chunked_prefill: ClassVar[bool] = True
+    mixed_batch: ClassVar[bool] = True  # `step`: decode tokens and prompt chunks together
+    kv_tokens: int | None = None
 
     def __init__(
         self,
@@ -79,9 +81,12 @@ class ScriptedRunner:
         row[self.favoured] += 12
         return row.to(self.dtype)
 
-    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+    def lookup(self, prompt_ids: list[int]) -> int:
         shared = max((common_prefix(p, prompt_ids) for p in self.parked), default=0)
-        self.live[seq_id] = prompt_ids[: min(shared, len(prompt_ids) - 1)]
+        return min(shared, len(prompt_ids) - 1)
+
+    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
+        self.live[seq_id] = prompt_ids[: self.lookup(prompt_ids)]
         return len(self.live[seq_id])
 
     def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
@@ -92,6 +97,16 @@ class ScriptedRunner:
         for seq_id, token in zip(seq_ids, token_ids, strict=True):
             self.live[seq_id].append(token)
         return torch.stack([self._logits(self.live[s]) for s in seq_ids])
+
+    def step(
+        self, decodes: list[tuple[int, int]], chunks: list[tuple[int, list[int], bool]]
+    ) -> torch.Tensor:
+        rows = [self.decode([seq_id], [token])[0] for seq_id, token in decodes]
+        for seq_id, chunk, last in chunks:
+            logits = self.prefill(seq_id, chunk)
+            if last:
+                rows.append(logits)
+        return torch.stack(rows) if rows else torch.empty(0, self.vocab, dtype=self.dtype)
 
     def fork(self, parent_id: int, child_id: int) -> bool:
         self.live[child_id] = list(self.live[parent_id])
@@ -111,6 +126,7 @@ class ScriptedRunner:
 
 class WholePromptRunner(ScriptedRunner):
     chunked_prefill: ClassVar[bool] = False
+    mixed_batch: ClassVar[bool] = False
 
 
 @dataclass
@@ -122,7 +138,7 @@ class Scenario:
     dtype: torch.dtype
     budget: int | None  # tokens before the youngest sequence is preempted
     fail_step: int | None  # the decode step at which one sequence fails
-    prefill_budget: int
+    token_budget: int  # at least the capacity, as the settings require
     stream_interval_s: float
 
     def __repr__(self) -> str:  # hypothesis prints the failing example with it
@@ -147,7 +163,7 @@ def scenarios(draw: st.DrawFn, favoured: list[int], vocab: int) -> Scenario:
         dtype=draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16])),
         budget=draw(st.one_of(st.none(), st.integers(4, 40))),
         fail_step=draw(st.one_of(st.none(), st.none(), st.integers(0, 6))),
-        prefill_budget=draw(st.sampled_from([3, 16, 512])),
+        token_budget=draw(st.sampled_from([4, 16, 512])),
         stream_interval_s=draw(st.sampled_from([0.0, 0.0, 0.003])),
     )
 
@@ -178,7 +194,7 @@ def run(
         runner,
         tokenizer,
         frozenset({tokenizer.eos_token_id}),
-        prefill_budget=scenario.prefill_budget,
+        token_budget=scenario.token_budget,
         stream_interval_s=scenario.stream_interval_s,
     )
     try:
