@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +59,11 @@ async def stream(
     seed: int,
     messages: object = PROMPT,
     extra: dict[str, object] | None = None,
+    chunk_times: list[float] | None = None,
 ) -> Reply:
     """One streamed chat completion of exactly `max_tokens` tokens (`ignore_eos`; servers
-    without it get `extra`, e.g. a logit bias against the end tokens)."""
+    without it get `extra`, e.g. a logit bias against the end tokens). Each content chunk's
+    time is appended to `chunk_times` as it comes, if given (read while the stream runs)."""
     body = {
         **(extra or {}),
         "messages": messages,
@@ -71,7 +75,7 @@ async def stream(
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    chunk_times: list[float] = []
+    chunk_times = [] if chunk_times is None else chunk_times
     pieces: list[str] = []
     usage: dict[str, Any] = {}
     async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
@@ -145,18 +149,74 @@ async def conversations(url: str, max_tokens: int, users: int, turns: int, alone
     return Run(sum(r.tokens for r in replies), seconds, [r.ttft for r in replies])
 
 
-async def stall_under_long_prompts(
-    url: str, prompt_words: int, arrivals: int
-) -> tuple[float, float]:
-    """A running stream's median and longest gap between tokens while long prompts arrive."""
-    long_prompt = [{"role": "user", "content": " ".join(["lighthouse"] * prompt_words)}]
+@dataclass(frozen=True)
+class Gaps:
+    """Inter-token gaps of running streams, seconds: pooled over the streams."""
+
+    median: float
+    p99: float
+    max: float
+
+    @property
+    def spread(self) -> float:
+        """The longest gap over the median one: how much a stream stalls."""
+        return self.max / self.median
+
+
+def gap_stats(streams: Sequence[Sequence[float]], start: float, end: float) -> Gaps:
+    """The gaps between consecutive chunk times of each stream that overlap [`start`, `end`]
+    (a gap that began before `start` and ended inside counts: it is the stall)."""
+    gaps = [
+        b - a for times in streams for a, b in itertools.pairwise(times) if b > start and a < end
+    ]
+    if not gaps:
+        raise ValueError("no stream produced two tokens within the window")
+    return Gaps(statistics.median(gaps), _p99(gaps), max(gaps))
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """Running streams' gaps while long prompts arrive, and those prompts' times to first token."""
+
+    gaps: Gaps
+    arrival_ttfts: list[float]
+
+
+async def mixed_load(
+    url: str,
+    prompt_words: int,
+    running: int,
+    arrivals: int,
+    extra: dict[str, object] | None = None,
+) -> Mixed:
+    """`running` streams decoding, then `arrivals` prompts of ~`prompt_words` words sent at once
+    (each its own: no prefix shared). The streams' gaps count from the first arrival sent to the
+    last one's reply; the streams are then cancelled."""
     async with httpx.AsyncClient(timeout=600) as http:
-        running = asyncio.ensure_future(stream(http, url, 160, 7))
-        await asyncio.sleep(1.0)
-        await asyncio.gather(*(stream(http, url, 4, s, long_prompt) for s in range(arrivals)))
-        reply = await running
-    gaps = [b - a for a, b in zip(reply.chunk_times, reply.chunk_times[1:], strict=False)]
-    return statistics.median(gaps), max(gaps)
+        await stream(http, url, 8, 0, extra=extra)  # warm-up
+        times: list[list[float]] = [[] for _ in range(running)]
+        streams = [
+            asyncio.ensure_future(stream(http, url, 2048, 7 + i, extra=extra, chunk_times=times[i]))
+            for i in range(running)
+        ]
+        while not all(len(t) > 8 for t in times):  # all decoding
+            await asyncio.sleep(0.05)
+        start = time.perf_counter()
+        replies = await asyncio.gather(
+            *(
+                stream(http, url, 4, s, _long_prompt(s, prompt_words), extra)
+                for s in range(arrivals)
+            )
+        )
+        end = time.perf_counter()
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    return Mixed(gap_stats(times, start, end), [r.ttft for r in replies])
+
+
+def _long_prompt(index: int, words: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Note {index}: " + " ".join(["lighthouse"] * words)}]
 
 
 @dataclass
