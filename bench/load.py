@@ -157,11 +157,6 @@ class Gaps:
     p99: float
     max: float
 
-    @property
-    def spread(self) -> float:
-        """The longest gap over the median one: how much a stream stalls."""
-        return self.max / self.median
-
 
 def gap_stats(streams: Sequence[Sequence[float]], start: float, end: float) -> Gaps:
     """The gaps between consecutive chunk times of each stream that overlap [`start`, `end`]
@@ -176,10 +171,19 @@ def gap_stats(streams: Sequence[Sequence[float]], start: float, end: float) -> G
 
 @dataclass(frozen=True)
 class Mixed:
-    """Running streams' gaps while long prompts arrive, and those prompts' times to first token."""
+    """Running streams' gaps before and while long prompts arrive, and those prompts' times to
+    first token."""
 
-    gaps: Gaps
+    steady: Gaps  # the streams decoding alone
+    during: Gaps  # from the first arrival sent to the last one's reply
     arrival_ttfts: list[float]
+    arrival_tokens: int  # the longest arriving prompt, tokens
+
+    @property
+    def spread(self) -> float:
+        """The longest gap while prompts arrive over the median one decoding alone: how much a
+        stream stalls."""
+        return self.during.max / self.steady.median
 
 
 async def mixed_load(
@@ -187,11 +191,12 @@ async def mixed_load(
     prompt_words: int,
     running: int,
     arrivals: int,
+    steady_s: float = 3.0,
     extra: dict[str, object] | None = None,
 ) -> Mixed:
-    """`running` streams decoding, then `arrivals` prompts of ~`prompt_words` words sent at once
-    (each its own: no prefix shared). The streams' gaps count from the first arrival sent to the
-    last one's reply; the streams are then cancelled."""
+    """`running` streams decoding alone for `steady_s`, then `arrivals` prompts of
+    ~`prompt_words` words sent at once (each its own: no prefix shared) until the last one's
+    reply; the streams are then cancelled."""
     async with httpx.AsyncClient(timeout=600) as http:
         await stream(http, url, 8, 0, extra=extra)  # warm-up
         times: list[list[float]] = [[] for _ in range(running)]
@@ -200,7 +205,11 @@ async def mixed_load(
             for i in range(running)
         ]
         while not all(len(t) > 8 for t in times):  # all decoding
+            if ended := [task for task in streams if task.done()]:  # result() raises its error
+                raise RuntimeError(f"a running stream ended early: {ended[0].result()}")
             await asyncio.sleep(0.05)
+        decoding = time.perf_counter()
+        await asyncio.sleep(steady_s)
         start = time.perf_counter()
         replies = await asyncio.gather(
             *(
@@ -212,7 +221,9 @@ async def mixed_load(
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-    return Mixed(gap_stats(times, start, end), [r.ttft for r in replies])
+    prompt_tokens = max(r.prompt_tokens for r in replies)
+    steady, during = gap_stats(times, decoding, start), gap_stats(times, start, end)
+    return Mixed(steady, during, [r.ttft for r in replies], prompt_tokens)
 
 
 def _long_prompt(index: int, words: int) -> list[dict[str, str]]:
