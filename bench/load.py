@@ -78,16 +78,25 @@ async def stream(
     chunk_times = [] if chunk_times is None else chunk_times
     pieces: list[str] = []
     usage: dict[str, Any] = {}
-    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if chunk["choices"] and (content := chunk["choices"][0]["delta"].get("content")):
-                chunk_times.append(time.perf_counter())
-                pieces.append(content)
+    for resend in (True, False):
+        try:
+            async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                    if content := delta.get("content"):
+                        chunk_times.append(time.perf_counter())
+                        pieces.append(content)
+            break
+        except httpx.RemoteProtocolError as error:
+            # llama-server (cpp-httplib) closes kept-alive connections, once in a while as the
+            # next request goes out on one: with no response at all, it is sent once more.
+            if not (resend and "without sending a response" in str(error)):
+                raise
     details = usage.get("prompt_tokens_details") or {}
     return Reply(
         # llama-cpp-python's server sends no usage chunk, but one chunk per token.
