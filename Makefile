@@ -79,6 +79,8 @@ test: lint
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
 # without its dependencies: it requires triton, a GPU compiler (a wheel of hundreds of MB) it never
 # uses on the CPU; what it does use (torch, transformers, pydantic, numpy) is already installed.
+# llama.cpp's own llama-server, which the bench compares with, is built by the bench itself from
+# the pinned llama-cpp-python sdist (bench/llama_server.py), once: artifacts/llama-server/.
 bench: install $(GUIDELLM_STAMP)
 	$(BIN)/pip install -q --no-deps xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 	$(BIN)/python -m bench

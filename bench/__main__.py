@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -32,7 +33,7 @@ from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
 from bench.ui import UITimes, ui_overhead
-from tests.e2e.services import ARTIFACTS, backend_service, free_port
+from tests.e2e.services import ARTIFACTS, BackendProcess, backend_service, free_port
 
 MAX_TOKENS = 128
 CONCURRENCY = 8
@@ -40,6 +41,9 @@ REPEATS = 3  # requests averaged per single-stream figure
 TURNS = 3  # questions per user in the concurrent-conversations figure
 SATURATING_STREAMS = 400
 LONG_PROMPT_WORDS = 1500
+MIXED_RUNNING = 4  # mixed load: streams decoding while ...
+MIXED_ARRIVALS = 4  # ... this many prompts of LONG_PROMPT_WORDS arrive
+SLOT_CONTEXT = 8192  # llama-server's tokens per slot: our engine's window for the embedded model
 CHAT_USERS = 2  # multi-turn: users chatting at once, turns interleaved
 CHAT_TURNS = 8  # each adds ~200 prompt tokens of notes and a 48-token reply
 ROUND_ROBIN_USERS = 6  # conversations taking turns over ...
@@ -63,6 +67,9 @@ STRUCTURED_THREADS = 1  # engine threads there (the other core runs the loop and
 CHOICES_PROMPT_WORDS = 500  # the prompt the choices share (its tokens are in the report)
 CHOICES_THREADS = 1
 SHARED_PREFILL_TARGET = "<= 0.5"  # first tokens of n choices / of n requests of one prompt
+SPREAD_TARGET = "<= 3x"  # mixed load: the running streams' longest inter-token gap / median
+VERSUS_RATE_TARGET = ">= 0.9"  # ours / llama-server, output rate
+VERSUS_LATENCY_TARGET = "<= 1.1"  # ours / llama-server, TTFT and inter-token p99
 
 
 Ceiling = Callable[[], tuple[Run, Run]]
@@ -95,8 +102,6 @@ class Served:
     single: Run
     burst: Run
     conversations: Run
-    itl_median_s: float
-    itl_max_s: float
     peak_rss_bytes: int
 
 
@@ -155,8 +160,7 @@ def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Se
             talks = asyncio.run(
                 load.conversations(service.url, MAX_TOKENS, CONCURRENCY, TURNS, alone_s)
             )
-            itl = asyncio.run(load.stall_under_long_prompts(service.url, LONG_PROMPT_WORDS, 4))
-        served = Served(start_s, beside_idle, single, burst, talks, *itl, memory.peak_bytes)
+        served = Served(start_s, beside_idle, single, burst, talks, memory.peak_bytes)
         return served, extra(service.url) if extra else None
     finally:
         service.stop()
@@ -222,12 +226,6 @@ def engine_section(name: str, served: Served, raw1: Run, raw8: Run) -> Section:
             "",
         ),
         (
-            f"{name}: a running stream's inter-token gap, median / max while 4 prompts of "
-            f"~{LONG_PROMPT_WORDS} words arrive",
-            f"{s.itl_median_s * 1000:.0f} / {s.itl_max_s * 1000:.0f} ms",
-            "bounded",
-        ),
-        (
             f"{name}: peak RSS of the backend process tree",
             f"{s.peak_rss_bytes / 2**30:.2f} GiB",
             "",
@@ -237,10 +235,10 @@ def engine_section(name: str, served: Served, raw1: Run, raw8: Run) -> Section:
         f"engine-{name}",
         f"The `{name}` engine through HTTP",
         f"The engine's own rate in this process (no server: the ceiling) against the same through "
-        f"the real backend, then concurrency, time to first token, a stream's stalls while long "
-        f"prompts arrive, and memory. Targets: HTTP / raw {HTTP1_TARGET} for one stream and "
-        f"{HTTP8_TARGET[name]} for {CONCURRENCY}, {CONCURRENCY} at once {SCALING_TARGET} one at "
-        f"a time, TTFT of {CONCURRENCY} users chatting {USERS_TTFT_TARGET} one stream's.",
+        f"the real backend, then concurrency, time to first token and memory. Targets: HTTP / raw "
+        f"{HTTP1_TARGET} for one stream and {HTTP8_TARGET[name]} for {CONCURRENCY}, {CONCURRENCY} "
+        f"at once {SCALING_TARGET} one at a time, TTFT of {CONCURRENCY} users chatting "
+        f"{USERS_TTFT_TARGET} one stream's.",
         rows,
     )
 
@@ -446,23 +444,25 @@ def engine_settings() -> list[str]:
 def main() -> None:
     """Run every measurement and write the report (`multiturn`: that section only)."""
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    alone: dict[str, Callable[[], Section]] = {
+        "multiturn": multi_turn_section,
+        "mixed": mixed_section,
+        "llama-server": llama_server_section,
+        "structured": structured_section,
+        "choices": choices_section,
+        "grammars": grammars.section,
+        "guidellm": guidellm.section,
+    }
     parser.add_argument(
-        "section",
-        nargs="?",
-        choices=["multiturn", "structured", "choices", "grammars", "guidellm"],
-        help="measure this section alone and replace only it in docs/benchmarks.md",
+        "sections",
+        nargs="*",
+        choices=list(alone),
+        help="measure these sections alone and replace only them in docs/benchmarks.md",
     )
     args = parser.parse_args()
     provenance = Provenance.current()  # the tree as measured, before the bench writes anything
-    if args.section is not None:
-        alone = {
-            "multiturn": multi_turn_section,
-            "structured": structured_section,
-            "choices": choices_section,
-            "grammars": grammars.section,
-            "guidellm": guidellm.section,
-        }
-        write_report([alone[args.section]()], {}, provenance, whole=False)
+    if args.sections:
+        write_report([alone[name]() for name in args.sections], {}, provenance, whole=False)
         return
     cold, cached = time_engine_starts()
     ceilings = {engine: CEILINGS[engine]() for engine in engines()}
@@ -484,6 +484,9 @@ def main() -> None:
     sections += control
     if "llamacpp" in served:
         sections.append(llamacpp_section(served))
+    sections.append(mixed_section())
+    if "llamacpp" in served:
+        sections.append(llama_server_section())
     sections.append(multi_turn_section())
     sections.append(structured_section())
     sections.append(choices_section())
@@ -525,6 +528,154 @@ def llamacpp_section(served: dict[str, Served]) -> Section:
         "Our llamacpp engine's HTTP rate against the hf engine's, and against the OpenAI server "
         "that ships with llama-cpp-python (same GGUF, same threads, one request at a time). "
         f"Target: llamacpp {VERSUS_HF_TARGET} hf for one stream.",
+        rows,
+    )
+
+
+def matched_backend(engine: str) -> BackendProcess:
+    """Our backend as llama-server runs beside it: the same threads and batch (slots), and every
+    decode step streamed as it comes (`LLM_STREAM_INTERVAL_MS=0`: a chunk is a token, as
+    llama-server sends them, so chunk gaps are inter-token gaps)."""
+    settings = BackendSettings()
+    return backend_service(
+        free_port(),
+        LLM_ENGINE=engine,
+        LLM_CPU_THREADS=str(settings.cpu_threads or len(os.sched_getaffinity(0))),
+        LLM_MAX_BATCH_SIZE=str(settings.max_batch_size),
+        LLM_STREAM_INTERVAL_MS="0",
+    )
+
+
+def mixed(url: str) -> load.Mixed:
+    """The mixed load on a server."""
+    return asyncio.run(load.mixed_load(url, LONG_PROMPT_WORDS, MIXED_RUNNING, MIXED_ARRIVALS))
+
+
+def mixed_rows(name: str, measured: load.Mixed) -> list[Row]:
+    """The running streams' gaps alone and while the prompts arrive, and the arrivals' TTFT."""
+    steady, during, ttfts = measured.steady, measured.during, measured.arrival_ttfts
+    return [
+        (
+            f"{name}: {MIXED_RUNNING} running streams' inter-token gap, median decoding alone; "
+            f"median / p99 / max while {MIXED_ARRIVALS} prompts of ~{LONG_PROMPT_WORDS} words "
+            f"({measured.arrival_tokens} tokens) arrive",
+            f"{steady.median * 1000:.0f}; {during.median * 1000:.0f} / "
+            f"{during.p99 * 1000:.0f} / {during.max * 1000:.0f} ms",
+            "",
+        ),
+        (
+            "... longest gap while they arrive / median alone",
+            f"{measured.spread:.1f}x",
+            SPREAD_TARGET,
+        ),
+        (
+            "... the arriving prompts' TTFT, median / max",
+            f"{statistics.median(ttfts) * 1000:.0f} / {max(ttfts) * 1000:.0f} ms",
+            "",
+        ),
+    ]
+
+
+def mixed_section() -> Section:
+    """Each engine's running streams while long prompts arrive."""
+    rows: list[Row] = []
+    for engine in engines():
+        service = matched_backend(engine)
+        service.start()
+        try:
+            rows += mixed_rows(engine, mixed(service.url))
+        finally:
+            service.stop()
+    return Section(
+        "mixed",
+        "Mixed load: decoding while long prompts arrive",
+        f"{MIXED_RUNNING} streams decoding, alone for a few seconds, then while {MIXED_ARRIVALS} "
+        f"prompts of ~{LONG_PROMPT_WORDS} words (each its own) arrive at once: the running "
+        "streams' gaps between tokens alone, and from the first arrival sent to the last one's "
+        "reply (every decode step streamed, `LLM_STREAM_INTERVAL_MS=0`), and the arrivals' time "
+        f"to first token. Target: longest gap while they arrive / median alone {SPREAD_TARGET}.",
+        rows,
+    )
+
+
+@dataclass
+class Versus:
+    """One server's figures in the llama-server comparison."""
+
+    single: Run
+    burst: Run
+    last_turn_ttft_s: float
+    mixed: load.Mixed
+
+
+def versus(url: str) -> Versus:
+    """Output rate at 1 and CONCURRENCY streams, multi-turn TTFT, mixed load."""
+    single = asyncio.run(load.single_streams(url, MAX_TOKENS, REPEATS))
+    burst = asyncio.run(load.burst(url, MAX_TOKENS, CONCURRENCY))
+    talk = asyncio.run(multiturn.chat(url, CHAT_USERS, CHAT_TURNS))
+    return Versus(single, burst, talk.ttft(CHAT_TURNS), mixed(url))
+
+
+def llama_server_section() -> Section:
+    """Our llamacpp backend against llama.cpp's own C++ server, same GGUF, threads and slots."""
+    from bench.llama_server import VERSION, llama_server
+
+    settings = BackendSettings()
+    threads = settings.cpu_threads or len(os.sched_getaffinity(0))
+    slots = settings.max_batch_size
+    service = matched_backend("llamacpp")
+    service.start()
+    try:
+        ours = versus(service.url)
+    finally:
+        service.stop()
+    gguf = embedded_gguf_path()
+    with llama_server(gguf, threads=threads, slots=slots, slot_context=SLOT_CONTEXT) as url:
+        theirs = versus(url)
+    rows: list[Row] = []
+    for name, got in (("ours (llamacpp)", ours), ("llama-server", theirs)):
+        rows += [
+            (
+                f"{name}: output rate, 1 stream / {CONCURRENCY} at once",
+                f"{got.single.rate:.0f} / {got.burst.rate:.0f} tok/s",
+                "",
+            ),
+            (
+                f"{name}: multi-turn TTFT at turn {CHAT_TURNS} ({CHAT_USERS} users)",
+                f"{got.last_turn_ttft_s * 1000:.0f} ms",
+                "",
+            ),
+            *mixed_rows(name, got.mixed),
+        ]
+    rows += [
+        (
+            f"ours / llama-server: output rate, 1 stream / {CONCURRENCY} at once",
+            f"{ours.single.rate / theirs.single.rate:.2f} / "
+            f"{ours.burst.rate / theirs.burst.rate:.2f}",
+            VERSUS_RATE_TARGET,
+        ),
+        (
+            f"ours / llama-server: multi-turn TTFT at turn {CHAT_TURNS}",
+            f"{ours.last_turn_ttft_s / theirs.last_turn_ttft_s:.2f}",
+            VERSUS_LATENCY_TARGET,
+        ),
+        (
+            "ours / llama-server: mixed load, running streams' inter-token p99",
+            f"{ours.mixed.during.p99 / theirs.mixed.during.p99:.2f}",
+            VERSUS_LATENCY_TARGET,
+        ),
+    ]
+    return Section(
+        "llama-server",
+        "`llamacpp` against llama.cpp's own server",
+        f"Our backend on the `llamacpp` engine against `llama-server` of the same llama.cpp "
+        f"(built from llama-cpp-python {VERSION}'s sources, CPU, Release), same GGUF, "
+        f"{threads} threads and {slots} slots (`--parallel`, `--cont-batching`, otherwise its "
+        "defaults), over `/v1/chat/completions` streamed; ours streams every decode step "
+        f"(`LLM_STREAM_INTERVAL_MS=0`). Rates: {MAX_TOKENS} tokens a stream; multi-turn as in "
+        f"the multi-turn section but at {threads} threads; mixed load as in its own section. "
+        f"Targets: ours / llama-server {VERSUS_RATE_TARGET} on rates, {VERSUS_LATENCY_TARGET} "
+        "on latencies.",
         rows,
     )
 

@@ -152,30 +152,35 @@ def llamacpp_server(
     ]
     ARTIFACTS.mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{port}"
-    with (ARTIFACTS / "llamacpp-server.log").open("ab") as log:
+    log_path = ARTIFACTS / "llamacpp-server.log"
+    with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            _wait_until_ready(process, url + "/v1/models", timeout_s)
+            wait_until_ready(process, url + "/v1/models", timeout_s, "llama_cpp.server", log_path)
             yield url
         finally:
-            _stop(process)
+            stop(process)
 
 
-def _wait_until_ready(process: subprocess.Popen[bytes], url: str, timeout_s: float) -> None:
+def wait_until_ready(
+    process: subprocess.Popen[bytes], url: str, timeout_s: float, name: str, log: Path
+) -> None:
+    """Return once `url` answers 200; raise if the server `name` exits or times out first."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError("llama_cpp.server exited early; see artifacts/llamacpp-server.log")
+            raise RuntimeError(f"{name} exited early; see {log.relative_to(REPO)}")
         with contextlib.suppress(httpx.HTTPError):
             if httpx.get(url, timeout=2).status_code == 200:
                 return
         time.sleep(0.25)
-    raise TimeoutError(f"llama_cpp.server did not answer within {timeout_s} s")
+    raise TimeoutError(f"{name} did not answer within {timeout_s} s")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGINT (a server's clean exit), SIGKILL if it lingers, then its whole process group."""
     if process.poll() is None:
         process.send_signal(signal.SIGINT)
         try:

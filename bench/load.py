@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import itertools
 import json
 import multiprocessing
 import os
 import random
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +59,11 @@ async def stream(
     seed: int,
     messages: object = PROMPT,
     extra: dict[str, object] | None = None,
+    chunk_times: list[float] | None = None,
 ) -> Reply:
     """One streamed chat completion of exactly `max_tokens` tokens (`ignore_eos`; servers
-    without it get `extra`, e.g. a logit bias against the end tokens)."""
+    without it get `extra`, e.g. a logit bias against the end tokens). Each content chunk's
+    time is appended to `chunk_times` as it comes, if given (read while the stream runs)."""
     body = {
         **(extra or {}),
         "messages": messages,
@@ -71,19 +75,28 @@ async def stream(
         "stream_options": {"include_usage": True},
     }
     start = time.perf_counter()
-    chunk_times: list[float] = []
+    chunk_times = [] if chunk_times is None else chunk_times
     pieces: list[str] = []
     usage: dict[str, Any] = {}
-    async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
-        response.raise_for_status()
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            chunk = json.loads(line[6:])
-            usage = chunk.get("usage") or usage
-            if chunk["choices"] and (content := chunk["choices"][0]["delta"].get("content")):
-                chunk_times.append(time.perf_counter())
-                pieces.append(content)
+    for resend in (True, False):
+        try:
+            async with http.stream("POST", url + "/v1/chat/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    delta = chunk["choices"][0]["delta"] if chunk["choices"] else {}
+                    if content := delta.get("content"):
+                        chunk_times.append(time.perf_counter())
+                        pieces.append(content)
+            break
+        except httpx.RemoteProtocolError as error:
+            # llama-server (cpp-httplib) closes kept-alive connections, once in a while as the
+            # next request goes out on one: with no response at all, it is sent once more.
+            if not (resend and "without sending a response" in str(error)):
+                raise
     details = usage.get("prompt_tokens_details") or {}
     return Reply(
         # llama-cpp-python's server sends no usage chunk, but one chunk per token.
@@ -145,18 +158,85 @@ async def conversations(url: str, max_tokens: int, users: int, turns: int, alone
     return Run(sum(r.tokens for r in replies), seconds, [r.ttft for r in replies])
 
 
-async def stall_under_long_prompts(
-    url: str, prompt_words: int, arrivals: int
-) -> tuple[float, float]:
-    """A running stream's median and longest gap between tokens while long prompts arrive."""
-    long_prompt = [{"role": "user", "content": " ".join(["lighthouse"] * prompt_words)}]
+@dataclass(frozen=True)
+class Gaps:
+    """Inter-token gaps of running streams, seconds: pooled over the streams."""
+
+    median: float
+    p99: float
+    max: float
+
+
+def gap_stats(streams: Sequence[Sequence[float]], start: float, end: float) -> Gaps:
+    """The gaps between consecutive chunk times of each stream that overlap [`start`, `end`]
+    (a gap that began before `start` and ended inside counts: it is the stall)."""
+    gaps = [
+        b - a for times in streams for a, b in itertools.pairwise(times) if b > start and a < end
+    ]
+    if not gaps:
+        raise ValueError("no stream produced two tokens within the window")
+    return Gaps(statistics.median(gaps), _p99(gaps), max(gaps))
+
+
+@dataclass(frozen=True)
+class Mixed:
+    """Running streams' gaps before and while long prompts arrive, and those prompts' times to
+    first token."""
+
+    steady: Gaps  # the streams decoding alone
+    during: Gaps  # from the first arrival sent to the last one's reply
+    arrival_ttfts: list[float]
+    arrival_tokens: int  # the longest arriving prompt, tokens
+
+    @property
+    def spread(self) -> float:
+        """The longest gap while prompts arrive over the median one decoding alone: how much a
+        stream stalls."""
+        return self.during.max / self.steady.median
+
+
+async def mixed_load(
+    url: str,
+    prompt_words: int,
+    running: int,
+    arrivals: int,
+    steady_s: float = 3.0,
+    extra: dict[str, object] | None = None,
+) -> Mixed:
+    """`running` streams decoding alone for `steady_s`, then `arrivals` prompts of
+    ~`prompt_words` words sent at once (each its own: no prefix shared) until the last one's
+    reply; the streams are then cancelled."""
     async with httpx.AsyncClient(timeout=600) as http:
-        running = asyncio.ensure_future(stream(http, url, 160, 7))
-        await asyncio.sleep(1.0)
-        await asyncio.gather(*(stream(http, url, 4, s, long_prompt) for s in range(arrivals)))
-        reply = await running
-    gaps = [b - a for a, b in zip(reply.chunk_times, reply.chunk_times[1:], strict=False)]
-    return statistics.median(gaps), max(gaps)
+        await stream(http, url, 8, 0, extra=extra)  # warm-up
+        times: list[list[float]] = [[] for _ in range(running)]
+        streams = [
+            asyncio.ensure_future(stream(http, url, 2048, 7 + i, extra=extra, chunk_times=times[i]))
+            for i in range(running)
+        ]
+        while not all(len(t) > 8 for t in times):  # all decoding
+            if ended := [task for task in streams if task.done()]:  # result() raises its error
+                raise RuntimeError(f"a running stream ended early: {ended[0].result()}")
+            await asyncio.sleep(0.05)
+        decoding = time.perf_counter()
+        await asyncio.sleep(steady_s)
+        start = time.perf_counter()
+        replies = await asyncio.gather(
+            *(
+                stream(http, url, 4, s, _long_prompt(s, prompt_words), extra)
+                for s in range(arrivals)
+            )
+        )
+        end = time.perf_counter()
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+    prompt_tokens = max(r.prompt_tokens for r in replies)
+    steady, during = gap_stats(times, decoding, start), gap_stats(times, start, end)
+    return Mixed(steady, during, [r.ttft for r in replies], prompt_tokens)
+
+
+def _long_prompt(index: int, words: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"Note {index}: " + " ".join(["lighthouse"] * words)}]
 
 
 @dataclass
