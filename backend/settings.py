@@ -79,9 +79,12 @@ class BackendSettings(BaseSettings):
         description="Host memory, in GiB, for finished conversations' KV beyond what the "
         "engine's sequences hold (least recently used dropped first); 0 = none.",
     )
+    # On a CPU a prompt token costs a good part of a decode step (here, 2-3 ms against 20 ms for
+    # four streams, SmolLM2 on 2 cores): 32 keeps running streams readable while long prompts
+    # arrive, with arrivals' first tokens no later than whole-prompt prefill gave (`make bench`).
     max_num_batched_tokens: int = Field(
-        256,
-        ge=16,
+        32,
+        ge=8,
         description="Tokens one step computes, decode tokens and prompt chunks together (vLLM's "
         "`max_num_batched_tokens`): a longer prompt goes in chunks over several steps "
         "(`llamacpp` in the same forward pass as the decode tokens, `hf` in its own), or waits "
