@@ -38,7 +38,7 @@ DIGESTS ?= $(OVERLAY_DIR)/digests
 IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu \
 	$(REGISTRY)/$(UI_IMAGE):$(TAG)
 
-.PHONY: install run serve ui test bench compat lint format clean images push overlay
+.PHONY: test-unit install run serve ui test bench compat lint format clean images push overlay
 
 install: $(STAMP)
 
@@ -75,6 +75,10 @@ format: install
 
 test: lint
 	$(BIN)/pytest -q
+
+# The quick tier for the edit-test loop: everything that starts no server and no browser.
+test-unit: install
+	$(BIN)/pytest -q -m "not e2e"
 
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
 # without its dependencies: it requires triton, a GPU compiler (a wheel of hundreds of MB) it never

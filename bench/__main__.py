@@ -33,7 +33,7 @@ from bench.load import Run, Saturation
 from bench.multiturn import MultiTurn
 from bench.report import Provenance, Row, Section
 from bench.ui import UITimes, ui_overhead
-from tests.e2e.services import ARTIFACTS, BackendProcess, backend_service, free_port
+from harness.services import ARTIFACTS, BackendProcess, backend_service, free_port
 
 MAX_TOKENS = 128
 CONCURRENCY = 8

@@ -34,7 +34,7 @@ from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.settings import BackendSettings
 from backend.structured import Constraint, GrammarTokenizer, json_grammar
 from bench.report import Row, Section
-from tests.json_schemas import schemas
+from harness.json_schemas import schemas
 
 TOKEN_CAP = 400  # the e2e test's max_tokens
 LLGUIDANCE, XGRAMMAR = "llguidance", "xgrammar"

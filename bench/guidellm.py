@@ -38,7 +38,7 @@ from backend.settings import BackendSettings
 from bench import load, multiturn
 from bench.load import Reply
 from bench.report import Row, Section
-from tests.e2e.services import ARTIFACTS, REPO, backend_service, free_port
+from harness.services import ARTIFACTS, REPO, backend_service, free_port
 
 GUIDELLM = REPO / ".venv-guidellm" / "bin" / "guidellm"
 MAX_TOKENS = 128

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bench.llamacpp import stop, wait_until_ready
-from tests.e2e.services import ARTIFACTS, REPO, free_port
+from harness.services import ARTIFACTS, REPO, free_port
 
 VERSION = importlib.metadata.version("llama-cpp-python")  # the pin (pyproject.toml)
 ROOT = ARTIFACTS / "llama-server" / VERSION

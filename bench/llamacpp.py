@@ -24,7 +24,7 @@ import llama_cpp as llama
 import numpy as np
 
 from backend.engines.llamacpp_runner import model_params
-from tests.e2e.services import ARTIFACTS, REPO, free_port
+from harness.services import ARTIFACTS, REPO, free_port
 
 
 @llama.llama_log_callback

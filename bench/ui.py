@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from tests.e2e.services import BOT, ServiceProcess, free_port, launch_chromium, ui_service
+from harness.services import BOT, ServiceProcess, free_port, launch_chromium, ui_service
 
 UI_PROMPT = "What is the capital of France?"
 UI_REPEATS = 5

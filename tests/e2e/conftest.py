@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.e2e.services import BackendProcess, backend_service, free_port
+from harness.services import BackendProcess, backend_service, free_port
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from gradio_client import Client
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.e2e.services import (
+from harness.services import (
     ARTIFACTS,
     BOT,
     BackendProcess,

@@ -16,8 +16,8 @@ from langchain_core.tools import tool
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
+from harness.services import ServiceProcess
 from tests.client_models import Node, Pet, Project, Team, follows_exactly
-from tests.e2e.services import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.services import BackendProcess, wait_until
+from harness.services import BackendProcess, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.services import ARTIFACTS, BackendProcess, backend_service, free_port, wait_until
+from harness.services import ARTIFACTS, BackendProcess, backend_service, free_port, wait_until
 from tests.k8s import dashboard
 
 pytestmark = pytest.mark.e2e

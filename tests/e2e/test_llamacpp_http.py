@@ -12,7 +12,7 @@ import pytest
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.settings import BackendSettings
-from tests.e2e.services import BackendProcess, backend_service, free_port, wait_until
+from harness.services import BackendProcess, backend_service, free_port, wait_until
 from tests.sse import fewest_chunks, sse_payloads
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.services import REPO, BackendProcess, backend_service, free_port
+from harness.services import REPO, BackendProcess, backend_service, free_port
 from tests.mistral_checkpoint import build_checkpoint
 from tests.sse import sse_payloads
 

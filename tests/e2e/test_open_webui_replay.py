@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.e2e.services import ServiceProcess
+from harness.services import ServiceProcess
 from tests.sse import sse_payloads
 
 pytestmark = pytest.mark.e2e

@@ -11,7 +11,7 @@ import openai
 import pydantic
 import pytest
 
-from tests.e2e.services import ServiceProcess
+from harness.services import ServiceProcess
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.services import BackendProcess, backend_service, free_port, wait_until
+from harness.services import BackendProcess, backend_service, free_port, wait_until
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.e2e.services import BackendProcess, backend_service, free_port
+from harness.services import BackendProcess, backend_service, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -11,8 +11,8 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.e2e.services import BackendProcess
-from tests.json_schemas import schemas
+from harness.json_schemas import schemas
+from harness.services import BackendProcess
 
 pytestmark = pytest.mark.e2e
 

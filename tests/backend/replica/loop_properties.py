@@ -32,7 +32,7 @@ from backend.replica.loop import ContinuousBatcher
 from backend.replica.runner import BatchRunner, SequencesFailed
 from backend.structured import Constraint, GrammarTokenizer, json_grammar
 from backend.tools import RESPONSE_OPENING, ReplyReader, tools_grammar
-from tests.json_schemas import schemas
+from harness.json_schemas import schemas
 
 # Seconds one example's requests may take before it counts as a hang.
 EXAMPLE_TIMEOUT_S = 60.0

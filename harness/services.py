@@ -17,7 +17,7 @@ import psutil
 from playwright.sync_api import Browser, Playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "artifacts"
 # Debian's Chromium; the flags keep it off the network this machine does not have.
 CHROMIUM = "/usr/bin/chromium"
