@@ -79,16 +79,14 @@ class BackendSettings(BaseSettings):
         description="Host memory, in GiB, for finished conversations' KV beyond what the "
         "engine's sequences hold (least recently used dropped first); 0 = none.",
     )
-    # On a CPU a prompt token costs a good part of a decode step (here, 2-3 ms against 20 ms for
-    # four streams, SmolLM2 on 2 cores): 32 keeps running streams readable while long prompts
-    # arrive, with arrivals' first tokens no later than whole-prompt prefill gave (`make bench`).
     max_num_batched_tokens: int = Field(
-        32,
-        ge=8,
+        0,
+        ge=0,
         description="Tokens one step computes, decode tokens and prompt chunks together (vLLM's "
         "`max_num_batched_tokens`): a longer prompt goes in chunks over several steps "
         "(`llamacpp` in the same forward pass as the decode tokens, `hf` in its own), or waits "
-        "for a step of its own (`neuron`, whole prompts only). At least the batch size.",
+        "for a step of its own (`neuron`, whole prompts only). 0 = the engine's own (`llamacpp` "
+        "32, `hf` and `neuron` 256); else at least the batch size.",
     )
     # Every item a stream sends costs the ingress and Ray's proxy CPU, taken from the model's
     # cores: merging a stream's text gives tokens/s back and keeps health probes quick under
@@ -232,7 +230,7 @@ class BackendSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _step_holds_the_batch(self) -> BackendSettings:
-        if self.max_num_batched_tokens < self.max_batch_size:
+        if 0 < self.max_num_batched_tokens < self.max_batch_size:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least "
                 f"max_batch_size ({self.max_batch_size}): every running stream decodes each step"

@@ -9,7 +9,7 @@ import logging
 from abc import abstractmethod
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from backend.engines.base import Engine
 from backend.errors import EngineError, InvalidRequestError
@@ -36,6 +36,10 @@ class LoadedModel:
 
 class RunnerEngine(Engine):
     """An engine = a Hugging Face tokenizer + a `BatchRunner` that `ContinuousBatcher` drives."""
+
+    # Tokens per step when LLM_MAX_NUM_BATCHED_TOKENS is 0: what keeps running streams moving
+    # while prompts arrive without starving the prompts, for this engine's costs.
+    step_tokens: ClassVar[int] = 256
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
@@ -74,12 +78,17 @@ class RunnerEngine(Engine):
             self._loaded.runner,
             self._loaded.tokenizer,
             self._loaded.eos_ids,
-            token_budget=self.settings.max_num_batched_tokens,
+            token_budget=self.token_budget(),
             observer=BatchGauges(self.model_id),
             stream_interval_s=self.settings.stream_interval_ms / 1000,
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)
+
+    def token_budget(self) -> int:
+        """Tokens per step: the setting, or this engine's own, at least a batch's decode tokens."""
+        configured = self.settings.max_num_batched_tokens
+        return configured or max(self.step_tokens, self._model().runner.capacity)
 
     def encode_chat(
         self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None
