@@ -286,8 +286,8 @@ def _invalid(error: Any) -> InvalidRequestError:
     param = validation_param(error["loc"])
     if error["type"] == "extra_forbidden":
         return InvalidRequestError(
-            f"'{param}' is not supported by this server (see the README's list of what the API "
-            "honours); remove it from the request.",
+            f"'{param}' is not supported by this server (see docs/api.md, what the API honours); "
+            "remove it from the request.",
             param=param,
             code="unsupported_parameter",
         )

@@ -13,7 +13,7 @@ from harness.services import BackendProcess, backend_service, free_port
 def backend() -> Iterator[BackendProcess]:
     """The backend, started once; tests that stop it must start it again."""
     # One llama.cpp thread: the tests share two cores with Chromium and pytest, and llama.cpp's
-    # threads spin-wait for each other (see the README's llama.cpp section).
+    # threads spin-wait for each other (see docs/development.md, llama.cpp).
     service = backend_service(free_port(), LLM_CPU_THREADS="1")
     service.start()
     yield service
