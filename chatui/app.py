@@ -6,8 +6,12 @@ cancels it, which closes the HTTP stream to the backend (see `chatui.handlers`).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import tempfile
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,16 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from chatui.clients import ChatClient, create_client
-from chatui.handlers import ChatHandlers, ExportFolder, control_updates, tool_choice_update
+from chatui.handlers import (
+    CONTROLS,
+    SKIP,
+    VIEW,
+    ChatHandlers,
+    ExportFolder,
+    Updates,
+    control_updates,
+    tool_choice_update,
+)
 from chatui.settings import ChatUISettings
 from chatui.tools import tool_choices
 
@@ -150,66 +163,101 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
             )
         timer = gr.Timer(settings.health_poll_interval_s)
 
-        controls = [msg, send, stop, regenerate, undo]
-        view = [conversation_id, saved, conversations, title, system_prompt, export_md, export_json]
+        # The components that handlers update, by the names of `Updates`.
+        components: dict[str, gr.components.Component] = {
+            "chatbot": chatbot,
+            "stats": stats,
+            "msg": msg,
+            "send": send,
+            "stop": stop,
+            "regenerate": regenerate,
+            "undo": undo,
+            "conversation_id": conversation_id,
+            "saved": saved,
+            "conversations": conversations,
+            "title": title,
+            "system_prompt": system_prompt,
+            "export_md": export_md,
+            "export_json": export_json,
+        }
+
+        def to(handler: Callable[..., Any], *names: str) -> dict[str, Any]:
+            return named(handler, {name: components[name] for name in names})
+
         local: dict[str, Any] = {"queue": False, "api_visibility": "private"}
         replies = []
 
         def answer(start: Any) -> None:
             reply = start.then(
-                h.respond,
-                [
+                inputs=[
                     chatbot,
                     *(system_prompt, temperature, top_p, max_tokens, json_output),
                     *(tools, tool_choice),
                 ],
-                [chatbot, stats],
+                **to(h.respond, "chatbot", "stats"),
                 concurrency_limit=settings.concurrency_limit,
                 concurrency_id="chat",
                 show_progress="hidden",
                 api_visibility="private",
             )
             reply.then(
-                h.finish_turn,
-                [chatbot, conversation_id, saved, system_prompt],
-                view + controls,
+                inputs=[chatbot, conversation_id, saved, system_prompt],
+                **to(h.finish_turn, *VIEW, *CONTROLS),
                 **local,
             )
             replies.append(reply)
 
+        starts = ("chatbot", *CONTROLS)
         answer(
             gr.on(
                 [msg.submit, send.click],
                 None,
                 [msg, chatbot],
-                [chatbot, *controls],
-                js=add_message_js(),
+                [components[name] for name in starts],
+                js=add_message_js(starts),
                 **local,
             )
         )
-        answer(regenerate.click(h.regenerate, [chatbot], [chatbot, *controls], **local))
-        answer(chatbot.edit(h.edit, [chatbot], [chatbot, *controls], **local))
-        answer(chatbot.example_select(h.example, None, [chatbot, *controls], **local))
-        undo.click(h.undo, [chatbot], [chatbot, msg], **local).then(
-            h.finish_turn, [chatbot, conversation_id, saved, system_prompt], view, **local
+        answer(regenerate.click(inputs=[chatbot], **to(h.regenerate, *starts), **local))
+        answer(chatbot.edit(inputs=[chatbot], **to(h.edit, *starts), **local))
+        answer(chatbot.example_select(inputs=None, **to(h.example, *starts), **local))
+        undo.click(inputs=[chatbot], **to(h.undo, "chatbot", "msg"), **local).then(
+            inputs=[chatbot, conversation_id, saved, system_prompt],
+            **to(h.save_turn, *VIEW),
+            **local,
         )
         # Stop, and anything that replaces the chat, cancels the reply being written into it.
         stop.click(h.stopped, None, [stats], cancels=replies, **local)
         chatbot.edit(None, None, None, cancels=replies, **local)
-        view_changes = {"outputs": [chatbot, stats, *view], "cancels": replies, **local}
+        shown = ("chatbot", "stats", *VIEW)
         # The chatbot's own trash button starts a new chat too (the saved one stays).
-        gr.on([new_chat.click, chatbot.clear], h.new_chat, [saved], **view_changes)
-        conversations.input(h.open_conversation, [conversations, saved], **view_changes)
-        delete.click(h.delete, [conversation_id, saved], **view_changes)
+        gr.on(
+            [new_chat.click, chatbot.clear],
+            inputs=[saved],
+            **to(h.new_chat, *shown),
+            cancels=replies,
+            **local,
+        )
+        conversations.input(
+            inputs=[conversations, saved],
+            **to(h.open_conversation, *shown),
+            cancels=replies,
+            **local,
+        )
+        delete.click(
+            inputs=[conversation_id, saved], **to(h.delete, *shown), cancels=replies, **local
+        )
         # Queued, unlike the rest: gr.Warning reaches the browser only from queued events.
         import_button.upload(
-            h.import_file, [import_button, saved], **{**view_changes, "queue": True}
+            inputs=[import_button, saved],
+            **to(h.import_file, *shown),
+            cancels=replies,
+            **{**local, "queue": True},
         )
         gr.on(
             [rename.click, title.submit],
-            h.rename,
-            [conversation_id, title, saved],
-            view,
+            inputs=[conversation_id, title, saved],
+            **to(h.rename, *VIEW),
             api_visibility="private",
         )
         tools.change(tool_choice_update, [tools, tool_choice], [tool_choice], **local)
@@ -226,17 +274,65 @@ def build_app(settings: ChatUISettings, client: ChatClient | None = None) -> gr.
     return demo
 
 
-def add_message_js() -> str:
+def named(
+    handler: Callable[..., Any], outputs: Mapping[str, gr.components.Component]
+) -> dict[str, Any]:
+    """The `fn` and `outputs` of an event whose handler returns (or yields) `Updates`: each
+    update goes to the output of its name, as Gradio's `{component: value}` dict, and the
+    outputs it leaves out are skipped. An update of a component that is not among `outputs`
+    is an error, not an update of another one. The handler keeps its name, signature and type
+    hints (Gradio reads `gr.Request` and event data parameters from them)."""
+
+    def by_component(updates: Updates) -> dict[gr.components.Component, Any]:
+        unknown = set(updates) - set(outputs)
+        if unknown:
+            raise ValueError(
+                f"{handler.__name__} updates {sorted(unknown)}, not outputs of its event"
+            )
+        values: Mapping[str, Any] = updates
+        return {component: values.get(name, SKIP) for name, component in outputs.items()}
+
+    fn: Callable[..., Any]
+    if inspect.isasyncgenfunction(handler):
+
+        @functools.wraps(handler)
+        async def stream(*args: Any) -> AsyncGenerator[dict[gr.components.Component, Any], None]:
+            # Closed when Gradio cancels the event: closes the handler's stream at once.
+            async with aclosing(handler(*args)) as updates:
+                async for update in updates:
+                    yield by_component(update)
+
+        fn = stream
+    else:
+
+        @functools.wraps(handler)
+        def call(*args: Any) -> dict[gr.components.Component, Any]:
+            return by_component(handler(*args))
+
+        fn = call
+    return {"fn": fn, "outputs": list(outputs.values())}
+
+
+def add_message_js(outputs: Sequence[str]) -> str:
     """The browser-side callback that shows a typed message and locks the input with
     `control_updates(busy=True)`: the reply's queued event then starts without a server round
     trip before it (a round trip off the UI's time to first token). An empty message changes
-    nothing, so the reply finds no question to answer."""
-    msg, *others = control_updates(busy=True)
-    locked = json.dumps([{**msg, "value": ""}, *others])
+    nothing, so the reply finds no question to answer. Its list of values follows `outputs`,
+    the names of the chatbot and of the controls."""
+    locked: Mapping[str, Any] = control_updates(busy=True)
+    locked = {**locked, "msg": {**locked["msg"], "value": ""}}
+    added = '[...history, {role: "user", content: [{type: "text", text: message}]}]'
+
+    def values(chat: str, controls: Callable[[str], Any]) -> str:
+        return ", ".join(
+            chat if name == "chatbot" else json.dumps(controls(name)) for name in outputs
+        )
+
+    unchanged = values("history", lambda _: {"__type__": "update"})
     return f"""
 (message, history) => {{
-  if (!message.trim()) return [history, ...Array({1 + len(others)}).fill({{__type__: "update"}})];
-  return [[...history, {{role: "user", content: [{{type: "text", text: message}}]}}], ...{locked}];
+  if (!message.trim()) return [{unchanged}];
+  return [{values(added, locked.__getitem__)}];
 }}
 """
 

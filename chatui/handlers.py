@@ -5,6 +5,10 @@ Callbacks catch only the client's `BackendError`s and show them in the chat as n
 history and any partial answer are kept); anything else is a bug and propagates. A reply is an
 async generator: when Gradio cancels its event (Stop), the `aclosing` block closes the client's
 stream, which closes the HTTP response so the backend frees the slot.
+
+Callbacks that update several components return (or yield) `Updates`, keyed by the components'
+names: `chatui.app.named` sends each to its component, and the outputs a callback leaves out
+are not changed.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import gradio as gr
 
@@ -66,6 +70,40 @@ from chatui.tools import AUTO, ToolsError, tool_choices, tool_request
 SKIP: dict[str, Any] = gr.skip()
 # Under a reply that called tools (see `chatui.conversation.to_openai`).
 NEXT_IS_RESULT = "↩️ Your next message is sent as the result of the tool call."
+
+
+class Updates(TypedDict, total=False):
+    """New values (or `gr.update`s) of the UI's components, by their names in `chatui.app`;
+    a component left out keeps its value."""
+
+    chatbot: Any
+    stats: Any
+    # The input controls (`control_updates`).
+    msg: Any
+    send: Any
+    stop: Any
+    regenerate: Any
+    undo: Any
+    # The conversation shown and the saved ones (`ChatHandlers._view`).
+    conversation_id: Any
+    saved: Any
+    conversations: Any
+    title: Any
+    system_prompt: Any
+    export_md: Any
+    export_json: Any
+
+
+CONTROLS = ("msg", "send", "stop", "regenerate", "undo")
+VIEW = (
+    "conversation_id",
+    "saved",
+    "conversations",
+    "title",
+    "system_prompt",
+    "export_md",
+    "export_json",
+)
 
 
 class HealthMonitor:
@@ -166,16 +204,16 @@ def status_markdown(status: BackendStatus) -> str:
     return f"🔴 Backend unreachable: {status.detail}"
 
 
-def control_updates(busy: bool) -> tuple[dict[str, Any], ...]:
-    """Updates for (msg, send, stop, regenerate, undo): typing and sending wait for the reply."""
+def control_updates(busy: bool) -> Updates:
+    """Updates of the `CONTROLS`: typing and sending wait for the reply, which Stop stops."""
     idle = not busy
-    return (
-        gr.update(interactive=idle),
-        gr.update(interactive=idle),
-        gr.update(interactive=busy),
-        gr.update(interactive=idle),
-        gr.update(interactive=idle),
-    )
+    return {
+        "msg": gr.update(interactive=idle),
+        "send": gr.update(interactive=idle),
+        "stop": gr.update(interactive=busy),
+        "regenerate": gr.update(interactive=idle),
+        "undo": gr.update(interactive=idle),
+    }
 
 
 def _last_user_index(history: History) -> int | None:
@@ -201,17 +239,18 @@ class ChatHandlers:
         json_output: bool,
         tools: str,
         tool_choice: str,
-    ) -> AsyncGenerator[tuple[Any, Any], None]:
-        """Stream the answer to the history's last user message: yields (history, stats).
+    ) -> AsyncGenerator[Updates, None]:
+        """Stream the answer to the history's last user message: yields the chatbot's history
+        and the stats line.
         A JSON reply streams as it comes and is shown as a code block once complete; a reply
         that calls tools shows its calls when they come (at its end)."""
         if not history or history[-1]["role"] != "user":
-            yield SKIP, SKIP  # nothing to answer (e.g. an empty message was submitted)
+            yield {}  # nothing to answer (e.g. an empty message was submitted)
             return
         try:
             request = tool_request(tools, tool_choice, json_output=json_output)
         except ToolsError as exc:
-            yield [*history, tools_notice(exc)], ""
+            yield {"chatbot": [*history, tools_notice(exc)], "stats": ""}
             return
         options = ChatOptions(temperature, top_p, int(max_tokens), json_output, request)
         status = await self.monitor.status()
@@ -219,7 +258,7 @@ class ChatHandlers:
         fitted = fit_context(to_openai(history, system_prompt), window, options.max_tokens)
         note = trim_note(fitted.dropped)
         waiting = "⏳ Waiting for the tool call (it comes whole)…" if request else _WAITING
-        yield history, _lines(waiting, note)
+        yield {"chatbot": history, "stats": _lines(waiting, note)}
         answer, started, first_token_at = "", time.monotonic(), None
         calls: ToolCalls | None = None
         finished: Finished | None = None
@@ -229,14 +268,17 @@ class ChatHandlers:
                     if isinstance(event, TextDelta):
                         first_token_at = first_token_at or time.monotonic()
                         answer += event.text
-                        yield [*history, assistant_message(answer)], _lines("✍️ Writing…", note)
+                        yield {
+                            "chatbot": [*history, assistant_message(answer)],
+                            "stats": _lines("✍️ Writing…", note),
+                        }
                     elif isinstance(event, ToolCalls):
                         calls = event  # whole at the end: no time to a first token, no rate
                     else:
                         finished = event
         except BackendError as exc:
             partial = [assistant_message(answer)] if answer else []
-            yield [*history, *partial, notice_for(exc)], note
+            yield {"chatbot": [*history, *partial, notice_for(exc)], "stats": note}
             return
         assert finished is not None  # clients end every complete reply with `Finished`
         stats = AnswerStats(
@@ -249,33 +291,37 @@ class ChatHandlers:
         )
         if calls:
             called = tool_call_message(calls.calls, answer)
-            yield [*history, called], _lines(stats.to_markdown(), NEXT_IS_RESULT, note)
+            yield {
+                "chatbot": [*history, called],
+                "stats": _lines(stats.to_markdown(), NEXT_IS_RESULT, note),
+            }
             return
         reply = [assistant_message(answer, json_output=json_output)] if answer else []
-        yield [*history, *reply], _lines(stats.to_markdown(), note)
+        yield {"chatbot": [*history, *reply], "stats": _lines(stats.to_markdown(), note)}
 
-    def regenerate(self, history: History) -> tuple[Any, ...]:
+    def regenerate(self, history: History) -> Updates:
         """Drop the last answer (and any notice after it) so the last question is asked again."""
         last = _last_user_index(history)
         if last is None:
-            return (SKIP,) * 6
-        return history[: last + 1], *control_updates(busy=True)
+            return {}
+        return {"chatbot": history[: last + 1], **control_updates(busy=True)}
 
-    def edit(self, history: History, edit: gr.EditData) -> tuple[Any, ...]:
+    def edit(self, history: History, edit: gr.EditData) -> Updates:
         """Replace an edited user message and forget everything after it."""
         index = edit.index[0] if isinstance(edit.index, (list, tuple)) else edit.index
-        return [*history[:index], user_message(text_of(edit.value))], *control_updates(busy=True)
+        edited = [*history[:index], user_message(text_of(edit.value))]
+        return {"chatbot": edited, **control_updates(busy=True)}
 
-    def example(self, example: gr.SelectData) -> tuple[Any, ...]:
+    def example(self, example: gr.SelectData) -> Updates:
         """Start a chat with the example prompt that was clicked."""
-        return [user_message(text_of(example.value))], *control_updates(busy=True)
+        return {"chatbot": [user_message(text_of(example.value))], **control_updates(busy=True)}
 
-    def undo(self, history: History) -> tuple[Any, Any]:
+    def undo(self, history: History) -> Updates:
         """Remove the last question and its answer, and put the question back in the textbox."""
         last = _last_user_index(history)
         if last is None:
-            return SKIP, SKIP
-        return history[:last], text_of(history[last]["content"])
+            return {}
+        return {"chatbot": history[:last], "msg": text_of(history[last]["content"])}
 
     def finish_turn(
         self,
@@ -284,8 +330,21 @@ class ChatHandlers:
         saved_raw: Any,
         system_prompt: str,
         request: gr.Request | None = None,
-    ) -> tuple[Any, ...]:
+    ) -> Updates:
         """Save the conversation in the browser, refresh the exports, unlock the input."""
+        view = self.save_turn(history, conversation_id, saved_raw, system_prompt, request)
+        return {**view, **control_updates(busy=False)}
+
+    def save_turn(
+        self,
+        history: History,
+        conversation_id: str | None,
+        saved_raw: Any,
+        system_prompt: str,
+        request: gr.Request | None = None,
+    ) -> Updates:
+        """Save the conversation in the browser and refresh the exports (after Undo: the input
+        is not locked then)."""
         saved = load_saved(saved_raw)
         current = find(saved, conversation_id)
         if history or current:  # an undo down to nothing still updates the saved copy
@@ -293,24 +352,23 @@ class ChatHandlers:
             saved, conversation_id = save(
                 saved, to_record(history, title, system_prompt), conversation_id
             )
-        view = self._view(saved, conversation_id, _session(request))
-        return *view, *control_updates(busy=False)
+        return self._view(saved, conversation_id, _session(request))
 
-    def new_chat(self, saved_raw: Any, request: gr.Request | None = None) -> tuple[Any, ...]:
+    def new_chat(self, saved_raw: Any, request: gr.Request | None = None) -> Updates:
         """An empty chat; the saved ones stay in the list."""
         view = self._view(load_saved(saved_raw), None, _session(request))
-        return [], "", *view
+        return {"chatbot": [], "stats": "", **view}
 
     def open_conversation(
         self, conversation_id: str | None, saved_raw: Any, request: gr.Request | None = None
-    ) -> tuple[Any, ...]:
+    ) -> Updates:
         """Show a saved conversation with its system prompt."""
         saved = load_saved(saved_raw)
         current = find(saved, conversation_id)
         if current is None:
             return self.new_chat(saved_raw, request)
         view = self._view(saved, current.id, _session(request))
-        return to_history(current), "", *view
+        return {"chatbot": to_history(current), "stats": "", **view}
 
     def rename(
         self,
@@ -318,7 +376,7 @@ class ChatHandlers:
         title: str,
         saved_raw: Any,
         request: gr.Request | None = None,
-    ) -> tuple[Any, ...]:
+    ) -> Updates:
         """Give the current conversation a new title."""
         saved = load_saved(saved_raw)
         current = find(saved, conversation_id)
@@ -332,22 +390,22 @@ class ChatHandlers:
 
     def delete(
         self, conversation_id: str | None, saved_raw: Any, request: gr.Request | None = None
-    ) -> tuple[Any, ...]:
+    ) -> Updates:
         """Delete the current conversation and start a new one."""
         remaining = [c for c in load_saved(saved_raw) if c.id != conversation_id]
         return self.new_chat(dump_saved(remaining), request)
 
     def import_file(
         self, path: str | None, saved_raw: Any, request: gr.Request | None = None
-    ) -> tuple[Any, ...]:
+    ) -> Updates:
         """Add a conversation from a JSON export and show it; a bad file only warns."""
         if not path:
-            return (SKIP,) * 9
+            return {}
         try:
             record = import_json(Path(path).read_bytes())
         except ConversationImportError as exc:
             gr.Warning(str(exc))
-            return (SKIP,) * 9
+            return {}
         saved, conversation_id = save(load_saved(saved_raw), record, None)
         return self.open_conversation(conversation_id, dump_saved(saved), request)
 
@@ -384,7 +442,7 @@ class ChatHandlers:
             raise gr.Error("The message is empty.")
         turns = [*_api_history(history or []), user_message(message)]
         result: Any = turns
-        async for update, _ in self.respond(
+        async for update in self.respond(
             turns,
             self.settings.system_prompt if system_prompt is None else system_prompt,
             self.settings.temperature if temperature is None else temperature,
@@ -395,7 +453,7 @@ class ChatHandlers:
             "",
             AUTO,
         ):
-            result = update
+            result = update.get("chatbot", result)
         last = result[-1]
         if is_notice(last):
             title = last["metadata"]["title"]
@@ -409,24 +467,25 @@ class ChatHandlers:
 
     def _view(
         self, saved: list[SavedConversation], conversation_id: str | None, session: str
-    ) -> tuple[Any, ...]:
-        """(conversation_id, saved, conversation list, title, system prompt, md, json)."""
+    ) -> Updates:
+        """Updates of the `VIEW`: the conversation `conversation_id` of `saved` is shown."""
         current = find(saved, conversation_id)
+        view: Updates = {
+            "conversation_id": conversation_id,
+            "saved": dump_saved(saved),
+            "conversations": gr.update(choices=choices(saved), value=conversation_id),
+        }
         if current is None:  # a new chat: keeps the system prompt the user has set
-            files: tuple[str | None, ...] = (None, None)
-            system_prompt: str | dict[str, Any] = SKIP
-            title = ""
-        else:
-            files = self.exports.write(session, current)
-            title, system_prompt = current.title, current.system_prompt
-        return (
-            conversation_id,
-            dump_saved(saved),
-            gr.update(choices=choices(saved), value=conversation_id),
-            title,
-            system_prompt,
-            *(gr.update(value=path, interactive=path is not None) for path in files),
-        )
+            no_file = gr.update(value=None, interactive=False)
+            return {**view, "title": "", "export_md": no_file, "export_json": no_file}
+        markdown, json_file = self.exports.write(session, current)
+        return {
+            **view,
+            "title": current.title,
+            "system_prompt": current.system_prompt,
+            "export_md": gr.update(value=markdown, interactive=True),
+            "export_json": gr.update(value=json_file, interactive=True),
+        }
 
 
 def _lines(*lines: str) -> str:

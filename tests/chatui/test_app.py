@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import socket
+import tempfile
+import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -13,8 +18,10 @@ import pytest
 from gradio_client import Client
 from gradio_client.exceptions import AuthenticationError
 
-from chatui.app import CSS, THEME, build_app, launch_options
+from chatui.app import CSS, THEME, add_message_js, build_app, launch_options, named
 from chatui.clients import BackendHTTPError
+from chatui.conversation import assistant_message, user_message
+from chatui.handlers import SKIP, control_updates
 from chatui.settings import ChatUISettings
 from tests.chatui.fakes import ScriptedClient
 
@@ -201,3 +208,89 @@ def test_login_is_required_when_auth_is_set(client: ScriptedClient) -> None:
             Client(url, verbose=False)
         api = Client(url, auth=("ada", "lovelace"), verbose=False)
         assert api.predict("hi", api_name="/chat")["reply"] == "ok"
+
+
+def wired(demo: gr.Blocks, name: str) -> Any:
+    """The first event function of `demo` that runs the handler `name`."""
+    return next(fn for fn in demo.fns.values() if fn.name == name)
+
+
+def by_name(updates: dict[Any, Any]) -> dict[str, Any]:
+    """An event function's `{component: value}` result keyed by each component's name: its
+    elem_id (dashes as underscores), or the name of the one state of its kind."""
+    states = {gr.BrowserState: "saved", gr.State: "conversation_id"}
+    return {
+        c.elem_id.replace("-", "_") if c.elem_id else states[type(c)]: v for c, v in updates.items()
+    }
+
+
+def test_handlers_update_the_components_of_their_names(
+    settings: ChatUISettings, client: ScriptedClient, tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the exports go there
+    demo = build_app(settings, client)
+    history = [user_message("q"), assistant_message("a")]
+    regenerated = by_name(wired(demo, "regenerate").fn(history))
+    assert regenerated["chatbot"] == history[:1]
+    assert (regenerated["stop"]["interactive"], regenerated["send"]["interactive"]) == (True, False)
+    assert by_name(wired(demo, "undo").fn(history)) == {"chatbot": [], "msg": "q"}
+    assert by_name(wired(demo, "regenerate").fn([])) == dict.fromkeys(regenerated, SKIP)
+    turn = by_name(wired(demo, "finish_turn").fn(history, None, [], "Be brief."))
+    assert turn["title"] == "q" and turn["system_prompt"] == "Be brief."
+    assert turn["conversation_id"] and turn["saved"][0]["id"] == turn["conversation_id"]
+    assert turn["conversations"]["value"] == turn["conversation_id"]
+    assert Path(turn["export_md"]["value"]).parent.parent == tmp_path / "chatui-exports"
+    assert turn["msg"]["interactive"] is True
+    assert turn["stop"]["interactive"] is False
+    after_undo = by_name(wired(demo, "save_turn").fn(history, None, [], "Be brief."))
+    assert set(turn) - set(after_undo) == {"msg", "send", "stop", "regenerate", "undo"}
+    new = by_name(wired(demo, "new_chat").fn(turn["saved"]))
+    assert (new["chatbot"], new["stats"], new["system_prompt"]) == ([], "", SKIP)
+
+
+async def test_replies_stream_into_the_chatbot_and_stats_and_stop_closes_the_stream(
+    settings: ChatUISettings, client: ScriptedClient
+) -> None:
+    client.enqueue_text(*["word "] * 100)
+    respond = wired(build_app(settings, client), "respond").fn
+    updates = respond([user_message("long")], "Be brief.", 0.7, 0.9, 512, False, "", "auto")
+    waiting = by_name(await anext(updates))
+    assert waiting == {
+        "chatbot": [user_message("long")],
+        "stats": "⏳ Waiting for the first token…",
+    }
+    writing = by_name(await anext(updates))
+    assert writing["chatbot"][-1] == assistant_message("word ") and "Writing" in writing["stats"]
+    await updates.aclose()  # as Gradio does when Stop cancels the event
+    assert client.closed == 1
+
+
+def test_handlers_keep_the_parameters_gradio_fills_in(
+    settings: ChatUISettings, client: ScriptedClient
+) -> None:
+    demo = build_app(settings, client)
+    assert typing.get_type_hints(wired(demo, "edit").fn)["edit"] is gr.EditData
+    assert typing.get_type_hints(wired(demo, "example").fn)["example"] is gr.SelectData
+    for name in ["finish_turn", "save_turn", "new_chat", "open_conversation", "import_file"]:
+        assert "request" in inspect.signature(wired(demo, name).fn).parameters
+    assert inspect.isasyncgenfunction(wired(demo, "respond").fn)
+
+
+def test_an_update_of_a_component_outside_the_outputs_is_an_error() -> None:
+    chatbot, stats = gr.Chatbot(), gr.Markdown()
+    event = named(lambda: {"chatbot": [], "stats": "x"}, {"chatbot": chatbot})
+    assert event["outputs"] == [chatbot]
+    with pytest.raises(ValueError, match=r"updates \['stats'\], not outputs of its event"):
+        event["fn"]()
+    partial = named(lambda: {"stats": "x"}, {"chatbot": chatbot, "stats": stats})
+    assert partial["fn"]() == {chatbot: SKIP, stats: "x"}
+
+
+def test_the_browser_side_send_follows_the_output_names() -> None:
+    js = add_message_js(("chatbot", "msg", "send", "stop", "regenerate", "undo"))
+    locked = "[...history, " + js.split("return [[...history, ")[1]
+    busy = control_updates(busy=True)
+    assert json.dumps({**busy["msg"], "value": ""}) in locked
+    assert locked.index(json.dumps(busy["send"])) < locked.index(json.dumps(busy["stop"]))
+    with pytest.raises(KeyError):
+        add_message_js(("chatbot", "stats"))

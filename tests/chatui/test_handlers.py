@@ -40,6 +40,7 @@ from chatui.handlers import (
     SKIP,
     ChatHandlers,
     ExportFolder,
+    Updates,
     status_markdown,
     tool_choice_update,
 )
@@ -74,8 +75,8 @@ async def run(
     json_output: bool = False,
     tools: str = "",
     tool_choice: str = "required",
-) -> list[tuple[Any, Any]]:
-    """Every (history, stats) update of one reply."""
+) -> list[Updates]:
+    """Every update (of the chatbot and the stats line) of one reply."""
     updates = handlers.respond(
         history, SYSTEM, 0.2, 0.9, max_tokens, json_output, tools, tool_choice
     )
@@ -92,7 +93,7 @@ async def test_reply_streams_into_the_history_and_ends_with_stats(
     client.enqueue_text("Hel", "lo", "!")
     history = [user_message("Hi")]
     updates = await run(handlers, history)
-    shown = [texts(h)[-1] for h, _ in updates]
+    shown = [texts(u["chatbot"])[-1] for u in updates]
     assert shown == [
         ("user", "Hi"),
         ("assistant", "Hel"),
@@ -100,7 +101,7 @@ async def test_reply_streams_into_the_history_and_ends_with_stats(
         ("assistant", "Hello!"),
         ("assistant", "Hello!"),
     ]
-    final_history, stats = updates[-1]
+    final_history, stats = updates[-1]["chatbot"], updates[-1]["stats"]
     assert texts(final_history) == [("user", "Hi"), ("assistant", "Hello!")]
     assert "s to first token" in stats and "3 tokens" in stats
     messages, options = client.calls[0]
@@ -135,7 +136,7 @@ async def test_backend_errors_become_a_notice_and_keep_the_history(
 ) -> None:
     client.enqueue(error)
     history = [user_message("one"), assistant_message("1"), user_message("two")]
-    final, _ = (await run(handlers, history))[-1]
+    final = (await run(handlers, history))[-1]["chatbot"]
     assert final[:3] == history
     assert len(final) == 4 and is_notice(final[3])
     assert title in final[3]["metadata"]["title"]
@@ -146,7 +147,7 @@ async def test_a_refused_key_says_which_setting_to_fix(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue(BackendHTTPError("Invalid API key.", status_code=401))
-    final, _ = (await run(handlers, [user_message("hello")]))[-1]
+    final = (await run(handlers, [user_message("hello")]))[-1]["chatbot"]
     assert "API key" in final[1]["metadata"]["title"]
     content = text_of(final[1]["content"])
     assert "Invalid API key." in content and "CHATUI_API_KEY" in content
@@ -156,7 +157,7 @@ async def test_a_cut_stream_keeps_the_partial_answer_and_marks_it(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue(TextDelta("The capital is "), StreamInterrupted("The stream was cut."))
-    final, _ = (await run(handlers, [user_message("Capital of France?")]))[-1]
+    final = (await run(handlers, [user_message("Capital of France?")]))[-1]["chatbot"]
     assert texts(final)[:2] == [("user", "Capital of France?"), ("assistant", "The capital is ")]
     assert final[2]["metadata"]["title"] == "⚠️ Answer cut off"
     assert "The stream was cut." in text_of(final[2]["content"])
@@ -166,9 +167,9 @@ async def test_the_next_message_after_an_error_works_without_the_notice(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue(BackendUnavailable("down"))
-    failed, _ = (await run(handlers, [user_message("first try")]))[-1]
+    failed = (await run(handlers, [user_message("first try")]))[-1]["chatbot"]
     client.enqueue_text("Back!")
-    final, _ = (await run(handlers, [*failed, user_message("again")]))[-1]
+    final = (await run(handlers, [*failed, user_message("again")]))[-1]["chatbot"]
     assert texts(final)[-1] == ("assistant", "Back!")
     # The unanswered question and the new one are joined: chat templates need alternation.
     assert client.calls[1][0][1:] == [{"role": "user", "content": "first try\n\nagain"}]
@@ -180,8 +181,8 @@ async def test_json_output_streams_raw_text_then_shows_a_code_block(
     client.enqueue_text('{"name":', ' "Ada", "born": 1815}')
     updates = await run(handlers, [user_message("Who?")], json_output=True)
     assert client.calls[0][1].json_output is True
-    assert texts(updates[1][0])[-1] == ("assistant", '{"name":')  # streamed as it comes
-    final, stats = updates[-1]
+    assert texts(updates[1]["chatbot"])[-1] == ("assistant", '{"name":')  # streamed as it comes
+    final, stats = updates[-1]["chatbot"], updates[-1]["stats"]
     assert texts(final)[-1] == ("assistant", '```json\n{\n  "name": "Ada",\n  "born": 1815\n}\n```')
     assert "2 tokens" in stats
     # The next turn gives the model its reply as it wrote it, not the code block.
@@ -196,7 +197,8 @@ async def test_a_json_reply_cut_at_max_tokens_stays_as_it_came(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue(TextDelta('{"story": "Once upon'), Finished("length"))
-    final, stats = (await run(handlers, [user_message("Story?")], json_output=True))[-1]
+    last = (await run(handlers, [user_message("Story?")], json_output=True))[-1]
+    final, stats = last["chatbot"], last["stats"]
     assert texts(final)[-1] == ("assistant", '{"story": "Once upon')
     assert not is_json_reply(final[-1]) and "max tokens limit" in stats
 
@@ -205,7 +207,7 @@ async def test_without_json_output_nothing_changes(
     handlers: ChatHandlers, client: ScriptedClient
 ) -> None:
     client.enqueue_text('{"a": 1}')
-    final, _ = (await run(handlers, [user_message("q")]))[-1]
+    final = (await run(handlers, [user_message("q")]))[-1]["chatbot"]
     assert client.calls[0][1].json_output is False and client.calls[0][1].tools is None
     assert final[-1] == assistant_message('{"a": 1}')
 
@@ -225,14 +227,14 @@ async def test_json_output_over_the_infer_api_is_a_notice_and_nothing_is_sent(
     settings = ChatUISettings(backend_api="infer")
     handlers = ChatHandlers(settings, client, ExportFolder(tmp_path))
     history = [user_message("one"), assistant_message("1"), user_message("two")]
-    final, _ = (await run(handlers, history, json_output=True))[-1]
+    final = (await run(handlers, history, json_output=True))[-1]["chatbot"]
     assert final[:3] == history and is_notice(final[3])
     assert final[3]["metadata"]["title"] == "⚠️ Not possible with this backend API"
     content = text_of(final[3]["content"])
     assert "JSON output" in content and "CHATUI_BACKEND_API=openai" in content
     assert "change the setting" in content
     assert all(r.url.path != "/infer" for r in requests)  # health checks only
-    final, _ = (await run(handlers, history))[-1]  # unticked, the same question is answered
+    final = (await run(handlers, history))[-1]["chatbot"]  # unticked, the same question is answered
     assert texts(final)[-1] == ("assistant", "not JSON")
 
 
@@ -245,8 +247,8 @@ async def test_a_tool_call_shows_when_it_comes_and_the_next_message_is_its_resul
     updates = await run(handlers, [user_message("Weather in Oslo?")], tools=tools)
     assert client.calls[0][1].tools == ToolRequest(tuple(TOOLS), "required")
     assert len(updates) == 2  # waiting, then the calls: they come whole at the end
-    assert updates[0][1] == "⏳ Waiting for the tool call (it comes whole)…"
-    final, stats = updates[-1]
+    assert updates[0]["stats"] == "⏳ Waiting for the tool call (it comes whole)…"
+    final, stats = updates[-1]["chatbot"], updates[-1]["stats"]
     assert final[1] == tool_call_message([WEATHER])
     assert text_of(final[1]["content"]) == (
         '🛠️ Tool call `get_weather`\n\n```json\n{\n  "city": "Oslo"\n}\n```'
@@ -267,7 +269,8 @@ async def test_a_call_cut_at_max_tokens_shows_as_text(
 ) -> None:
     # The backend sends what the calls got to as text when max_tokens cuts them.
     client.enqueue(TextDelta('{"tool_calls": [{"name": "get_w'), Finished("length"))
-    final, stats = (await run(handlers, [user_message("q")], tools=json.dumps(TOOLS)))[-1]
+    last = (await run(handlers, [user_message("q")], tools=json.dumps(TOOLS)))[-1]
+    final, stats = last["chatbot"], last["stats"]
     assert final[-1] == assistant_message('{"tool_calls": [{"name": "get_w')
     assert "max tokens limit" in stats and NEXT_IS_RESULT not in stats
 
@@ -293,13 +296,14 @@ async def test_tools_that_cannot_be_sent_are_a_notice_and_nothing_is_sent(
     updates = await run(
         handlers, history, json_output=json_output, tools=tools, tool_choice=tool_choice
     )
-    final, _ = updates[-1]
+    final = updates[-1]["chatbot"]
     assert client.calls == [] and final[:3] == history and is_notice(final[3])
     assert final[3]["metadata"]["title"] == "⚠️ Tools setting not usable"
     assert says in text_of(final[3]["content"]) and "then press Regenerate" in text_of(
         final[3]["content"]
     )
-    final, _ = (await run(handlers, history))[-1]  # with Tools emptied, the same question goes
+    # With Tools emptied, the same question goes.
+    final = (await run(handlers, history))[-1]["chatbot"]
     assert texts(final)[-1] == ("assistant", "ok") and client.calls[0][1].tools is None
 
 
@@ -334,7 +338,7 @@ async def test_long_conversations_are_trimmed_and_the_user_is_told(
     assert sent[0]["role"] == "system" and sent[-1]["content"] == "last"
     dropped = len(history) + 2 - len(sent)
     assert dropped > 0 and dropped % 2 == 0
-    assert f"{dropped} older messages were left out" in updates[-1][1]
+    assert f"{dropped} older messages were left out" in updates[-1]["stats"]
 
 
 async def test_the_fallback_window_applies_when_the_backend_reports_none(
@@ -347,8 +351,8 @@ async def test_the_fallback_window_applies_when_the_backend_reports_none(
 
 
 async def test_nothing_to_answer_skips(handlers: ChatHandlers, client: ScriptedClient) -> None:
-    assert await run(handlers, [user_message("q"), assistant_message("a")]) == [(SKIP, SKIP)]
-    assert await run(handlers, []) == [(SKIP, SKIP)]
+    assert await run(handlers, [user_message("q"), assistant_message("a")]) == [{}]
+    assert await run(handlers, []) == [{}]
     assert client.calls == []
 
 
@@ -374,10 +378,11 @@ def test_regenerate_drops_the_answer_and_notices(handlers: ChatHandlers) -> None
         assistant_message("partial"),
         notice_message("⚠️ Answer cut off", "cut"),
     ]
-    regenerated, *controls = handlers.regenerate(history)
-    assert regenerated == history[:3]
-    assert controls[2]["interactive"] is True  # Stop is enabled while the reply runs
-    assert handlers.regenerate([]) == (SKIP,) * 6
+    updates = handlers.regenerate(history)
+    assert updates["chatbot"] == history[:3]
+    assert updates["stop"]["interactive"] is True  # Stop is enabled while the reply runs
+    assert updates["send"]["interactive"] is False and updates["msg"]["interactive"] is False
+    assert handlers.regenerate([]) == {}  # nothing changes
 
 
 def test_undo_removes_the_last_turn_and_returns_the_question(handlers: ChatHandlers) -> None:
@@ -387,8 +392,8 @@ def test_undo_removes_the_last_turn_and_returns_the_question(handlers: ChatHandl
         user_message("q2"),
         assistant_message("a2"),
     ]
-    assert handlers.undo(history) == (history[:2], "q2")
-    assert handlers.undo([]) == (SKIP, SKIP)
+    assert handlers.undo(history) == {"chatbot": history[:2], "msg": "q2"}
+    assert handlers.undo([]) == {}
 
 
 def test_edit_replaces_the_message_and_forgets_what_followed(handlers: ChatHandlers) -> None:
@@ -399,89 +404,103 @@ def test_edit_replaces_the_message_and_forgets_what_followed(handlers: ChatHandl
         assistant_message("a2"),
     ]
     edit = gr.EditData(None, {"index": 0, "value": "q1, edited", "previous_value": "q1"})
-    edited, *_ = handlers.edit(history, edit)
-    assert edited == [user_message("q1, edited")]
+    updates = handlers.edit(history, edit)
+    assert updates["chatbot"] == [user_message("q1, edited")]
+    assert updates["stop"]["interactive"] is True and updates["undo"]["interactive"] is False
 
 
 def test_example_starts_a_chat(handlers: ChatHandlers) -> None:
     select = gr.SelectData(None, {"index": 1, "value": {"text": "Explain batching."}})
-    history, *_ = handlers.example(select)
-    assert history == [user_message("Explain batching.")]
+    updates = handlers.example(select)
+    assert updates["chatbot"] == [user_message("Explain batching.")]
+    assert updates["stop"]["interactive"] is True and updates["send"]["interactive"] is False
 
 
 def test_finish_turn_saves_and_exports_then_keeps_id_and_title(handlers: ChatHandlers) -> None:
     history = [user_message("Hello there"), assistant_message("Hi!")]
-    conversation_id, saved, listing, title, system, md, js, *controls = handlers.finish_turn(
-        history, None, [], SYSTEM
-    )
-    assert conversation_id and title == "Hello there" and system == SYSTEM
-    assert listing["choices"] == [("Hello there", conversation_id)]
-    assert listing["value"] == conversation_id
-    assert json.loads(Path(js["value"]).read_text()) == json.loads(
+    turn = handlers.finish_turn(history, None, [], SYSTEM)
+    conversation_id = turn["conversation_id"]
+    assert conversation_id and turn["title"] == "Hello there" and turn["system_prompt"] == SYSTEM
+    assert turn["conversations"]["choices"] == [("Hello there", conversation_id)]
+    assert turn["conversations"]["value"] == conversation_id
+    assert json.loads(Path(turn["export_json"]["value"]).read_text()) == json.loads(
         export_json(to_record(history, "Hello there", SYSTEM))
     )
-    assert "### Assistant\n\nHi!" in Path(md["value"]).read_text()
-    assert controls[0]["interactive"] is True and controls[2]["interactive"] is False
+    assert "### Assistant\n\nHi!" in Path(turn["export_md"]["value"]).read_text()
+    assert turn["export_md"]["interactive"] is turn["export_json"]["interactive"] is True
+    assert turn["msg"]["interactive"] is True and turn["stop"]["interactive"] is False
     longer = [*history, user_message("More?"), assistant_message("Sure.")]
-    again = handlers.finish_turn(longer, conversation_id, saved, SYSTEM)
-    assert again[0] == conversation_id and again[3] == "Hello there"
-    assert len(again[1]) == 1 and len(again[1][0]["messages"]) == 4
+    again = handlers.finish_turn(longer, conversation_id, turn["saved"], SYSTEM)
+    assert again["conversation_id"] == conversation_id and again["title"] == "Hello there"
+    assert len(again["saved"]) == 1 and len(again["saved"][0]["messages"]) == 4
+
+
+def test_saving_after_undo_leaves_the_controls(handlers: ChatHandlers) -> None:
+    history = [user_message("Hello there"), assistant_message("Hi!")]
+    saved = handlers.save_turn(history, None, [], SYSTEM)
+    finished = handlers.finish_turn(history, None, [], SYSTEM)
+    assert set(finished) - set(saved) == {"msg", "send", "stop", "regenerate", "undo"}
+    assert saved["title"] == finished["title"] == "Hello there"
 
 
 def test_a_saved_json_reply_keeps_its_text_and_reopens_as_a_code_block(
     handlers: ChatHandlers,
 ) -> None:
     history = [user_message("q"), assistant_message('{"a":1}', json_output=True)]
-    conversation_id, saved, _, _, _, _, js, *_ = handlers.finish_turn(history, None, [], SYSTEM)
-    assert saved[0]["messages"][1]["content"] == '{"a":1}'
-    assert json.loads(Path(js["value"]).read_text())["messages"][1]["content"] == '{"a":1}'
-    reopened, *_ = handlers.open_conversation(conversation_id, saved)
+    turn = handlers.finish_turn(history, None, [], SYSTEM)
+    assert turn["saved"][0]["messages"][1]["content"] == '{"a":1}'
+    exported = json.loads(Path(turn["export_json"]["value"]).read_text())
+    assert exported["messages"][1]["content"] == '{"a":1}'
+    reopened = handlers.open_conversation(turn["conversation_id"], turn["saved"])["chatbot"]
     assert reopened == history and reply_text(reopened[1]) == '{"a":1}'
 
 
 def test_a_saved_tool_call_keeps_its_calls_and_reopens_readable(handlers: ChatHandlers) -> None:
     history = [user_message("q"), tool_call_message([WEATHER])]
-    conversation_id, saved, _, _, _, _, js, *_ = handlers.finish_turn(history, None, [], SYSTEM)
-    exported = json.loads(Path(js["value"]).read_text())["messages"][1]
+    turn = handlers.finish_turn(history, None, [], SYSTEM)
+    exported = json.loads(Path(turn["export_json"]["value"]).read_text())["messages"][1]
     assert exported["tool_calls"] == [WEATHER.model_dump()]
-    reopened, *_ = handlers.open_conversation(conversation_id, saved)
+    reopened = handlers.open_conversation(turn["conversation_id"], turn["saved"])["chatbot"]
     assert reopened == history and tool_calls_of(reopened[1]) == [WEATHER]
 
 
 def test_finish_turn_without_messages_saves_nothing(handlers: ChatHandlers) -> None:
-    conversation_id, saved, _, title, system, md, js, *_ = handlers.finish_turn(
-        [], None, [], SYSTEM
-    )
-    assert (conversation_id, saved, title, system) == (None, [], "", SKIP)
-    assert md == js == gr.update(value=None, interactive=False)
+    turn = handlers.finish_turn([], None, [], SYSTEM)
+    assert (turn["conversation_id"], turn["saved"], turn["title"]) == (None, [], "")
+    assert "system_prompt" not in turn  # the prompt the user has set stays
+    no_file = gr.update(value=None, interactive=False)
+    assert turn["export_md"] == turn["export_json"] == no_file
 
 
 def saved_chat(handlers: ChatHandlers, *texts_: str) -> tuple[str, list[dict[str, Any]]]:
     history = [
         user_message(t) if i % 2 == 0 else assistant_message(t) for i, t in enumerate(texts_)
     ]
-    conversation_id, saved, *_ = handlers.finish_turn(history, None, [], "Custom prompt.")
-    return conversation_id, saved
+    turn = handlers.finish_turn(history, None, [], "Custom prompt.")
+    return turn["conversation_id"], turn["saved"]
 
 
 def test_open_and_new_chat(handlers: ChatHandlers) -> None:
     conversation_id, saved = saved_chat(handlers, "q", "a")
-    history, stats, opened_id, _, _, title, system, *_ = handlers.open_conversation(
-        conversation_id, saved
-    )
-    assert texts(history) == [("user", "q"), ("assistant", "a")]
-    assert (stats, opened_id, title, system) == ("", conversation_id, "q", "Custom prompt.")
-    history, stats, new_id, kept, listing, *_ = handlers.new_chat(saved)
-    assert (history, new_id, listing["value"]) == ([], None, None)
-    assert kept == saved  # the saved chats stay
+    opened = handlers.open_conversation(conversation_id, saved)
+    assert texts(opened["chatbot"]) == [("user", "q"), ("assistant", "a")]
+    assert (opened["stats"], opened["conversation_id"]) == ("", conversation_id)
+    assert (opened["title"], opened["system_prompt"]) == ("q", "Custom prompt.")
+    new = handlers.new_chat(saved)
+    assert (new["chatbot"], new["stats"], new["conversation_id"]) == ([], "", None)
+    assert new["conversations"]["value"] is None and new["title"] == ""
+    assert new["saved"] == saved  # the saved chats stay
+    assert "system_prompt" not in new  # the prompt the user has set stays
 
 
 def test_rename_and_delete(handlers: ChatHandlers) -> None:
     conversation_id, saved = saved_chat(handlers, "q", "a")
-    _, renamed, listing, title, *_ = handlers.rename(conversation_id, "  My   chat ", saved)
-    assert title == "My chat" and listing["choices"] == [("My chat", conversation_id)]
-    history, _, current, remaining, listing, *_ = handlers.delete(conversation_id, renamed)
-    assert (history, current, remaining, listing["choices"]) == ([], None, [], [])
+    renamed = handlers.rename(conversation_id, "  My   chat ", saved)
+    assert renamed["title"] == "My chat"
+    assert renamed["conversations"]["choices"] == [("My chat", conversation_id)]
+    deleted = handlers.delete(conversation_id, renamed["saved"])
+    assert (deleted["chatbot"], deleted["conversation_id"], deleted["saved"]) == ([], None, [])
+    assert deleted["conversations"]["choices"] == []
 
 
 def test_rename_before_saving_warns(handlers: ChatHandlers) -> None:
@@ -494,18 +513,20 @@ def test_import_adds_and_opens_the_conversation(handlers: ChatHandlers, tmp_path
     path = tmp_path / "chat.json"
     path.write_text(export_json(record))
     existing_id, saved = saved_chat(handlers, "old", "chat")
-    history, _, new_id, updated, listing, title, system, *_ = handlers.import_file(str(path), saved)
-    assert texts(history)[0] == ("user", "imported q")
-    assert (title, system) == ("Imported", "Sys.")
-    assert [c for _, c in listing["choices"]] == [new_id, existing_id]
-    assert len(updated) == 2
+    imported = handlers.import_file(str(path), saved)
+    assert texts(imported["chatbot"])[0] == ("user", "imported q")
+    assert (imported["title"], imported["system_prompt"]) == ("Imported", "Sys.")
+    new_id = imported["conversation_id"]
+    assert [c for _, c in imported["conversations"]["choices"]] == [new_id, existing_id]
+    assert len(imported["saved"]) == 2
 
 
 def test_a_bad_import_warns_and_changes_nothing(handlers: ChatHandlers, tmp_path: Path) -> None:
     path = tmp_path / "bad.json"
     path.write_text('{"hello": "world"}')
     with pytest.warns(UserWarning, match="Not a conversation"):
-        assert handlers.import_file(str(path), []) == (SKIP,) * 9
+        assert handlers.import_file(str(path), []) == {}
+    assert handlers.import_file(None, []) == {}
 
 
 def test_status_lines() -> None:
