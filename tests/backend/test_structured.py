@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 
 import llguidance
 import pytest
@@ -33,16 +32,30 @@ def tokenizer() -> PreTrainedTokenizerBase:
     return load_gguf_tokenizer(embedded_gguf_path(), BackendSettings().cache_dir)
 
 
+def grammar_view(tokenizer: PreTrainedTokenizerBase) -> llguidance.LLTokenizer:
+    """llguidance's view of the tokenizer, made once per tokenizer (it takes about a second)."""
+    key = id(tokenizer)
+    if key not in _GRAMMAR_VIEWS:
+        _GRAMMAR_VIEWS[key] = (
+            tokenizer,
+            GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(),
+        )
+    return _GRAMMAR_VIEWS[key][1]
+
+
+_GRAMMAR_VIEWS: dict[int, tuple[PreTrainedTokenizerBase, llguidance.LLTokenizer]] = {}
+
+
 def random_constrained_text(
     tokenizer: PreTrainedTokenizerBase, grammar: str, seed: int, masked: bool = True
 ) -> str:
     """Tokens drawn at random (uniform logits), masked by the grammar, until end of sequence."""
     eos = tokenizer.eos_token_id
-    constraint = Constraint(GrammarTokenizer(tokenizer, [eos]).get(), grammar)
-    rng = random.Random(seed)
+    constraint = Constraint(grammar_view(tokenizer), grammar)
+    draws = torch.Generator().manual_seed(seed)
     tokens: list[int] = []
     for _ in range(400):
-        logits = torch.tensor([rng.random() for _ in range(len(tokenizer))])
+        logits = torch.rand(len(tokenizer), generator=draws)
         if masked:
             constraint.mask(logits)
         token = int(logits.argmax())
@@ -56,9 +69,7 @@ def random_constrained_text(
 
 def grammar_accepts(tokenizer: PreTrainedTokenizerBase, grammar: str, text: str) -> bool:
     """Whether the grammar allows `text`, token by token, and ends there."""
-    matcher = llguidance.LLMatcher(
-        GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(), grammar
-    )
+    matcher = llguidance.LLMatcher(grammar_view(tokenizer), grammar)
     tokens = tokenizer.encode(text, add_special_tokens=False)
     return matcher.consume_tokens(tokens) and matcher.is_accepting()
 
@@ -88,9 +99,7 @@ def test_a_schema_llguidance_cannot_use_is_a_400_naming_the_field() -> None:
 def test_a_copy_masks_as_its_original_and_then_goes_its_own_way(
     tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    original = Constraint(
-        GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(), json_grammar(SCHEMA)
-    )
+    original = Constraint(grammar_view(tokenizer), json_grammar(SCHEMA))
     for token in tokenizer.encode('{"name":"', add_special_tokens=False):
         original.advance(token)
     twin = original.copy()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -19,10 +18,10 @@ from backend.ingress.serving import ChatService, start_generation
 from backend.protocol import ChatCompletionRequest, ChatCompletionResponse
 from backend.replica.model_server import ModelServer
 from backend.settings import BackendSettings
-from backend.structured import Constraint, GrammarTokenizer
+from backend.structured import Constraint
 from backend.tool_formats import HERMES, native_format, partial_suffix
 from backend.tools import conversation, native_grammar
-from tests.backend.test_structured import grammar_accepts
+from tests.backend.test_structured import grammar_accepts, grammar_view
 from tests.backend.test_tools import WEATHER
 
 HERMES_FILE = Path(__file__).parents[1] / "fixtures" / "hermes_tools.jinja"
@@ -107,14 +106,12 @@ def test_once_opened_any_call_the_grammar_allows_follows_the_schema(
     tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> None:
     """Random tokens after the opening (uniform logits, masked): always a whole, valid call."""
-    constraint = Constraint(
-        GrammarTokenizer(tokenizer, [tokenizer.eos_token_id]).get(), weather_grammar()
-    )
+    constraint = Constraint(grammar_view(tokenizer), weather_grammar())
     for token in tokenizer.encode("Checking. <tool_call>", add_special_tokens=False):
         constraint.advance(token)
-    rng, tokens = random.Random(seed), []
+    draws, tokens = torch.Generator().manual_seed(seed), []
     while "</tool_call>" not in tokenizer.decode(tokens):
-        logits = torch.tensor([rng.random() for _ in range(len(tokenizer))])
+        logits = torch.rand(len(tokenizer), generator=draws)
         constraint.mask(logits)
         tokens.append(int(logits.argmax()))
         constraint.advance(tokens[-1])
