@@ -17,8 +17,8 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from bench.llamacpp import stop, wait_until_ready
-from harness.services import ARTIFACTS, REPO, free_port
+from bench.llamacpp import served
+from harness.services import ARTIFACTS, free_port
 
 VERSION = importlib.metadata.version("llama-cpp-python")  # the pin (pyproject.toml)
 ROOT = ARTIFACTS / "llama-server" / VERSION
@@ -109,14 +109,5 @@ def llama_server(
         # AMX (`model_params`), which also skips repacking.
         *(["--no-repack"] if has_amx() else []),
     ]
-    url = f"http://127.0.0.1:{port}"
-    ARTIFACTS.mkdir(exist_ok=True)
-    with LOG.open("ab") as log:
-        process = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            wait_until_ready(process, url + "/v1/models", timeout_s, "llama-server", LOG)
-            yield url
-        finally:
-            stop(process)
+    with served(command, port, "llama-server", LOG, timeout_s) as url:
+        yield url

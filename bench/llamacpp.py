@@ -150,15 +150,25 @@ def llamacpp_server(
         "--verbose",
         "False",
     ]
+    log_path = ARTIFACTS / "llamacpp-server.log"
+    with served(command, port, "llama_cpp.server", log_path, timeout_s) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def served(
+    command: list[str], port: int, name: str, log_path: Path, timeout_s: float
+) -> Iterator[str]:
+    """An OpenAI-compatible server started by `command` on `port`, logging to `log_path`;
+    yields its base URL once `/v1/models` answers, and stops it afterwards."""
     ARTIFACTS.mkdir(exist_ok=True)
     url = f"http://127.0.0.1:{port}"
-    log_path = ARTIFACTS / "llamacpp-server.log"
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         try:
-            wait_until_ready(process, url + "/v1/models", timeout_s, "llama_cpp.server", log_path)
+            wait_until_ready(process, url + "/v1/models", timeout_s, name, log_path)
             yield url
         finally:
             stop(process)
