@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.load import gap_stats
+from bench.load import Gaps, Mixed, gap_stats
 
 
 def test_gaps_are_pooled_over_streams_and_cut_to_the_window() -> None:
@@ -29,3 +29,11 @@ def test_p99_is_the_tail_not_the_max() -> None:
 def test_a_window_without_two_tokens_is_an_error() -> None:
     with pytest.raises(ValueError):
         gap_stats([[0.0, 1.0], [50.0]], start=10.0, end=20.0)
+
+
+def test_spread_is_over_the_whole_run_and_stall_against_decoding_alone() -> None:
+    alone, during = Gaps(0.025, 0.03, 0.03), Gaps(0.1, 0.15, 0.2)
+    whole = Gaps(0.09, 0.15, 0.2)  # most of the run's gaps fall while the prompts arrive
+    mixed = Mixed(alone, during, whole, arrival_ttfts=[1.0], arrival_tokens=10)
+    assert mixed.spread == pytest.approx(0.2 / 0.09)
+    assert mixed.stall == pytest.approx(0.2 / 0.025)
