@@ -112,7 +112,7 @@ def test_only_the_neuron_workers_read_the_hub_token() -> None:
                     if secret_file(container, template["spec"], HF_SECRET):
                         holders.setdefault(name, set()).add(label)
     eks = {"worker inf2"}
-    assert holders == {"root": eks, "mistral": eks, "monitoring": eks}
+    assert holders == {"root": eks, "mistral": eks, "monitoring": eks, "nxdi": eks}
 
 
 def test_no_token_or_placeholder_in_any_file() -> None:

@@ -108,7 +108,7 @@ def ui_problems(objects: list[Manifest]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", ["root", "gradio", "cpu", "cpu-mistral-gguf"])
+@pytest.mark.parametrize("name", ["root", "gradio", "cpu", "cpu-mistral-gguf", "nxdi"])
 def test_ui_contract(name: str) -> None:
     """UI names, port 7860, backend URL, 0.0.0.0, HTTP probes, non-root, resources, no code map."""
     assert ui_problems(rendered(name)) == []
