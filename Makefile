@@ -35,8 +35,10 @@ PLACEHOLDER := ghcr.io/OWNER
 OVERLAY_DIR ?= k8s/overlays/release
 # What `make push` learnt: each pushed image's digest (in OVERLAY_DIR, which git ignores).
 DIGESTS ?= $(OVERLAY_DIR)/digests
-IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu \
-	$(REGISTRY)/$(UI_IMAGE):$(TAG)
+IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-nxdi \
+	$(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu $(REGISTRY)/$(UI_IMAGE):$(TAG)
+# `make overlay ENGINE=nxdi`: the NxD Inference variant (k8s/overlays/nxdi, the -nxdi image).
+ENGINE ?= neuron
 
 .PHONY: test-unit install run serve ui test bench compat lint format clean images push overlay
 
@@ -111,9 +113,11 @@ $(OPENWEBUI_STAMP):
 	$(OPENWEBUI_VENV)/bin/pip install -q open-webui==$(OPENWEBUI_VERSION)
 	touch $(OPENWEBUI_STAMP)
 
-# The serve image's default target is Neuron (inf2); `cpu` is the one k8s/overlays/cpu runs.
+# The serve image's default target is Neuron (inf2, transformers-neuronx); `nxdi` is inf2 through
+# NxD Inference (k8s/overlays/nxdi); `cpu` is the one k8s/overlays/cpu runs.
 images:
 	$(DOCKER) build -f Dockerfile.serve --target neuron -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG) .
+	$(DOCKER) build -f Dockerfile.serve --target nxdi -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-nxdi .
 	$(DOCKER) build -f Dockerfile.serve --target cpu -t $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-cpu .
 	$(DOCKER) build -f Dockerfile.ui -t $(REGISTRY)/$(UI_IMAGE):$(TAG) .
 
@@ -132,33 +136,39 @@ push:
 	done
 
 # A kustomization (not committed: .gitignore) that deploys k8s/mistral and k8s/gradio with the
-# images above: kubectl apply -k $(OVERLAY_DIR). MONITORING=1 adds the PodMonitor component.
+# images above: kubectl apply -k $(OVERLAY_DIR). MONITORING=1 adds the PodMonitor component;
+# ENGINE=nxdi builds on k8s/overlays/nxdi instead, with the -nxdi serve image.
 # Images are pinned by the digest `make push` recorded for REGISTRY and TAG; without one, the
 # mutable tag is used and a warning says so.
 overlay:
 	mkdir -p $(OVERLAY_DIR)
 	rel=$$($(PY) -c 'import os, sys; print(os.path.relpath("k8s", sys.argv[1]))' $(OVERLAY_DIR)) \
+	&& case "$(ENGINE)" in \
+	  neuron) bases="mistral gradio"; suffix= ;; \
+	  nxdi) bases="overlays/nxdi"; suffix=-nxdi ;; \
+	  *) echo "make overlay: ENGINE=$(ENGINE): neuron or nxdi" >&2; exit 1 ;; \
+	esac \
 	&& image() { \
-	  digest=$$(awk -v image="$(REGISTRY)/$$1:$(TAG)" '$$1 == image { d = $$2 } END { print d }' \
+	  tag="$(TAG)$$2"; \
+	  digest=$$(awk -v image="$(REGISTRY)/$$1:$$tag" '$$1 == image { d = $$2 } END { print d }' \
 	    $(DIGESTS) 2>/dev/null); \
 	  echo "  - name: $(PLACEHOLDER)/$$1"; \
 	  echo "    newName: $(REGISTRY)/$$1"; \
-	  echo "    newTag: \"$(TAG)\""; \
+	  echo "    newTag: \"$$tag\""; \
 	  if [ -n "$$digest" ]; then echo "    digest: $$digest"; \
-	  else echo "make overlay: no digest of $(REGISTRY)/$$1:$(TAG) in $(DIGESTS)" \
+	  else echo "make overlay: no digest of $(REGISTRY)/$$1:$$tag in $(DIGESTS)" \
 	    "(make push records it): using the mutable tag" >&2; fi; \
 	} \
 	&& { \
-	  echo "# Written by make overlay REGISTRY=$(REGISTRY) TAG=$(TAG)"; \
+	  echo "# Written by make overlay REGISTRY=$(REGISTRY) TAG=$(TAG) ENGINE=$(ENGINE)"; \
 	  echo "apiVersion: kustomize.config.k8s.io/v1beta1"; \
 	  echo "kind: Kustomization"; \
 	  echo "resources:"; \
-	  echo "  - $$rel/mistral"; \
-	  echo "  - $$rel/gradio"; \
+	  for base in $$bases; do echo "  - $$rel/$$base"; done; \
 	  if [ -n "$(MONITORING)" ]; then echo "components:"; echo "  - $$rel/components/monitoring"; fi; \
 	  echo "images:"; \
-	  image $(SERVE_IMAGE); \
-	  image $(UI_IMAGE); \
+	  image $(SERVE_IMAGE) "$$suffix"; \
+	  image $(UI_IMAGE) ""; \
 	} > $(OVERLAY_DIR)/kustomization.yaml
 	@echo "wrote $(OVERLAY_DIR)/kustomization.yaml: kubectl apply -k $(OVERLAY_DIR)"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from chatui.tools import AUTO, MODES, ToolsError, tool_request
 
 ENV_PREFIX = "CHATUI_"
+
+logger = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -44,6 +47,12 @@ class ChatUISettings(BaseSettings):
     )
     auth: SecretStr | None = Field(
         None, description="`user:password` turns on the login page; unset = no login."
+    )
+    auth_file: Path | None = Field(
+        None,
+        description="A file holding CHATUI_AUTH's value (a mounted Secret); read at start, "
+        "instead of CHATUI_AUTH. A file that does not exist (an optional Secret not created) "
+        "means no login, with a warning.",
     )
     api_key: SecretStr | None = Field(
         None, description="Bearer token sent to the backend; unset = no Authorization header."
@@ -140,6 +149,31 @@ class ChatUISettings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _auth_from_file(self) -> ChatUISettings:
+        if self.auth_file is None:
+            return self
+        if self.auth is not None:
+            raise ValueError(f"set {ENV_PREFIX}AUTH or {ENV_PREFIX}AUTH_FILE, not both")
+        # The cluster mounts the login Secret as an optional volume: without the Secret the
+        # file is absent and the UI runs open, as it did when the Secret fed an env variable.
+        if not self.auth_file.exists():
+            logger.warning("%sAUTH_FILE %s does not exist: no login", ENV_PREFIX, self.auth_file)
+            return self
+        try:
+            raw = self.auth_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ValueError(f"{ENV_PREFIX}AUTH_FILE cannot be read: {exc}") from exc
+        # A file that is there but empty or malformed is a mistake, not a wish for no login.
+        user, sep, password = raw.partition(":")
+        if not (sep and user and password):
+            raise ValueError(
+                f"{ENV_PREFIX}AUTH_FILE ({self.auth_file}) must hold user:password "
+                "(both parts non-empty)"
+            )
+        self.auth = SecretStr(raw)
+        return self
+
+    @model_validator(mode="after")
     def _reply_fits_the_window(self) -> ChatUISettings:
         if self.max_tokens >= self.default_context_window:
             raise ValueError(
@@ -174,7 +208,8 @@ class ChatUISettings(BaseSettings):
         return self
 
     def auth_credentials(self) -> tuple[str, str] | None:
-        """`(user, password)` for Gradio's login, or None when `CHATUI_AUTH` is unset."""
+        """`(user, password)` for Gradio's login, or None when neither `CHATUI_AUTH` nor an
+        existing `CHATUI_AUTH_FILE` gives one."""
         if self.auth is None:
             return None
         user, _, password = self.auth.get_secret_value().partition(":")

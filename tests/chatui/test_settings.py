@@ -65,6 +65,52 @@ def test_the_api_key_can_come_from_a_mounted_secret_file(
         load_settings()
 
 
+def test_the_login_can_come_from_a_mounted_secret_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text("admin:hunter:2\n")
+    monkeypatch.setenv("CHATUI_AUTH_FILE", str(secret))
+    settings = load_settings()
+    assert settings.auth_credentials() == ("admin", "hunter:2")
+    assert "hunter" not in repr(settings)
+
+
+def test_a_login_file_that_is_not_there_means_no_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The cluster mounts the login Secret as an optional volume: no Secret, no file, no login
+    (as the optional env variable was), and the log says so."""
+    monkeypatch.setenv("CHATUI_AUTH_FILE", str(tmp_path / "auth"))
+    with caplog.at_level("WARNING", logger="chatui.settings"):
+        assert load_settings().auth_credentials() is None
+    assert "CHATUI_AUTH_FILE" in caplog.text and "no login" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("content", "hint"),
+    [("", "must hold user:password"), ("justauser\n", "must hold user:password")],
+)
+def test_a_login_file_that_is_there_must_hold_a_login(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, content: str, hint: str
+) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text(content)
+    monkeypatch.setenv("CHATUI_AUTH_FILE", str(secret))
+    with pytest.raises(SettingsError, match=hint) as info:
+        load_settings()
+    assert "justauser" not in str(info.value)
+
+
+def test_the_login_is_set_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    secret = tmp_path / "auth"
+    secret.write_text("admin:pw")
+    monkeypatch.setenv("CHATUI_AUTH_FILE", str(secret))
+    monkeypatch.setenv("CHATUI_AUTH", "other:pw")
+    with pytest.raises(SettingsError, match="set CHATUI_AUTH or CHATUI_AUTH_FILE, not both"):
+        load_settings()
+
+
 def test_empty_optional_secrets_mean_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CHATUI_AUTH", "")
     monkeypatch.setenv("CHATUI_API_KEY", "")

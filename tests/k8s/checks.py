@@ -33,8 +33,9 @@ KUSTOMIZATIONS = {
     "cpu": K8S / "overlays" / "cpu",
     "monitoring": K8S / "overlays" / "monitoring",
     "cpu-mistral-gguf": K8S / "overlays" / "cpu-mistral-gguf",
+    "nxdi": K8S / "overlays" / "nxdi",
 }
-RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu", "cpu-mistral-gguf"]
+RAY_KUSTOMIZATIONS = ["root", "mistral", "cpu", "cpu-mistral-gguf", "nxdi"]
 K8S_VERSION = "1.33.0"  # an EKS standard-support version
 PLACEHOLDER = "ghcr.io/OWNER"  # upper case: not a valid image name, so it cannot be pulled
 SERVE_IMAGE = f"{PLACEHOLDER}/mistral-inf2-chat-serve"

@@ -124,7 +124,7 @@ def scaling_problems(rayservice: Manifest) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf"])
+@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf", "nxdi"])
 def test_model_replicas_fit_the_workers_the_autoscaler_can_add(name: str) -> None:
     """Ray's autoscaler code, fed our RayCluster, places max_replicas model replicas and the
     ingress replicas on new workers, and num_replicas with the ingress on the minReplicas

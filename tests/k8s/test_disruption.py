@@ -126,7 +126,13 @@ def drain_service_problems(rayservice: Manifest) -> list[str]:
 
 @pytest.mark.parametrize(
     ("name", "serves_through_drains"),
-    [("root", True), ("monitoring", True), ("cpu", False), ("cpu-mistral-gguf", False)],
+    [
+        ("root", True),
+        ("monitoring", True),
+        ("cpu", False),
+        ("cpu-mistral-gguf", False),
+        ("nxdi", True),
+    ],
 )
 def test_drains_proceed_and_budgets_hold(name: str, serves_through_drains: bool) -> None:
     """More than one UI pod with client-IP affinity; every budget lets a drain proceed, one pod

@@ -38,6 +38,7 @@ from tests.k8s.kustomize import Manifest, render
         ("gradio", IMAGE_TAG),
         ("cpu", f"{IMAGE_TAG}-cpu"),
         ("cpu-mistral-gguf", f"{IMAGE_TAG}-cpu"),
+        ("nxdi", f"{IMAGE_TAG}-nxdi"),
     ],
 )
 def test_images_are_overridable_placeholders(name: str, serve_tag: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.k8s.checks import (
+    IMAGE_TAG,
     REPO,
     SERVE_IMAGE,
     UI_IMAGE,
@@ -35,18 +36,24 @@ def make(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_make_images_builds_the_names_the_manifests_use() -> None:
-    """`make -n images/push`: both Dockerfiles (serve: neuron and cpu targets) under REGISTRY."""
+    """`make -n images/push`: both Dockerfiles (serve: neuron, nxdi and cpu targets) under
+    REGISTRY; the serve image's overlays (nxdi, cpu) use its -nxdi and -cpu tags."""
     registry, tag = "registry.example/team", "9.9.9"
     serve, ui = (f"{registry}/{image.rsplit('/', 1)[1]}" for image in (SERVE_IMAGE, UI_IMAGE))
     builds = make("-n", "images", f"REGISTRY={registry}", f"TAG={tag}").stdout.splitlines()
     assert builds == [
         f"docker build -f Dockerfile.serve --target neuron -t {serve}:{tag} .",
+        f"docker build -f Dockerfile.serve --target nxdi -t {serve}:{tag}-nxdi .",
         f"docker build -f Dockerfile.serve --target cpu -t {serve}:{tag}-cpu .",
         f"docker build -f Dockerfile.ui -t {ui}:{tag} .",
     ]
     pushed = make("-n", "push", f"REGISTRY={registry}", f"TAG={tag}").stdout
-    for image in (f"{serve}:{tag}", f"{serve}:{tag}-cpu", f"{ui}:{tag}"):
+    for image in (f"{serve}:{tag}", f"{serve}:{tag}-nxdi", f"{serve}:{tag}-cpu", f"{ui}:{tag}"):
         assert image in pushed
+    # Each tag suffix is the one its overlay's `images:` entry names.
+    for overlay in ("nxdi", "cpu"):
+        images = {c["image"] for obj in rendered(overlay) for c in containers(obj)}
+        assert f"{SERVE_IMAGE}:{IMAGE_TAG}-{overlay}" in images
 
 
 # A stand-in for the docker CLI: `push` prints what docker prints; `inspect --format
@@ -87,6 +94,7 @@ def test_make_push_records_each_pushed_digest(tmp_path: Path) -> None:
         )
     images = [
         "registry.example/team/mistral-inf2-chat-serve:9.9.9",
+        "registry.example/team/mistral-inf2-chat-serve:9.9.9-nxdi",
         "registry.example/team/mistral-inf2-chat-serve:9.9.9-cpu",
         "registry.example/team/mistral-inf2-chat-ui:9.9.9",
     ]
@@ -94,13 +102,16 @@ def test_make_push_records_each_pushed_digest(tmp_path: Path) -> None:
     assert sorted(lines) == sorted(f"{image} {fake_digest(image)}" for image in images)
 
 
-def _overlay(overlay: Path, monitoring: str = "") -> subprocess.CompletedProcess[str]:
+def _overlay(
+    overlay: Path, monitoring: str = "", engine: str = "neuron"
+) -> subprocess.CompletedProcess[str]:
     return make(
         "overlay",
         "REGISTRY=registry.example/team",
         "TAG=9.9.9",
         f"OVERLAY_DIR={overlay}",
         f"MONITORING={monitoring}",
+        f"ENGINE={engine}",
     )
 
 
@@ -162,3 +173,32 @@ def test_make_overlay_warns_for_each_image_without_a_digest(tmp_path: Path) -> N
         "registry.example/team/mistral-inf2-chat-serve:9.9.9",
         f"{ui}:9.9.9@{fake_digest('ui')}",
     }
+
+
+def test_make_overlay_engine_nxdi_renders_the_nxdi_overlay_with_its_image(tmp_path: Path) -> None:
+    """ENGINE=nxdi: the written overlay renders k8s/overlays/nxdi with only the images changed,
+    the serve image to its -nxdi tag (pinned by its own recorded digest); another engine name
+    is refused."""
+    overlay = tmp_path / "release"
+    overlay.mkdir()
+    serve = "registry.example/team/mistral-inf2-chat-serve"
+    ui = "registry.example/team/mistral-inf2-chat-ui"
+    (overlay / "digests").write_text(
+        f"{serve}:9.9.9 {fake_digest('neuron')}\n"
+        f"{serve}:9.9.9-nxdi {fake_digest('nxdi')}\n"
+        f"{ui}:9.9.9 {fake_digest('ui')}\n"
+    )
+    _overlay(overlay, engine="nxdi")
+    objects = render(overlay)
+    expected = rendered("nxdi")
+    images = {
+        f"{SERVE_IMAGE}:{IMAGE_TAG}-nxdi": f"{serve}:9.9.9-nxdi@{fake_digest('nxdi')}",
+        f"{UI_IMAGE}:{IMAGE_TAG}": f"{ui}:9.9.9@{fake_digest('ui')}",
+    }
+    for obj in expected:
+        for container in containers(obj):
+            container["image"] = images[container["image"]]
+    assert sorted(objects, key=key) == sorted(expected, key=key)
+    with pytest.raises(subprocess.CalledProcessError) as refused:
+        _overlay(tmp_path / "other", engine="vllm")
+    assert "ENGINE=vllm" in refused.value.stderr

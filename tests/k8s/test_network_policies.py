@@ -124,7 +124,7 @@ def default_deny_problems(objects: list[Manifest]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", ["root", "monitoring"])
+@pytest.mark.parametrize("name", ["root", "monitoring", "nxdi"])
 def test_network_policies_admit_exactly_what_each_side_needs(name: str) -> None:
     """The serve port for the UI and Ray, Ray's ports for Ray (metrics: Prometheus, dashboard:
     the operator), 7860 for the UI; egress to the serve port, DNS, the hub and the API only."""
@@ -133,9 +133,10 @@ def test_network_policies_admit_exactly_what_each_side_needs(name: str) -> None:
     assert default_deny_problems(objects) == []
 
 
-def test_every_policy_selects_pods_that_exist() -> None:
+@pytest.mark.parametrize("name", ["root", "nxdi"])
+def test_every_policy_selects_pods_that_exist(name: str) -> None:
     """No policy aims at a label nothing carries (it would protect nothing)."""
-    objects = rendered("root")
+    objects = rendered(name)
     pods = [pod for pod, _ in ray_pods(objects).values()] + [ui_pod(objects)[0]]
     for policy in find(objects, "NetworkPolicy"):
         namespace = policy["metadata"]["namespace"]

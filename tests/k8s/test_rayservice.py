@@ -56,11 +56,13 @@ def test_head_takes_no_ray_work() -> None:
     assert NEURON_DEVICE not in json.dumps(head)
 
 
-def test_neuron_worker_fits_the_model_replicas() -> None:
-    """inf2 nodes, the Neuron taint, 2 NeuronCores per device, enough cores and CPUs."""
-    rayservice = one(rendered("mistral"), "RayService", RAYSERVICE)
+@pytest.mark.parametrize(("name", "engine"), [("mistral", "neuron"), ("nxdi", "nxdi")])
+def test_neuron_worker_fits_the_model_replicas(name: str, engine: str) -> None:
+    """inf2 nodes, the Neuron taint, 2 NeuronCores per device, enough cores and CPUs: for
+    transformers-neuronx (the base) and NxD Inference (overlays/nxdi) alike."""
+    rayservice = one(rendered(name), "RayService", RAYSERVICE)
     args = app_args(rayservice)
-    assert args["engine"] == "neuron"
+    assert args["engine"] == engine
     assert args["model"] == "mistralai/Mistral-7B-Instruct-v0.2"
     assert args["num_neuron_cores"] == args["tp_degree"] == CORES_PER_INF2_DEVICE
     assert {"max_batch_size", "max_context_len", "neuron_artifacts_dir"} <= set(args)

@@ -1,5 +1,6 @@
 """Secrets: the API key and the hub token reach the containers as read-only files of required
-Secret volumes, never as environment variables; only the neuron workers read the hub token; no
+Secret volumes, the UI's login as one of an optional volume, never as environment variables;
+secret files are readable by owner and group only; only the neuron workers read the hub token; no
 token, Secret or placeholder is committed under k8s/. Each check also reports a deliberately
 broken copy.
 
@@ -33,18 +34,25 @@ from tests.k8s.checks import (
 from tests.k8s.kustomize import Manifest
 
 # Secrets that must never be environment variables (they are files: *_FILE, HF_TOKEN_PATH).
-FORBIDDEN_SECRET_ENV = HF_TOKEN_ENV | {"LLM_API_KEY", "CHATUI_API_KEY"}
+FORBIDDEN_SECRET_ENV = HF_TOKEN_ENV | {"LLM_API_KEY", "CHATUI_API_KEY", "CHATUI_AUTH"}
+# The UI's optional login (`user:password`): Secret chatui-auth, created by hand or not at all.
+UI_AUTH_SECRET = {"name": "chatui-auth", "key": "auth"}
 
 
 def secret_file(
-    container: dict[str, Any], spec: dict[str, Any], secret: dict[str, str]
+    container: dict[str, Any],
+    spec: dict[str, Any],
+    secret: dict[str, str],
+    optional: bool = False,
 ) -> str | None:
-    """Path at which a container reads a Secret's key from a mounted, read-only, required secret
-    volume (None if it does not)."""
+    """Path at which a container reads a Secret's key from a mounted, read-only secret volume,
+    required unless `optional` (None if it does not)."""
     volumes = {v["name"]: v.get("secret") for v in spec.get("volumes", []) if "secret" in v}
     for mount in container.get("volumeMounts", []):
         source = volumes.get(mount["name"])
-        if not source or source.get("secretName") != secret["name"] or source.get("optional"):
+        if not source or source.get("secretName") != secret["name"]:
+            continue
+        if source.get("optional") and not optional:
             continue
         if not mount.get("readOnly") or "subPath" in mount:
             continue  # writable, or a subPath copy that never sees a rotated key
@@ -63,11 +71,12 @@ def secret_problems(objects: list[Manifest]) -> list[str]:
     Face token only where HF_TOKEN_PATH names it (Secret hf-token, key hf-token). Init containers
     (a download) serve nothing and need no key. No Secret object is rendered."""
     problems = [f"Secret/{obj['metadata']['name']} rendered" for obj in find(objects, "Secret")]
-    secrets = {API_KEY_SECRET["name"], HF_SECRET["name"]}
+    secrets = {API_KEY_SECRET["name"], HF_SECRET["name"], UI_AUTH_SECRET["name"]}
     wanted: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
     for obj in objects:
         for _, template in pod_templates(obj):
             spec = template["spec"]
+            problems += mode_problems(spec)
             for container in [*spec.get("initContainers", []), *spec["containers"]]:
                 env = env_of(container)
                 for name, entry in env.items():
@@ -83,6 +92,15 @@ def secret_problems(objects: list[Manifest]) -> list[str]:
                 wanted += [("LLM_API_KEY_FILE", c, spec) for c in spec["containers"]]
             elif obj["kind"] == "Deployment" and obj["metadata"]["name"] == UI_DEPLOYMENT:
                 wanted += [("CHATUI_API_KEY_FILE", c, spec) for c in spec["containers"]]
+                for container in spec["containers"]:
+                    path = env_of(container).get("CHATUI_AUTH_FILE", {}).get("value")
+                    if path is None or path != secret_file(
+                        container, spec, UI_AUTH_SECRET, optional=True
+                    ):
+                        problems.append(
+                            f"{container['name']}: CHATUI_AUTH_FILE {path!r} is not the mounted "
+                            "Secret chatui-auth"
+                        )
     for name, container, spec in wanted:
         path = env_of(container).get(name, {}).get("value")
         if path is None or path != secret_file(container, spec, API_KEY_SECRET):
@@ -92,11 +110,28 @@ def secret_problems(objects: list[Manifest]) -> list[str]:
     return problems
 
 
+def mode_problems(spec: dict[str, Any]) -> list[str]:
+    """Secret volumes set a mode, and no file of theirs is readable by others (the default
+    0644 is); items may narrow it, never widen it."""
+    problems = []
+    for volume in spec.get("volumes", []):
+        secret = volume.get("secret")
+        if secret is None:
+            continue
+        modes = [secret.get("defaultMode")] + [
+            i["mode"] for i in secret.get("items", []) if "mode" in i
+        ]
+        if modes[0] is None or any(mode & 0o007 for mode in modes if mode is not None):
+            problems.append(f"secret volume {volume['name']}: mode {modes} lets others read it")
+    return problems
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_secrets_are_read_only_files(name: str) -> None:
     """The API key as a file on every Ray pod (LLM_API_KEY_FILE) and the UI
-    (CHATUI_API_KEY_FILE), from Secret llm-api-key; the hub token only where HF_TOKEN_PATH
-    names it; no secret in an environment variable."""
+    (CHATUI_API_KEY_FILE), from Secret llm-api-key; the UI's login at CHATUI_AUTH_FILE from the
+    optional Secret chatui-auth; the hub token only where HF_TOKEN_PATH names it; no secret in an
+    environment variable (CHATUI_AUTH included); no secret file readable by others."""
     assert secret_problems(rendered(name)) == []
 
 
@@ -112,7 +147,7 @@ def test_only_the_neuron_workers_read_the_hub_token() -> None:
                     if secret_file(container, template["spec"], HF_SECRET):
                         holders.setdefault(name, set()).add(label)
     eks = {"worker inf2"}
-    assert holders == {"root": eks, "mistral": eks, "monitoring": eks}
+    assert holders == {"root": eks, "mistral": eks, "monitoring": eks, "nxdi": eks}
 
 
 def test_no_token_or_placeholder_in_any_file() -> None:
@@ -201,7 +236,48 @@ def _broken_hub_token_path() -> list[str]:
     return secret_problems(objects)
 
 
+def _ui_spec(objects: list[Manifest]) -> dict[str, Any]:
+    return one(objects, "Deployment", UI_DEPLOYMENT)["spec"]["template"]["spec"]
+
+
+def _broken_login_as_env() -> list[str]:
+    """The UI as it was: CHATUI_AUTH from the Secret, as an environment variable."""
+    objects = rendered("root")
+    ui = _ui_spec(objects)["containers"][0]
+    ref = {"secretKeyRef": {"name": "chatui-auth", "key": "auth", "optional": True}}
+    ui["env"] = [e for e in ui["env"] if e["name"] != "CHATUI_AUTH_FILE"]
+    ui["env"].append({"name": "CHATUI_AUTH", "valueFrom": ref})
+    return secret_problems(objects)
+
+
+def _broken_login_mount() -> list[str]:
+    objects = rendered("root")
+    ui = _ui_spec(objects)["containers"][0]
+    ui["volumeMounts"] = [m for m in ui["volumeMounts"] if m["name"] != "chatui-auth"]
+    return secret_problems(objects)
+
+
+def _broken_login_mode() -> list[str]:
+    objects = rendered("root")
+    for volume in _ui_spec(objects)["volumes"]:
+        if volume["name"] == "chatui-auth":
+            volume["secret"]["defaultMode"] = 0o644
+    return secret_problems(objects)
+
+
+def _broken_login_item_mode() -> list[str]:
+    objects = rendered("root")
+    for volume in _ui_spec(objects)["volumes"]:
+        if volume["name"] == "chatui-auth":
+            volume["secret"]["items"][0]["mode"] = 0o444
+    return secret_problems(objects)
+
+
 BROKEN: dict[str, Callable[[], list[str]]] = {
+    "login as an environment variable": _broken_login_as_env,
+    "login file not mounted": _broken_login_mount,
+    "login readable by others": _broken_login_mode,
+    "login item readable by others": _broken_login_item_mode,
     "hf token literal": _broken_secret_env,
     "secret object": _broken_secret,
     "key as an environment variable": _broken_key_as_env,

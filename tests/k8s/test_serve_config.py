@@ -213,7 +213,7 @@ def test_serve_args_are_backend_settings(name: str) -> None:
     assert settings_problems(app_args(one(rendered(name), "RayService", RAYSERVICE))) == []
 
 
-@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf"])
+@pytest.mark.parametrize("name", ["mistral", "cpu", "cpu-mistral-gguf", "nxdi"])
 def test_ray_serve_can_build_the_application(name: str) -> None:
     """Ray Serve's own builder call turns import_path + args into an Application."""
     from ray import serve

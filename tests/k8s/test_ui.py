@@ -49,10 +49,11 @@ def ui_settings_problems(container: dict[str, Any]) -> list[str]:
         elif "value" in entry:
             values[field] = entry["value"]
     with tempfile.TemporaryDirectory() as mounts:
-        # A `*_FILE` setting names a mounted Secret, which is not here: a stand-in file is.
+        # A `*_FILE` setting names a mounted Secret, which is not here: a stand-in file is (the
+        # login's in its `user:password` form).
         for field in [f for f in values if f.endswith("_file")]:
             stand_in = Path(mounts) / field
-            stand_in.write_text("stand-in-secret\n")
+            stand_in.write_text("stand-in:secret\n" if field == "auth_file" else "stand-in\n")
             values[field] = str(stand_in)
         try:
             settings.ChatUISettings(**values)
@@ -108,7 +109,7 @@ def ui_problems(objects: list[Manifest]) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("name", ["root", "gradio", "cpu", "cpu-mistral-gguf"])
+@pytest.mark.parametrize("name", ["root", "gradio", "cpu", "cpu-mistral-gguf", "nxdi"])
 def test_ui_contract(name: str) -> None:
     """UI names, port 7860, backend URL, 0.0.0.0, HTTP probes, non-root, resources, no code map."""
     assert ui_problems(rendered(name)) == []
