@@ -168,6 +168,8 @@ def test_prompt_and_positions_fill_the_window_and_no_further(engine: NxdiEngine)
     runner = runner_of(engine)
     runner.prefill(1, [1] + [5] * (CONTEXT - 2))
     runner.decode([1], [6])  # position CONTEXT - 1, the cache's last
+    with pytest.raises(IndexError, match="past the KV cache"):
+        runner.decode([1], [7])  # position CONTEXT: a bucket takes it, the cache has no room
     runner.reset()
     model = runner._model
     ids = torch.ones((1, CONTEXT + 1), dtype=torch.int32)
@@ -346,3 +348,41 @@ def test_artifacts_of_another_batch_size_are_not_loaded(
         assert runner_of(started)._model.neuron_config.tkg_batch_size == batch
         started.shutdown()
     assert len(seen) == 2
+
+
+def test_nxdi_runs_a_full_decode_batch_in_row_order_whatever_the_seq_ids(
+    engine: NxdiEngine, mistral_checkpoint: Path
+) -> None:
+    """Why the runner sorts: named [1, 0], row 0 still reads and writes KV row 0."""
+    runner = runner_of(engine)
+    runner.prefill(1, [1, 5, 6, 7])  # slot 0
+    runner.prefill(2, [1, 8, 9])  # slot 1
+    output = runner._model(
+        input_ids=torch.tensor([[11], [10]], dtype=torch.int32),
+        position_ids=torch.tensor([[3], [4]], dtype=torch.int32),
+        seq_ids=torch.tensor([1, 0], dtype=torch.int32),
+    )
+    row = output.logits[0, -1]
+    assert close(row, reference_logits(mistral_checkpoint, [1, 5, 6, 11]))  # slot 0's tokens
+
+
+def test_the_stand_in_refuses_what_nxdi_refuses(
+    engine: NxdiEngine, mistral_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from neuronx_distributed_inference.models.config import NeuronConfig
+    from neuronx_distributed_inference.models.llama.modeling_llama import NeuronLlamaForCausalLM
+
+    caplog.set_level(logging.WARNING)
+    NeuronConfig(is_continous_batching=True)
+    assert "Unexpected keyword arguments: {'is_continous_batching': True}" in caplog.text
+    one_row = standalone(engine, mistral_checkpoint, tmp_path / "ctx2", ctx_batch_size=2)
+    with pytest.raises(AssertionError, match="only supports single seq_id"):
+        NxdiSlotRunner(one_row, slots=2, window=CONTEXT).prefill(1, [1, 5, 6])
+    compiled = NeuronLlamaForCausalLM(str(tmp_path / "ctx2"))
+    ids = torch.tensor([[1, 5]], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="Forward called before load"):
+        compiled(input_ids=ids, position_ids=ids * 0, seq_ids=ids[0, :1] * 0)
+    other = type(compiled.config).load(str(tmp_path / "ctx2"))
+    other.neuron_config.ctx_batch_size = 1
+    with pytest.raises(RuntimeError, match="graphs of another configuration"):
+        NeuronLlamaForCausalLM(str(tmp_path / "ctx2"), other).load(str(tmp_path / "ctx2"))
