@@ -32,8 +32,8 @@ class BackendSettings(BaseSettings):
     # The default CPU engine: the faster of the two on the CPU (`make bench` compares them).
     engine: str = Field(
         "llamacpp",
-        description="Engine: `llamacpp` (llama.cpp, CPU, GGUF), `hf` (transformers, CPU) or "
-        "`neuron` (Inf2); plugins add more.",
+        description="Engine: `llamacpp` (llama.cpp, CPU, GGUF), `hf` (transformers, CPU), "
+        "`neuron` (Inf2, transformers-neuronx) or `nxdi` (Inf2, NxD Inference); plugins add more.",
     )
     model: str = Field(
         "",
@@ -62,8 +62,8 @@ class BackendSettings(BaseSettings):
     prefix_caching: bool = Field(
         True,
         description="Keep finished turns' KV and start a request from the longest token prefix "
-        "an engine still holds (`llamacpp`, `hf`; `neuron` has none); `false` = prefill every "
-        "prompt from its first token.",
+        "an engine still holds (`llamacpp`, `hf`; `neuron` and `nxdi` have none); `false` = "
+        "prefill every prompt from its first token.",
     )
     kv_cache_gib: float = Field(
         0,

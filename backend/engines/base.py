@@ -5,9 +5,9 @@ template and streams generated text as `Delta`s. Engines are looked up by name (
 
 Engines are plugins: a distribution names its engine classes in the entry-point group
 `mistral_chat.engines` (`name = "package.module:EngineClass"`), as this project does for its own
-(`hf`, `llamacpp`, `neuron`), so adding one needs no edit here. An engine's module is imported only
-when that engine is asked for, so the Neuron SDK is never imported on a CPU. `register_engine`
-adds a class directly (tests register fakes that way).
+(`hf`, `llamacpp`, `neuron`, `nxdi`), so adding one needs no edit here. An engine's module is
+imported only when that engine is asked for, so the Neuron SDK is never imported on a CPU.
+`register_engine` adds a class directly (tests register fakes that way).
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ BUILTIN_ENGINES = {
     "hf": "backend.engines.hf:HFEngine",
     "llamacpp": "backend.engines.llamacpp:LlamaCppEngine",
     "neuron": "backend.engines.neuron:NeuronEngine",
+    "nxdi": "backend.engines.nxdi:NxdiEngine",
 }
 
 _REGISTRY: dict[str, type[Engine]] = {}

@@ -13,38 +13,31 @@ Neuron image's Python 3.10 and transformers 4.x.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import logging
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from packaging.specifiers import SpecifierSet
 
 from backend.engines.base import register_engine
 from backend.engines.neuron_artifacts import ArtifactStore
+from backend.engines.neuron_common import (
+    DEFAULT_CONTEXT,
+    DEFAULT_MODEL,
+    SlotRunner,
+    installed_version,
+    length_buckets,
+    local_checkpoint,
+)
 from backend.engines.runner_engine import LoadedModel, RunnerEngine
-from backend.engines.slots import SlotTable
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
-DEFAULT_CONTEXT = 4096
-# Smallest compiled bucket; transformers-neuronx pads prompts up to the next bucket.
-_MIN_BUCKET = 128
-_HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model"]
 _AMP = "bf16"
 # The transformers release the serve image installs beside transformers-neuronx 0.13.1216.
 PINNED_TRANSFORMERS = "4.47.1"
-
-
-def length_buckets(context: int) -> list[int]:
-    """Powers of two from 128 up to (and including) the context window."""
-    buckets = [_MIN_BUCKET]
-    while buckets[-1] < context:
-        buckets.append(min(buckets[-1] * 2, context))
-    return buckets
 
 
 def _ids(values: list[Any]) -> torch.Tensor:
@@ -54,88 +47,21 @@ def _ids(values: list[Any]) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64)
 
 
-class NeuronSlotRunner:
-    """`BatchRunner` over transformers-neuronx continuous batching: one cache slot per sequence.
+class NeuronSlotRunner(SlotRunner):
+    """`SlotRunner` over transformers-neuronx continuous batching.
 
-    Every live slot must be in every decode call (the kernel rewrites all rows of the batch), which
-    is how `ContinuousBatcher` calls it.
+    No prefix caching: 0.13 takes a multi-token call as context encoding only when its positions
+    start at 0 (base.py `_prepare_for_continuous_batching`), and has no way to extend a slot's
+    prompt except token by token.
     """
 
-    # A prompt is encoded by one context-encoding call of its bucket; 0.13 has no way to extend a
-    # slot's prompt except token by token.
-    chunked_prefill: ClassVar[bool] = False
-    # No prefix caching: 0.13 takes a multi-token call as context encoding only when its
-    # positions start at 0 (base.py `_prepare_for_continuous_batching`), so a prompt cannot
-    # resume from a slot's earlier tokens. The loop never calls `resume`.
-    prefix_caching = False
-    # Context encoding and token generation are different compiled graphs: separate calls.
-    mixed_batch: ClassVar[bool] = False
-    kv_tokens: int | None = None  # each slot has a window of its own
-
-    def lookup(self, prompt_ids: list[int]) -> int:
-        """Nothing is ever reused."""
-        return 0
-
-    def resume(self, seq_id: int, prompt_ids: list[int]) -> int:
-        """Nothing is ever reused: every prompt is encoded from position 0."""
-        return 0
-
-    def __init__(self, model: Any, slots: int, window: int) -> None:
-        self._model = model
-        self.capacity = slots
-        self._window = window  # positions each slot's cache holds
-        self.slots = SlotTable(slots)  # the kernel's slot = the slot's index
-
-    def reset(self) -> None:
-        """Free every slot."""
-        self.slots.clear()
-
-    @torch.inference_mode()
-    def prefill(self, seq_id: int, prompt_ids: list[int]) -> torch.Tensor:
-        """Encode the prompt into a free slot; returns the logits of its last token."""
-        if len(prompt_ids) < 2:  # one token would take the decode path and touch other slots
-            raise EngineError("A prompt needs at least two tokens.")
-        slot = self.slots.least_recently_used()
-        self.slots.lend(slot, seq_id)
-        slot.tokens = list(prompt_ids)
-        # One row: tokens [1, n], positions [1, n] (2-D, as continuous batching requires); the
-        # library pads the prompt to its bucket itself.
-        logits = self._model(
-            _ids([prompt_ids]),
-            cache_ids=_ids([list(range(len(prompt_ids)))]),
-            start_ids=_ids([slot.index]),
-        )
-        return logits[0]
-
-    @torch.inference_mode()
-    def decode(self, seq_ids: list[int], token_ids: list[int]) -> torch.Tensor:
-        """One token for every live slot; logits come back in `seq_ids` order."""
-        lent = self.slots.lent()
-        slots = [lent[s] for s in seq_ids]
-        logits = self._model(
-            _ids([[token] for token in token_ids]),
-            cache_ids=_ids([[len(slot.tokens)] for slot in slots]),
-            start_ids=_ids([slot.index for slot in slots]),
-        )
-        for slot, token in zip(slots, token_ids, strict=True):
-            slot.tokens.append(token)
+    def _forward(
+        self, tokens: list[list[int]], positions: list[list[int]], slots: list[int]
+    ) -> torch.Tensor:
+        # Tokens and positions [rows, n] (2-D, as continuous batching requires); the library
+        # pads a prompt to its bucket itself and returns decode rows in `start_ids` order.
+        logits = self._model(_ids(tokens), cache_ids=_ids(positions), start_ids=_ids(slots))
         return logits
-
-    def fork(self, parent_id: int, child_id: int) -> bool:
-        """Not supported: the model is only driven through its forward call (context encoding
-        and decoding), which has no copy of one slot's cache to another, so each choice's
-        prompt is encoded into its own slot."""
-        return False
-
-    def kv_usage(self) -> float:
-        """Running sequences' positions over every slot's window."""
-        return self.slots.usage(self._window)
-
-    def release(self, seq_id: int) -> None:
-        """Free the slot; stale cache is masked by position and overwritten by its next user."""
-        slot = self.slots.give_back(seq_id)
-        if slot is not None:
-            slot.tokens.clear()
 
 
 @register_engine
@@ -150,7 +76,7 @@ class NeuronEngine(RunnerEngine):
 
         check_transformers(transformers.__version__, self.settings.neuron_transformers)
         model_id = self.settings.model or DEFAULT_MODEL
-        path = self._local_checkpoint(model_id)
+        path = local_checkpoint(model_id, self.settings.cache_dir)
         context = self.settings.max_context_len or DEFAULT_CONTEXT
         model = self._compiled_model(path, context)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -161,15 +87,6 @@ class NeuronEngine(RunnerEngine):
             context_window=context,
             eos_ids=frozenset({tokenizer.eos_token_id}),
         )
-
-    def _local_checkpoint(self, model_id: str) -> Path:
-        if Path(model_id).is_dir():
-            return Path(model_id)
-        from huggingface_hub import snapshot_download
-
-        # The hub token comes from HF_TOKEN (the `hf-token` Secret in Kubernetes).
-        target = self.settings.cache_dir / model_id.replace("/", "--")
-        return Path(snapshot_download(model_id, local_dir=target, allow_patterns=_HUB_FILES))
 
     def _compiled_model(self, path: Path, context: int) -> Any:
         root = self.settings.neuron_artifacts_dir
@@ -209,7 +126,7 @@ class NeuronEngine(RunnerEngine):
             "buckets": length_buckets(context),
             "amp": _AMP,
             "transformers_neuronx": getattr(transformers_neuronx, "__version__", "unknown"),
-            "neuronx_cc": _installed_version("neuronx-cc"),
+            "neuronx_cc": installed_version("neuronx-cc"),
         }
 
     def _build(self, path: Path, context: int, load_from: Path | None) -> Any:
@@ -248,10 +165,3 @@ def check_transformers(installed: str, supported: str) -> None:
         f"serve image pins (transformers=={PINNED_TRANSFORMERS}), or widen "
         "LLM_NEURON_TRANSFORMERS if you have checked another one."
     )
-
-
-def _installed_version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"

@@ -54,6 +54,13 @@ def neuronx() -> ModuleType:
     return importlib.import_module("transformers_neuronx")
 
 
+@pytest.fixture(scope="session")
+def nxdi() -> ModuleType:
+    """The NxD Inference stand-in, importable as `neuronx_distributed_inference`."""
+    sys.path.insert(0, str(STAND_IN))
+    return importlib.import_module("neuronx_distributed_inference")
+
+
 @pytest.fixture
 def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
     """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
