@@ -40,6 +40,8 @@ class RunnerEngine(Engine):
     # Tokens per step when LLM_MAX_NUM_BATCHED_TOKENS is 0: what keeps running streams moving
     # while prompts arrive without starving the prompts, for this engine's costs.
     step_tokens: ClassVar[int] = 256
+    # Tokens of a step in which no stream decodes (none to stall); None: `step_tokens`.
+    idle_step_tokens: ClassVar[int | None] = None
 
     def __init__(self, settings: BackendSettings) -> None:
         super().__init__(settings)
@@ -81,6 +83,7 @@ class RunnerEngine(Engine):
             token_budget=self.token_budget(),
             observer=BatchGauges(self.model_id),
             stream_interval_s=self.settings.stream_interval_ms / 1000,
+            idle_token_budget=self.idle_token_budget(),
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)
@@ -89,6 +92,11 @@ class RunnerEngine(Engine):
         """Tokens per step: the setting, or this engine's own, at least a batch's decode tokens."""
         configured = self.settings.max_num_batched_tokens
         return configured or max(self.step_tokens, self._model().runner.capacity)
+
+    def idle_token_budget(self) -> int | None:
+        """Tokens of a step without decode tokens: the engine's own, unless the setting caps
+        every step."""
+        return None if self.settings.max_num_batched_tokens else self.idle_step_tokens
 
     def encode_chat(
         self, messages: list[dict[str, str]], tools: list[dict[str, Any]] | None = None

@@ -123,9 +123,11 @@ class ContinuousBatcher:
         token_budget: int = 256,
         observer: BatchObserver | None = None,
         stream_interval_s: float = 0.0,
+        idle_token_budget: int | None = None,
     ) -> None:
         self._runner = runner
         self._token_budget = token_budget  # at least the capacity (settings): all decode each step
+        self._idle_token_budget = idle_token_budget  # steps with nothing decoding (`Limits`)
         self._stream_interval_s = stream_interval_s
         self._observer = observer
         self._occupancy = (0, 0)
@@ -288,6 +290,7 @@ class ContinuousBatcher:
         return Limits(
             slots=self._runner.capacity,
             token_budget=self._token_budget,
+            idle_token_budget=self._idle_token_budget,
             kv_tokens=self._runner.kv_tokens,
             chunked_prefill=self._runner.chunked_prefill,
             can_fork=self._executor.can_fork,

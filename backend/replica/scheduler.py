@@ -6,7 +6,9 @@ The policy, in the order `schedule` applies it:
 1. Every decoding sequence gets one token. Short of KV cells for them, the youngest sequence
    holding memory is preempted (it releases its KV and is computed again later), never the last.
 2. Prompts already being prefilled continue, oldest first, under the step's token budget (decode
-   tokens count against it too: vLLM's `max_num_batched_tokens`).
+   tokens count against it too: vLLM's `max_num_batched_tokens`). A step with no decode token
+   has none to stall: it may take the runner's larger idle budget, as long prompts compute
+   faster in larger chunks.
 3. Sequences waiting for a slot start, preempted ones first, then in arrival order, while slots,
    budget and KV cells last. A prompt starts only if all of it fits in the free KV cells (a
    resumed prefix is live again too), with a block of growth (`GROWTH_TOKENS`) to spare for
@@ -54,6 +56,7 @@ class Limits:
 
     slots: int  # sequences the runner holds at once
     token_budget: int  # tokens computed per step: decode tokens and prompt chunks together
+    idle_token_budget: int | None = None  # a step without decode tokens; None: `token_budget`
     kv_tokens: int | None = None  # KV cells live sequences share; None: a slot holds its own
     chunked_prefill: bool = True  # a prompt may go in over several steps
     can_fork: bool = True  # the runner copies a prefilled prompt's KV to another sequence
@@ -113,6 +116,8 @@ def schedule(seqs: list[SeqState], limits: Limits) -> StepPlan:
     )
     holders = _preempt_for_decodes(holders, budget)
     decode = [s for s in holders if s.phase is Phase.DECODING]
+    if not decode and limits.idle_token_budget is not None:
+        budget.tokens = max(budget.tokens, limits.idle_token_budget)
     budget.tokens -= len(decode)
     prefilling = sorted((s for s in holders if s.phase is Phase.PREFILLING), key=_age)
     budget.reserved = sum(s.tokens - s.computed for s in prefilling)

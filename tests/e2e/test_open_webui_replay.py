@@ -48,16 +48,18 @@ def test_open_webuis_default_flow_gets_replies(backend: ServiceProcess) -> None:
     with ThreadPoolExecutor(max_workers=3) as pool:
         first = pool.submit(send, backend, "chat", model)
         title = pool.submit(send, backend, "title", model)
-        check_streamed_reply(first.result())
+        chats = [check_streamed_reply(first.result())]
         tasks = [title, *(pool.submit(send, backend, kind, model) for kind in TASKS[1:])]
-        for task in tasks:
-            check_reply(task.result())
-    for kind in CHATS[1:]:
-        check_streamed_reply(send(backend, kind, model))
+        answered = [check_reply(task.result()) for task in tasks]
+    chats += [check_streamed_reply(send(backend, kind, model)) for kind in CHATS[1:]]
+    # A sampled tiny model may end a reply at once (an empty answer is a well-formed one); the
+    # flow as a whole shows that text reaches Open WebUI on both paths.
+    assert any(chats) and any(answered), (chats, answered)
 
 
-def check_streamed_reply(response: httpx.Response) -> None:
-    """A 200 stream with no error event, ending once with text or calls, then `[DONE]`."""
+def check_streamed_reply(response: httpx.Response) -> bool:
+    """A 200 stream with no error event, ending once (calls that parse when it ends in calls),
+    then `[DONE]`; whether it carried text or calls."""
     assert response.status_code == 200, response.text
     events = sse_payloads(response.text)
     assert events[-1] == "[DONE]" and not any("error" in event for event in events[:-1])
@@ -70,11 +72,14 @@ def check_streamed_reply(response: httpx.Response) -> None:
         arguments = [json.loads(call["function"]["arguments"]) for call in calls]
         assert arguments and all(isinstance(each, dict) for each in arguments)
     else:
-        assert text and not calls
+        assert not calls
+    return bool(text or calls)
 
 
-def check_reply(response: httpx.Response) -> None:
-    """A 200 completion whose choice has text."""
+def check_reply(response: httpx.Response) -> bool:
+    """A 200 completion whose choice ended as a reply does; whether it has text."""
     assert response.status_code == 200, response.text
     choice = response.json()["choices"][0]
-    assert choice["message"]["content"] and choice["finish_reason"] in ("stop", "length")
+    assert choice["finish_reason"] in ("stop", "length")
+    assert isinstance(choice["message"]["content"], str) and "tool_calls" not in choice["message"]
+    return bool(choice["message"]["content"])

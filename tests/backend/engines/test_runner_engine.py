@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
+from backend.engines.llamacpp import LlamaCppEngine
+from backend.engines.llamacpp_runner import N_BATCH
 from backend.engines.runner_engine import LoadedModel, RunnerEngine, context_window
 from backend.errors import InvalidRequestError
 from backend.settings import BackendSettings
@@ -103,3 +105,9 @@ def test_context_window_is_the_setting_capped_by_training() -> None:
     assert context_window(8192, 32768) == 8192
     assert context_window(0, 1024) == 1024  # the model does not say
     assert context_window(0, 0) == 2048
+
+
+def test_llamacpp_takes_its_batch_when_nothing_decodes_unless_the_setting_caps_steps() -> None:
+    assert LlamaCppEngine(BackendSettings()).idle_token_budget() == N_BATCH
+    capped = LlamaCppEngine(BackendSettings(max_num_batched_tokens=64))
+    assert capped.idle_token_budget() is None  # the setting caps every step

@@ -71,6 +71,15 @@ def test_the_token_budget_is_honoured_over_a_long_prompt_and_every_step_decodes(
     assert steps == -(-300 // 63)  # 63 prompt tokens per step beside the one decode token
 
 
+def test_a_step_with_nothing_to_decode_takes_the_idle_budget() -> None:
+    limits = replace(LIMITS, idle_token_budget=512)
+    alone = schedule([prefilling(0, 2000, 100)], limits)
+    assert alone.prefill == (Chunk(0, 512),)  # no stream to stall: the larger chunk
+    beside = schedule([decoding(1), prefilling(0, 2000, 100)], limits)
+    assert beside.decode == (1,) and beside.prefill == (Chunk(0, 63),)  # a stream runs: capped
+    assert schedule([waiting(0, 2000)], limits).prefill == (Chunk(0, 512),)
+
+
 def test_prompts_already_started_go_first_oldest_first() -> None:
     seqs = [prefilling(1, 100, 40), prefilling(0, 100, 10), waiting(2, 10)]
     plan = schedule(seqs, LIMITS)
