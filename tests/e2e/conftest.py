@@ -8,13 +8,18 @@ import pytest
 
 from harness.services import BackendProcess, backend_service, free_port
 
+# The embedded model's own window, stated so that tests can check what the model card says.
+CONTEXT = 8192
+
 
 @pytest.fixture(scope="session")
 def backend() -> Iterator[BackendProcess]:
     """The backend, started once; tests that stop it must start it again."""
     # One llama.cpp thread: the tests share two cores with Chromium and pytest, and llama.cpp's
     # threads spin-wait for each other (see docs/development.md, llama.cpp).
-    service = backend_service(free_port(), LLM_CPU_THREADS="1")
+    service = backend_service(
+        free_port(), LLM_ENGINE="llamacpp", LLM_CPU_THREADS="1", LLM_MAX_CONTEXT_LEN=str(CONTEXT)
+    )
     service.start()
     yield service
     service.stop()

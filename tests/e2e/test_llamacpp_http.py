@@ -1,10 +1,10 @@
-"""The real Ray Serve app with `LLM_ENGINE=llamacpp` on the embedded GGUF, over HTTP."""
+"""The real Ray Serve app with `LLM_ENGINE=llamacpp` on the embedded GGUF, over HTTP (the
+session's backend: llamacpp is the default engine)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -12,7 +12,8 @@ import pytest
 from backend.engines.embedded import embedded_gguf_path
 from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.settings import BackendSettings
-from harness.services import BackendProcess, backend_service, free_port, wait_until
+from harness.services import BackendProcess, wait_until
+from tests.e2e.conftest import CONTEXT
 from tests.sse import fewest_chunks, sse_payloads
 
 pytestmark = pytest.mark.e2e
@@ -21,21 +22,10 @@ CHAT = "/v1/chat/completions"
 RUNNING = "ray_vllm_num_requests_running"
 
 
-@pytest.fixture(scope="module")
-def llamacpp_backend() -> Iterator[BackendProcess]:
-    """One thread: the engine's threads spin-wait for each other, badly on a busy machine."""
-    service = backend_service(
-        free_port(), LLM_ENGINE="llamacpp", LLM_MAX_CONTEXT_LEN="2048", LLM_CPU_THREADS="1"
-    )
-    service.start()
-    yield service
-    service.stop()
-
-
-def test_model_card_and_a_streamed_reply(llamacpp_backend: BackendProcess) -> None:
-    url = llamacpp_backend.url
+def test_model_card_and_a_streamed_reply(backend: BackendProcess) -> None:
+    url = backend.url
     assert httpx.get(url + "/healthz").json() == {"status": "ok", "model": "SmolLM2-135M-Instruct"}
-    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == 2048
+    assert httpx.get(url + "/v1/models").json()["data"][0]["max_model_len"] == CONTEXT
     request = {
         "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
         "max_tokens": 40,
@@ -58,7 +48,7 @@ def test_model_card_and_a_streamed_reply(llamacpp_backend: BackendProcess) -> No
     assert text.strip() and "<|im_" not in text
 
 
-async def test_concurrent_streams_share_the_batch(llamacpp_backend: BackendProcess) -> None:
+async def test_concurrent_streams_share_the_batch(backend: BackendProcess) -> None:
     """Eight streams at once: all complete, they ran together, prompts are the template's."""
     tokenizer = load_gguf_tokenizer(embedded_gguf_path(), BackendSettings().cache_dir)
     conversations = [
@@ -69,13 +59,13 @@ async def test_concurrent_streams_share_the_batch(llamacpp_backend: BackendProce
     async def one(http: httpx.AsyncClient, messages: list[dict[str, str]], seed: int) -> dict:
         request = {"messages": messages, "max_tokens": 48, "seed": seed, "ignore_eos": True}
         request |= {"stream": True, "stream_options": {"include_usage": True}}
-        async with http.stream("POST", llamacpp_backend.url + CHAT, json=request) as response:
+        async with http.stream("POST", backend.url + CHAT, json=request) as response:
             lines = [line async for line in response.aiter_lines()]
         return sse_payloads("\n".join(lines))[-2]
 
     async def watch(done: asyncio.Event) -> None:
         while not done.is_set():
-            seen_running.append(await asyncio.to_thread(llamacpp_backend.metric, RUNNING) or 0)
+            seen_running.append(await asyncio.to_thread(backend.metric, RUNNING) or 0)
             await asyncio.sleep(0.1)
 
     done = asyncio.Event()
@@ -100,7 +90,7 @@ async def test_concurrent_streams_share_the_batch(llamacpp_backend: BackendProce
 
 
 def test_client_that_leaves_mid_stream_frees_its_sequence(
-    llamacpp_backend: BackendProcess,
+    backend: BackendProcess,
 ) -> None:
     request = {
         "messages": [{"role": "user", "content": "Count from 1 to 1000."}],
@@ -108,22 +98,22 @@ def test_client_that_leaves_mid_stream_frees_its_sequence(
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream("POST", llamacpp_backend.url + CHAT, json=request, timeout=60) as response:
+    with httpx.stream("POST", backend.url + CHAT, json=request, timeout=60) as response:
         lines = response.iter_lines()  # held: dropping it would close the connection now
         for _ in range(6):
             next(lines)
-        wait_until(lambda: llamacpp_backend.metric(RUNNING) == 1, 30, "the stream is running")
-    wait_until(lambda: llamacpp_backend.metric(RUNNING) == 0, 30, "its sequence is freed")
+        wait_until(lambda: backend.metric(RUNNING) == 1, 30, "the stream is running")
+    wait_until(lambda: backend.metric(RUNNING) == 0, 30, "its sequence is freed")
     short = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "ignore_eos": True}
-    body = httpx.post(llamacpp_backend.url + CHAT, json=short, timeout=60).json()
+    body = httpx.post(backend.url + CHAT, json=short, timeout=60).json()
     assert body["usage"]["completion_tokens"] == 8
 
 
 def test_a_follow_up_turn_reports_the_prompt_tokens_it_reused(
-    llamacpp_backend: BackendProcess,
+    backend: BackendProcess,
 ) -> None:
     """OpenAI's `usage.prompt_tokens_details.cached_tokens`, non-streamed and streamed."""
-    url = llamacpp_backend.url
+    url = backend.url
     history = [{"role": "user", "content": "Name three colors of the sea, one per line."}]
     request = {"messages": history, "max_tokens": 12, "temperature": 0}
     first = httpx.post(url + CHAT, json=request, timeout=120).json()
