@@ -23,14 +23,12 @@ from packaging.specifiers import SpecifierSet
 from backend.engines.base import register_engine
 from backend.engines.neuron_artifacts import ArtifactStore
 from backend.engines.neuron_common import (
-    DEFAULT_CONTEXT,
     DEFAULT_MODEL,
+    CompiledNeuronEngine,
     SlotRunner,
     installed_version,
     length_buckets,
-    local_checkpoint,
 )
-from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -65,28 +63,16 @@ class NeuronSlotRunner(SlotRunner):
 
 
 @register_engine
-class NeuronEngine(RunnerEngine):
+class NeuronEngine(CompiledNeuronEngine):
     """transformers-neuronx `MistralForSampling` on NeuronCores (`LLM_TP_DEGREE`, default 2)."""
 
     name = "neuron"
+    runner_class = NeuronSlotRunner
 
-    def _load(self) -> LoadedModel:
+    def _check_environment(self) -> None:
         import transformers
-        from transformers import AutoTokenizer
 
         check_transformers(transformers.__version__, self.settings.neuron_transformers)
-        model_id = self.settings.model or DEFAULT_MODEL
-        path = local_checkpoint(model_id, self.settings.cache_dir)
-        context = self.settings.max_context_len or DEFAULT_CONTEXT
-        model = self._compiled_model(path, context)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return LoadedModel(
-            model_id=model_id,
-            tokenizer=tokenizer,
-            runner=NeuronSlotRunner(model, self.settings.max_batch_size, context),
-            context_window=context,
-            eos_ids=frozenset({tokenizer.eos_token_id}),
-        )
 
     def _compiled_model(self, path: Path, context: int) -> Any:
         root = self.settings.neuron_artifacts_dir

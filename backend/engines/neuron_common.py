@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.engines.slots import SlotTable
 from backend.errors import EngineError
 
@@ -133,3 +134,34 @@ class SlotRunner(ABC):
         slot = self.slots.give_back(seq_id)
         if slot is not None:
             slot.tokens.clear()
+
+
+class CompiledNeuronEngine(RunnerEngine):
+    """An engine whose model is compiled for Inferentia2 from a local Mistral checkpoint and
+    runs in a `SlotRunner`: subclasses compile or load it (`_compiled_model`)."""
+
+    runner_class: ClassVar[type[SlotRunner]]
+
+    def _load(self) -> LoadedModel:
+        from transformers import AutoTokenizer
+
+        self._check_environment()
+        model_id = self.settings.model or DEFAULT_MODEL
+        path = local_checkpoint(model_id, self.settings.cache_dir)
+        context = self.settings.max_context_len or DEFAULT_CONTEXT
+        model = self._compiled_model(path, context)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return LoadedModel(
+            model_id=model_id,
+            tokenizer=tokenizer,
+            runner=self.runner_class(model, self.settings.max_batch_size, context),
+            context_window=context,
+            eos_ids=frozenset({tokenizer.eos_token_id}),
+        )
+
+    def _check_environment(self) -> None:
+        """Refuse, before anything loads, what the library would silently get wrong."""
+
+    @abstractmethod
+    def _compiled_model(self, path: Path, context: int) -> Any:
+        """The model compiled for `context` positions, ready to run."""

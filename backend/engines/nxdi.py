@@ -28,14 +28,12 @@ import torch
 from backend.engines.base import register_engine
 from backend.engines.neuron_artifacts import ArtifactStore
 from backend.engines.neuron_common import (
-    DEFAULT_CONTEXT,
     DEFAULT_MODEL,
+    CompiledNeuronEngine,
     SlotRunner,
     installed_version,
     length_buckets,
-    local_checkpoint,
 )
-from backend.engines.runner_engine import LoadedModel, RunnerEngine
 from backend.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -66,26 +64,11 @@ class NxdiSlotRunner(SlotRunner):
 
 
 @register_engine
-class NxdiEngine(RunnerEngine):
+class NxdiEngine(CompiledNeuronEngine):
     """NxD Inference `NeuronLlamaForCausalLM` on NeuronCores (`LLM_TP_DEGREE`, default 2)."""
 
     name = "nxdi"
-
-    def _load(self) -> LoadedModel:
-        from transformers import AutoTokenizer
-
-        model_id = self.settings.model or DEFAULT_MODEL
-        path = local_checkpoint(model_id, self.settings.cache_dir)
-        context = self.settings.max_context_len or DEFAULT_CONTEXT
-        model = self._compiled_model(path, context)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        return LoadedModel(
-            model_id=model_id,
-            tokenizer=tokenizer,
-            runner=NxdiSlotRunner(model, self.settings.max_batch_size, context),
-            context_window=context,
-            eos_ids=frozenset({tokenizer.eos_token_id}),
-        )
+    runner_class = NxdiSlotRunner
 
     def neuron_config(self, context: int) -> dict[str, Any]:
         """NxDI's `NeuronConfig` keywords (JSON: they are also the compile's marker)."""
