@@ -7,7 +7,6 @@ checkpoint in Mistral-7B-Instruct-v0.2's formats built here.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import httpx
 import pytest
 
 from harness.services import REPO, BackendProcess, backend_service, free_port
+from tests.e2e.slot_engines import check_batching_changes_no_token
 from tests.mistral_checkpoint import build_checkpoint
 from tests.sse import sse_payloads
 
@@ -78,20 +78,4 @@ def test_alternation_errors_are_a_400(neuron_backend: BackendProcess) -> None:
 
 
 async def test_concurrent_streams_share_the_slots(neuron_backend: BackendProcess) -> None:
-    async def one(http: httpx.AsyncClient, i: int) -> dict:
-        body = {
-            "messages": [{"role": "user", "content": f"Question {i}"}],
-            "max_tokens": 16,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        return (await http.post(neuron_backend.url + CHAT, json=body, timeout=120)).json()
-
-    async with httpx.AsyncClient() as http:
-        alone = await one(http, 0)
-        together = await asyncio.gather(*(one(http, i % 2) for i in range(6)))
-    assert [r["usage"]["completion_tokens"] for r in together] == [16] * 6
-    # Greedy, and each slot computed from its own cache only: batching changes no token.
-    same_question = [r for i, r in enumerate(together) if i % 2 == 0]
-    texts = {r["choices"][0]["message"]["content"] for r in same_question}
-    assert texts == {alone["choices"][0]["message"]["content"]}
+    await check_batching_changes_no_token(neuron_backend.url)

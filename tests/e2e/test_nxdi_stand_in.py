@@ -7,7 +7,6 @@ the batching loop, on a tiny checkpoint in Mistral-7B-Instruct-v0.2's formats bu
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +15,7 @@ import httpx
 import pytest
 
 from harness.services import REPO, BackendProcess, backend_service, free_port
+from tests.e2e.slot_engines import check_batching_changes_no_token
 from tests.mistral_checkpoint import build_checkpoint
 from tests.sse import sse_payloads
 
@@ -69,22 +69,7 @@ def test_streams_a_chat_through_the_nxdi_engine(nxdi_backend: BackendProcess) ->
 
 
 async def test_concurrent_requests_share_the_batch(nxdi_backend: BackendProcess) -> None:
-    async def one(http: httpx.AsyncClient, i: int) -> dict:
-        body = {
-            "messages": [{"role": "user", "content": f"Question {i}"}],
-            "max_tokens": 16,
-            "temperature": 0,
-            "ignore_eos": True,
-        }
-        return (await http.post(nxdi_backend.url + CHAT, json=body, timeout=120)).json()
-
-    async with httpx.AsyncClient() as http:
-        alone = await one(http, 0)
-        together = await asyncio.gather(*(one(http, i % 2) for i in range(6)))
-    assert [r["usage"]["completion_tokens"] for r in together] == [16] * 6
-    # Greedy, and each slot computed from its own KV row only: batching changes no token.
-    texts = {r["choices"][0]["message"]["content"] for i, r in enumerate(together) if i % 2 == 0}
-    assert texts == {alone["choices"][0]["message"]["content"]}
+    await check_batching_changes_no_token(nxdi_backend.url)
 
 
 def test_n_choices_with_logprobs(nxdi_backend: BackendProcess) -> None:
