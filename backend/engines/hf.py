@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from backend.engines.base import register_engine
 from backend.engines.batch_cache import BatchKVCache
+from backend.engines.cpus import granted_cpus
 from backend.engines.embedded import EMBEDDED_MODEL_ID, load_embedded_model
 from backend.engines.kv_budget import GIB, kv_budget_bytes, machine_memory_bytes
 from backend.engines.prefix_store import PrefixStore
@@ -232,8 +233,7 @@ class HFEngine(RunnerEngine):
     prefix_caching = True
 
     def _load(self) -> LoadedModel:
-        if self.settings.cpu_threads:
-            torch.set_num_threads(self.settings.cpu_threads)
+        torch.set_num_threads(self.settings.cpu_threads or granted_cpus())
         dtype = pick_dtype(self.settings.dtype)
         model: PreTrainedModel
         tokenizer: PreTrainedTokenizerBase

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from pathlib import Path
 from typing import ClassVar
 
@@ -88,14 +87,6 @@ def _init_backend() -> None:
         llama.llama_log_set(_log_to_python, ctypes.c_void_p(0))
         llama.llama_backend_init()
         _backend_ready = True
-
-
-def cpu_threads() -> int:
-    """Threads for llama.cpp by default: what Ray grants (`OMP_NUM_THREADS`), else our CPUs."""
-    granted = os.environ.get("OMP_NUM_THREADS", "")
-    if granted.isdigit() and int(granted) > 0:
-        return int(granted)
-    return len(os.sched_getaffinity(0))
 
 
 def _has_amx_kernels() -> bool:
