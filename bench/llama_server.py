@@ -17,6 +17,7 @@ import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from backend.engines.llamacpp_runner import single_token_threads
 from bench.llamacpp import served
 from harness.services import ARTIFACTS, free_port
 
@@ -103,7 +104,8 @@ def llama_server(
     command = [
         str(build()),
         *("--model", str(gguf_path), "--host", "127.0.0.1", "--port", str(port)),
-        *("--threads", str(threads), "--threads-batch", str(threads)),
+        # As our engine splits them: a batch of one token on one thread fewer.
+        *("--threads", str(single_token_threads(threads)), "--threads-batch", str(threads)),
         *("--parallel", str(slots), "--ctx-size", str(slots * slot_context), "--cont-batching"),
         # Weights loaded as our engine loads them: without extra buffer types where the CPU has
         # AMX (`model_params`), which also skips repacking.

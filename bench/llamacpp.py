@@ -23,7 +23,7 @@ import httpx
 import llama_cpp as llama
 import numpy as np
 
-from backend.engines.llamacpp_runner import model_params
+from backend.engines.llamacpp_runner import model_params, single_token_threads
 from harness.services import ARTIFACTS, REPO, free_port
 
 
@@ -54,7 +54,8 @@ def raw_llamacpp_run(
     params.kv_unified = False
     params.n_ctx = (len(prompt_ids) + max_tokens) * batch
     params.n_batch = params.n_ubatch = max(512, len(prompt_ids), batch)
-    params.n_threads = params.n_threads_batch = n_threads
+    params.n_threads_batch = n_threads
+    params.n_threads = single_token_threads(n_threads)  # as the engine sets them
     ctx = llama.llama_init_from_model(model, params)
     capacity = int(params.n_batch)
     llama_batch = llama.llama_batch_init(capacity, 0, 1)
@@ -124,7 +125,7 @@ def llamacpp_server(
     It serves one request at a time: concurrent streams wait for each other.
     """
     port = port or free_port()
-    threads = str(n_threads or len(os.sched_getaffinity(0)))
+    threads = n_threads or len(os.sched_getaffinity(0))
     command = [
         sys.executable,
         "-m",
@@ -138,9 +139,9 @@ def llamacpp_server(
         "--n_ctx",
         str(n_ctx),
         "--n_threads",
-        threads,
+        str(single_token_threads(threads)),  # as our engine splits them
         "--n_threads_batch",
-        threads,
+        str(threads),
         "--flash_attn",
         "True",
         "--logits_all",

@@ -83,8 +83,9 @@ class LlamaCppEngine(RunnerEngine):
         )
         reserved = batch * self._runner.n_ctx_seq
         logger.info(
-            "loaded %s with llama.cpp, %d threads; KV cache: %d sequences x %d tokens = %d tokens, "
-            "%.2f GiB; prefix caching %s, host prompt cache up to %.2f GiB",
+            "loaded %s with llama.cpp, %d threads (one fewer for a lone token); KV cache: %d "
+            "sequences x %d tokens = %d tokens, %.2f GiB; prefix caching %s, host prompt cache "
+            "up to %.2f GiB",
             path.name,
             self._runner.n_threads,
             batch,

@@ -69,14 +69,18 @@ def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., Llama
     runners: list[LlamaCppRunner] = []
 
     def make(
-        n_seq_max: int = 6, n_ctx_seq: int = 1024, prefix_caching: bool = False, host_bytes: int = 0
+        n_seq_max: int = 6,
+        n_ctx_seq: int = 1024,
+        prefix_caching: bool = False,
+        host_bytes: int = 0,
+        n_threads: int = 1,
     ) -> LlamaCppRunner:
         assert llamacpp_engine._llama is not None
         runner = LlamaCppRunner(
             llamacpp_engine._llama,
             n_seq_max,
             n_ctx_seq,
-            n_threads=1,
+            n_threads=n_threads,
             prefix_caching=prefix_caching,
             host_cache_bytes=host_bytes,
         )

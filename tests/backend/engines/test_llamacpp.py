@@ -545,3 +545,14 @@ async def test_a_running_stream_advances_on_every_step_while_a_long_prompt_prefi
 
 async def text_of(deltas: AsyncIterator[Delta]) -> str:
     return "".join([d.text async for d in deltas])
+
+
+def test_a_batch_of_one_token_takes_one_thread_fewer(
+    make_runner: Callable[..., LlamaCppRunner],
+) -> None:
+    """llama.cpp computes a one-token batch with `n_threads`, larger ones with
+    `n_threads_batch`: a lone stream leaves a core to the ingress, a batch takes them all."""
+    runner = make_runner(n_seq_max=2, n_ctx_seq=256, n_threads=3)
+    assert llama.llama_n_threads(runner._ctx) == 2
+    assert llama.llama_n_threads_batch(runner._ctx) == runner.n_threads == 3
+    assert llama.llama_n_threads(make_runner(n_seq_max=2, n_ctx_seq=256)._ctx) == 1  # never 0
