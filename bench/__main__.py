@@ -532,17 +532,21 @@ def llamacpp_section(served: dict[str, Served]) -> Section:
     )
 
 
-def matched_backend(engine: str, threads: int | None = None) -> BackendProcess:
-    """Our backend as llama-server runs beside it: the same threads and batch (slots), and every
-    decode step streamed as it comes (`LLM_STREAM_INTERVAL_MS=0`: a chunk is a token, as
-    llama-server sends them, so chunk gaps are inter-token gaps)."""
+def matched_backend(
+    engine: str, threads: int | None = None, stream_interval_ms: str | None = "0"
+) -> BackendProcess:
+    """Our backend as llama-server runs beside it: the same threads and batch (slots), and by
+    default every decode step streamed as it comes (`LLM_STREAM_INTERVAL_MS=0`: a chunk is a
+    token, as llama-server sends them, so chunk gaps are inter-token gaps); None keeps our
+    default interval (text merged every 50 ms after the first)."""
     settings = BackendSettings()
+    interval = {} if stream_interval_ms is None else {"LLM_STREAM_INTERVAL_MS": stream_interval_ms}
     return backend_service(
         free_port(),
         LLM_ENGINE=engine,
         LLM_CPU_THREADS=str(threads or settings.cpu_threads or len(os.sched_getaffinity(0))),
         LLM_MAX_BATCH_SIZE=str(settings.max_batch_size),
-        LLM_STREAM_INTERVAL_MS="0",
+        **interval,
     )
 
 
@@ -624,15 +628,23 @@ def versus(url: str, with_mixed: bool) -> Versus:
 
 
 def both_servers(threads: int, slots: int, with_mixed: bool) -> tuple[Versus, Versus]:
-    """Ours, then llama-server, each alone on the machine with `threads` engine threads."""
+    """Ours, then llama-server, each alone on the machine with `threads` engine threads. Ours
+    runs rates and multi-turn at its defaults, the mixed load with every token streamed."""
     from bench.llama_server import llama_server
 
-    service = matched_backend("llamacpp", threads)
+    service = matched_backend("llamacpp", threads, stream_interval_ms=None)
     service.start()
     try:
-        ours = versus(service.url, with_mixed)
+        ours = versus(service.url, with_mixed=False)
     finally:
         service.stop()
+    if with_mixed:
+        service = matched_backend("llamacpp", threads)
+        service.start()
+        try:
+            ours.mixed = mixed(service.url)
+        finally:
+            service.stop()
     gguf = embedded_gguf_path()
     with llama_server(gguf, threads=threads, slots=slots, slot_context=SLOT_CONTEXT) as url:
         theirs = versus(url, with_mixed)
@@ -697,8 +709,12 @@ def llama_server_section() -> Section:
         f"Our backend on the `llamacpp` engine against `llama-server` of the same llama.cpp "
         f"(built from llama-cpp-python {VERSION}'s sources, CPU, Release), same GGUF, "
         f"{threads} threads and {slots} slots (`--parallel`, `--cont-batching`, otherwise its "
-        "defaults), over `/v1/chat/completions` streamed; ours streams every decode step "
-        f"(`LLM_STREAM_INTERVAL_MS=0`). Rates: {MAX_TOKENS} tokens a stream; multi-turn as in "
+        "defaults), over `/v1/chat/completions` streamed. Ours runs rates and multi-turn at its "
+        "defaults (the first text at once, then text merged every 50 ms: llama-server sends "
+        "every token as an event of its own) and the mixed load with every decode step streamed "
+        "(`LLM_STREAM_INTERVAL_MS=0`), so its gaps are inter-token gaps. Both split threads as "
+        "our engine does: a batch of one token on one thread fewer. "
+        f"Rates: {MAX_TOKENS} tokens a stream; multi-turn as in "
         f"the multi-turn section but at {threads} threads; mixed load as in its own section. "
         "Rates and multi-turn again with one engine thread on both sides (where the machine has "
         "more): the other cores then serve Ray's processes and the client, so the ratio shows "
