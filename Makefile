@@ -78,9 +78,13 @@ format: install
 test: lint
 	$(BIN)/pytest -q
 
-# The quick tier for the edit-test loop: everything that starts no server and no browser.
+# The quick tier for the edit-test loop: everything that starts no server and no browser, a file
+# per worker. The OpenAPI contract runs alone: schemathesis gives its operations one node id,
+# which xdist runs once.
+OPENAPI_TESTS := tests/backend/ingress/test_openapi.py
 test-unit: install
-	$(BIN)/pytest -q -m "not e2e"
+	$(BIN)/pytest -q -m "not e2e" -n auto --dist loadfile --ignore $(OPENAPI_TESTS)
+	$(BIN)/pytest -q $(OPENAPI_TESTS)
 
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
 # without its dependencies: it requires triton, a GPU compiler (a wheel of hundreds of MB) it never
