@@ -75,15 +75,20 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+# Everything: the quick tier, then the end-to-end one in one process (its tests share one backend
+# and measure latencies that other work on the cores would distort).
 test: lint
-	$(BIN)/pytest -q
+	$(UNIT_TESTS)
+	$(BIN)/pytest -q $(OPENAPI_TESTS)
+	$(BIN)/pytest -q -m e2e
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
 # per worker. The OpenAPI contract runs alone: schemathesis gives its operations one node id,
 # which xdist runs once.
 OPENAPI_TESTS := tests/backend/ingress/test_openapi.py
+UNIT_TESTS = $(BIN)/pytest -q -m "not e2e" -n auto --dist loadfile --ignore $(OPENAPI_TESTS)
 test-unit: install
-	$(BIN)/pytest -q -m "not e2e" -n auto --dist loadfile --ignore $(OPENAPI_TESTS)
+	$(UNIT_TESTS)
 	$(BIN)/pytest -q $(OPENAPI_TESTS)
 
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and
