@@ -192,8 +192,8 @@ class Mixed:
     @property
     def spread(self) -> float:
         """The running streams' longest gap over their median one, over their whole run (alone,
-        then while the prompts arrive): the measure issue 27 set its 3x target on, as the bench
-        of 61fdef1 took it (one stream's max / median, 24x then). It rewards steps of even cost."""
+        then while the prompts arrive): the measure the target is set on. It rewards steps of
+        even cost, however long."""
         return self.whole.max / self.whole.median
 
     @property

@@ -41,13 +41,12 @@ class LlamaCppEngine(RunnerEngine):
     """llama.cpp on the CPU; `LLM_MODEL` names a GGUF file, empty = the embedded SmolLM2."""
 
     name = "llamacpp"
-    # A prompt token costs llama.cpp on the CPU a good part of a decode step (2-3 ms against
-    # ~20 ms for four streams, SmolLM2 on 2 cores): 32 keeps running streams readable while long
-    # prompts arrive, with arrivals' first tokens as soon as whole-prompt prefill gave them.
+    # On the CPU a prompt token costs llama.cpp a good part of a decode step: a small budget keeps
+    # running streams readable while long prompts arrive, and makes those prompts wait longer
+    # (small chunks cost more a token). The trade is measured by `make bench` (mixed load).
     step_tokens = 32
-    # With no stream to stall, a long prompt goes in llama.cpp's own batch: per token, 512-token
-    # chunks take about two thirds of the time 32-token ones do on a 3000-token prompt (its
-    # attention reads the prompt's KV once a chunk).
+    # With no stream to stall, a long prompt goes in llama.cpp's own batch: larger chunks cost
+    # less a token (each chunk re-reads the weights and the prompt's KV).
     idle_step_tokens = N_BATCH
     prefix_caching = True
 
@@ -67,8 +66,7 @@ class LlamaCppEngine(RunnerEngine):
         eos_ids = check_vocab(self._llama, tokenizer)
         threads = self.settings.cpu_threads or granted_cpus()
         # torch only samples here (a row of logits a stream): its own OpenMP pool would spin
-        # beside llama.cpp's threads and slow them (one stream, 1 llama.cpp thread: 118 -> 140
-        # tok/s through Ray with torch on one thread).
+        # beside llama.cpp's threads and slow them.
         torch.set_num_threads(1)
         batch = self.settings.max_batch_size
         window = self._window(batch)

@@ -93,8 +93,7 @@ def single_token_threads(threads: int) -> int:
     """Threads for a batch of one token (llama.cpp's `n_threads`; larger batches take
     `n_threads_batch`: llama_context::graph_compute, `ubatch.n_tokens > 1`): one fewer, so a
     lone stream's step leaves a core to the processes that carry its token to the client (Ray's
-    ingress and proxy). One stream through Ray on 2 cores: 102 -> 130 tok/s, 8 streams (which
-    take all threads) 198 -> 215 (side by side)."""
+    ingress and proxy); a batch of several streams takes them all."""
     return max(1, threads - 1)
 
 
