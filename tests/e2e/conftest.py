@@ -7,9 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from harness.services import BackendProcess, backend_service, free_port
-
-# The embedded model's own window, stated so that tests can check what the model card says.
-CONTEXT = 8192
+from tests.e2e import CONTEXT
 
 
 @pytest.fixture(scope="session")

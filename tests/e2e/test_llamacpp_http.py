@@ -13,7 +13,7 @@ from backend.engines.embedded import embedded_gguf_path
 from backend.engines.llamacpp import load_gguf_tokenizer
 from backend.settings import BackendSettings
 from harness.services import BackendProcess, wait_until
-from tests.e2e.conftest import CONTEXT
+from tests.e2e import CONTEXT
 from tests.sse import fewest_chunks, sse_payloads
 
 pytestmark = pytest.mark.e2e

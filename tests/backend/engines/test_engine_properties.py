@@ -81,10 +81,19 @@ def mixes(draw: st.DrawFn, prompts: list[list[int]], bias_tokens: list[int]) -> 
     return Mix(drawn, draw(st.sampled_from([None, budget])), draw(st.booleans()))
 
 
-def run_mix(mix: Mix, runner: ObservedRunner, tokenizer: Any, eos_ids: frozenset[int]) -> list[Any]:
-    """The mix through one batcher, checked as on the scripted runner."""
+def run_mix(
+    mix: Mix,
+    runner: ObservedRunner,
+    tokenizer: Any,
+    eos_ids: frozenset[int],
+    idle_token_budget: int | None = None,
+) -> list[Any]:
+    """The mix through one batcher, checked as on the scripted runner; `idle_token_budget` as
+    the engine sets it."""
     with observed_constraints() as made:
-        batcher = make_batcher(runner, tokenizer, eos_ids, token_budget=16)
+        batcher = make_batcher(
+            runner, tokenizer, eos_ids, token_budget=16, idle_token_budget=idle_token_budget
+        )
         try:
             outcomes = asyncio.run(run_all(batcher, mix.requests))
             wait_for_zero_gauges(batcher, runner)
@@ -170,7 +179,7 @@ def test_llamacpp_mixes(
         inner = llama_runner(llamacpp_engine, 4, mix.prefix_caching)
         try:
             runner = ObservedRunner(inner, TokenBudget(mix.budget))
-            run_mix(mix, runner, loaded.tokenizer, loaded.eos_ids)
+            run_mix(mix, runner, loaded.tokenizer, loaded.eos_ids, LlamaCppEngine.idle_step_tokens)
         finally:
             inner.close()
         # Decode rows are batch-invariant; a sequence prefilled again (preempted), or resumed

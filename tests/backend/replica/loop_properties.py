@@ -50,6 +50,7 @@ def make_batcher(
     *,
     token_budget: int = 512,
     stream_interval_s: float = 0.0,
+    idle_token_budget: int | None = None,
 ) -> ContinuousBatcher:
     """The one place the tests build (and start) a batcher. Batchers of one tokenizer share its
     grammar view (building it takes a second; the loop builds it once per batcher)."""
@@ -59,6 +60,7 @@ def make_batcher(
         eos_ids,
         token_budget=token_budget,
         stream_interval_s=stream_interval_s,
+        idle_token_budget=idle_token_budget,
     )
     if id(tokenizer) not in _GRAMMAR_TOKENIZERS:
         _GRAMMAR_TOKENIZERS[id(tokenizer)] = (tokenizer, GrammarTokenizer(tokenizer, eos_ids))

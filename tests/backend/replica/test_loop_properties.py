@@ -139,6 +139,7 @@ class Scenario:
     budget: int | None  # tokens before the youngest sequence is preempted
     fail_step: int | None  # the decode step at which one sequence fails
     token_budget: int  # at least the capacity, as the settings require
+    idle_token_budget: int | None  # steps without a decode token (llamacpp's own: its batch)
     stream_interval_s: float
 
     def __repr__(self) -> str:  # hypothesis prints the failing example with it
@@ -164,6 +165,7 @@ def scenarios(draw: st.DrawFn, favoured: list[int], vocab: int) -> Scenario:
         budget=draw(st.one_of(st.none(), st.integers(4, 40))),
         fail_step=draw(st.one_of(st.none(), st.none(), st.integers(0, 6))),
         token_budget=draw(st.sampled_from([4, 16, 512])),
+        idle_token_budget=draw(st.sampled_from([None, 64])),
         stream_interval_s=draw(st.sampled_from([0.0, 0.0, 0.003])),
     )
 
@@ -196,6 +198,7 @@ def run(
         frozenset({tokenizer.eos_token_id}),
         token_budget=scenario.token_budget,
         stream_interval_s=scenario.stream_interval_s,
+        idle_token_budget=scenario.idle_token_budget,
     )
     try:
         outcomes = asyncio.run(run_all(batcher, requests_))
