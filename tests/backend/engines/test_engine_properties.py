@@ -227,12 +227,13 @@ def test_hf_mixes(
             logits = model(input_ids=torch.tensor([prompt + rest])).logits[0]
         return list(logits[len(prompt) - 1 :])
 
-    # bfloat16's logits move with the batch's make-up (which depends on when requests arrive)
-    # by up to 0.41 here (mean |difference| over the vocabulary, seen once in CI; 0.30 locally),
-    # above BATCH_TOLERANCE's 0.4, and more than a wrong context moves them (one token dropped
-    # mid-prompt: 0.12): in bfloat16 this comparison only catches gross errors; float32, within
-    # 1e-3, is the precise one.
-    bound = max(BATCH_TOLERANCE[dtype], 0.6 if dtype == torch.bfloat16 else 0.0)
+    # bfloat16's logits move with the batch's make-up (which depends on when requests arrive
+    # and on the threads) by up to 0.66 (mean |difference| over the vocabulary, seen in CI),
+    # more than one token dropped mid-prompt moves them (0.13), less than another
+    # conversation's context does (1.8 to 4.3 between these questions' prompts): in bfloat16
+    # this comparison catches a sequence computed on the wrong state, and 1.0 lies between the
+    # two; float32, within 1e-3, is the precise one.
+    bound = max(BATCH_TOLERANCE[dtype], 1.0 if dtype == torch.bfloat16 else 0.0)
 
     def within(step: Step, expected: torch.Tensor) -> None:
         error = float((step.logits.float() - expected.float()).abs().mean())
