@@ -3,10 +3,12 @@
 One llama.cpp context holds `n_seq_max` sequences, each in its own KV stream (`kv_unified` off:
 a sequence attends over its own cells only, and always has `n_ctx_seq` of them). Every step of the
 loop's plan is one `llama_batch`, as in `update_slots` of llama.cpp's server
-(tools/server/server-context.cpp): first the sampled token of every decoding sequence, then the
-planned prompt chunks, each token under its own sequence id and position, logits asked only for
-the decode tokens and for the last token of a prompt that is all in. One `llama_decode` reads the
-weights once for all of them, so running streams move while prompts arrive. The loop's
+(tools/server/server-context.cpp): the sampled token of every decoding sequence and the planned
+prompt chunks, each token under its own sequence id and position, logits asked only for the
+decode tokens and for the last token of a prompt that is all in. One `llama_decode` takes them
+all, so running streams move while prompts arrive. Across KV streams llama.cpp computes a batch
+as ubatches of consecutive sequence ids with as many tokens each (`split_equal`): the batch goes
+in slot order, as the server's does, so decode tokens share one pass over the weights. The loop's
 sequence ids grow without end, llama.cpp's must stay below `n_seq_max`: a `SlotTable` maps one to
 the other.
 
@@ -251,9 +253,9 @@ class LlamaCppRunner:
     def step(
         self, decodes: list[tuple[int, int]], chunks: list[tuple[int, list[int], bool]]
     ) -> torch.Tensor:
-        """One `llama_batch` of every decode token and prompt chunk (`update_slots`: the slots'
-        sampled tokens first, then prompt tokens); logits of the decode tokens in order, then of
-        each chunk that completes its prompt."""
+        """One `llama_batch` of every decode token and prompt chunk (`update_slots`), in slot
+        order; logits of the decode tokens in the caller's order, then of each chunk that
+        completes its prompt."""
         n = len(decodes) + sum(len(chunk) for _, chunk, _ in chunks)
         if n > self._batch_tokens:
             raise EngineError(f"A step of {n} tokens exceeds the batch of {self._batch_tokens}.")
@@ -265,19 +267,22 @@ class LlamaCppRunner:
             raise SequencesFailed(
                 f"The sequence needs more than its context window ({self.n_ctx_seq} tokens).", full
             )
-        placed: list[tuple[Slot, list[int]]] = []
-        at = 0
-        for seq_id, token in decodes:
-            at = self._put(at, lent[seq_id], [token], output=True)
-            placed.append((lent[seq_id], [token]))
+        placed = [(lent[seq_id], [token], True) for seq_id, token in decodes]
         for seq_id, chunk, last in chunks:
-            slot = lent.get(seq_id) or self._fresh_slot(seq_id)
-            at = self._put(at, slot, chunk, output=last)
-            placed.append((slot, chunk))
+            placed.append((lent.get(seq_id) or self._fresh_slot(seq_id), chunk, last))
+        # In slot order, as the server's batch is: across KV streams llama.cpp splits a batch
+        # into ubatches of consecutive sequence ids (llama_batch_allocr::split_equal,
+        # `sequential`), each one more pass over the weights.
+        order = sorted(range(len(placed)), key=lambda i: placed[i][0].index)
+        at = 0
+        for i in order:
+            at = self._put(at, *placed[i])
         self._run(n)
-        for slot, tokens in placed:
+        for slot, tokens, _ in placed:
             slot.tokens.extend(tokens)
-        return self._logits(len(decodes) + sum(last for _, _, last in chunks))
+        rows = [i for i in order if placed[i][2]]  # the caller's row of each output, batch order
+        logits = self._logits(len(rows))
+        return logits[np.argsort(rows)] if rows != sorted(rows) else logits
 
     def fork(self, parent_id: int, child_id: int) -> bool:
         """The child takes the least recently used idle slot with a copy of the parent's KV,

@@ -264,6 +264,28 @@ def test_prefill_in_chunks_equals_prefill_in_one_call(
     assert float((lost - whole).abs().max()) > 2 * PREFILL_TOLERANCE
 
 
+def test_a_step_goes_in_slot_order_and_answers_in_the_callers(
+    llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
+) -> None:
+    """llama.cpp makes one ubatch of consecutive sequence ids: the batch goes in slot order
+    whatever the plan's order, and each row still answers the sequence the caller put there."""
+    batched, alone = make_runner(), make_runner()
+    prompt = prompts(llamacpp_engine, 4)
+    for runner in (batched, alone):
+        for seq in range(3):
+            runner.prefill(seq, prompt[seq])
+    expected = [alone.decode([seq], [7])[0] for seq in range(3)]
+    order = sorted(range(3), key=lambda seq: -lent(batched)[seq])  # against the slots' order
+    chunk = prompt[3][:5]
+    rows = batched.step([(seq, 7) for seq in order], [(3, chunk, True)])
+    seq_ids = [batched._batch.seq_id[i][0] for i in range(len(order) + len(chunk))]
+    assert seq_ids == sorted(seq_ids), seq_ids
+    assert rows.shape[0] == len(order) + 1
+    for row, seq in zip(rows, order, strict=False):
+        assert float((row - expected[seq]).abs().max()) <= DECODE_TOLERANCE, seq
+    assert float((rows[-1] - alone.prefill(3, chunk)).abs().max()) <= PREFILL_TOLERANCE
+
+
 def test_release_removes_the_sequence_and_frees_its_capacity(
     llamacpp_engine: LlamaCppEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
