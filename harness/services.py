@@ -101,6 +101,18 @@ class ServiceProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(group, signal.SIGKILL)  # stragglers (Ray workers) of this service only
 
+    def kill(self) -> None:
+        """SIGKILL every process of the service's session at once (Ray's workers run in other
+        process groups of it): for teardowns, where no orderly shutdown is under test."""
+        if self._process is None or self._process.poll() is not None:
+            return
+        session = os.getsid(self._process.pid)
+        for process in psutil.process_iter():
+            if _session_of(process.pid) == session:
+                with contextlib.suppress(psutil.Error):
+                    process.kill()
+        self._process.wait()
+
 
 class BackendProcess(ServiceProcess):
     """The backend, with its Prometheus endpoint (Ray's metrics export port)."""

@@ -20,4 +20,4 @@ def backend() -> Iterator[BackendProcess]:
     )
     service.start()
     yield service
-    service.stop()
+    service.kill()

@@ -27,7 +27,7 @@ def locked_backend() -> Iterator[BackendProcess]:
     service = backend_service(free_port(), LLM_API_KEY=",".join(KEYS), LLM_MAX_REPLICAS="1")
     service.start()  # polls /healthz without a key: it must stay open
     yield service
-    service.stop()
+    service.kill()
 
 
 def bearer(key: str) -> dict[str, str]:

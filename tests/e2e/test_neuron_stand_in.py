@@ -42,7 +42,7 @@ def neuron_backend(checkpoint: Path) -> Iterator[BackendProcess]:
     )
     service.start()
     yield service
-    service.stop()
+    service.kill()
 
 
 def test_streams_a_chat_through_the_neuron_engine(

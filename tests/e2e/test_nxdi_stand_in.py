@@ -46,7 +46,7 @@ def nxdi_backend(checkpoint: Path) -> Iterator[BackendProcess]:
     service = nxdi_service(checkpoint)
     service.start()
     yield service
-    service.stop()
+    service.kill()
 
 
 def published(checkpoint: Path) -> Path:
@@ -109,13 +109,13 @@ def test_a_second_start_loads_the_published_compile(
     """Publishing renames a new directory into place, so a second compile would change it."""
     before = published(checkpoint)
     stamp = (before.stat().st_ino, (before / "model.pt").stat().st_mtime_ns)
-    nxdi_backend.stop()
+    nxdi_backend.kill()
     second = nxdi_service(checkpoint)
     second.start()
     try:
         request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
         assert httpx.post(second.url + CHAT, json=request, timeout=120).status_code == 200
     finally:
-        second.stop()
+        second.kill()
     after = published(checkpoint)
     assert (after.stat().st_ino, (after / "model.pt").stat().st_mtime_ns) == stamp

@@ -32,7 +32,7 @@ def two_replicas() -> Iterator[BackendProcess]:
     healthy = "ray_serve_deployment_replica_healthy"
     wait_until(lambda: service.metric(healthy, deployment="model") == 2, 120, "two replicas")
     yield service
-    service.stop()
+    service.kill()
 
 
 def test_turns_stay_with_their_replica_and_conversations_spread(

@@ -27,7 +27,7 @@ def small_backend() -> Iterator[BackendProcess]:
     )
     service.start()
     yield service
-    service.stop()
+    service.kill()
 
 
 async def test_overflow_gets_json_503_and_health_answers_meanwhile(
