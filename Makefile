@@ -75,12 +75,12 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Everything: the quick tier, then the end-to-end one in one process (its tests share one backend
-# and measure latencies that other work on the cores would distort).
-test: lint
-	$(UNIT_TESTS)
-	$(BIN)/pytest -q $(OPENAPI_TESTS)
-	$(BIN)/pytest -q -m e2e
+# Everything: lint beside the quick tier (mypy is one process; the tier's workers leave it room),
+# then the end-to-end tier on two workers, a file each, the longest first (tests/e2e/conftest.py):
+# each worker starts its own shared backend, and the tier waits on services more than it computes.
+test: install
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-unit
+	$(BIN)/pytest -q -m e2e -n 2 --dist loadfile --no-loadscope-reorder
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
 # per worker. The OpenAPI contract runs alone: schemathesis gives its operations one node id,
