@@ -13,6 +13,9 @@ OPENWEBUI_VERSION := 0.12.4
 OPENWEBUI_STAMP := $(OPENWEBUI_VENV)/.installed-$(OPENWEBUI_VERSION)
 # Open WebUI 0.12 requires Python >=3.11,<3.13: Debian's 3.11 where there is one, else the PATH's.
 PY311 ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
+# Python's bytecode cache, where the shell turned it off: every pytest worker and every Ray
+# worker would compile (and pytest rewrite) the same hundreds of modules from source again.
+unexport PYTHONDONTWRITEBYTECODE
 export RAY_USAGE_STATS_ENABLED ?= 0
 export RAY_AUTH_MODE ?= disabled
 # Ray Serve's throughput mode: gRPC between replicas and user code on each replica's own event
