@@ -79,17 +79,19 @@ format: install
 	$(BIN)/ruff format .
 
 # Everything: lint beside the quick tier (mypy is one process; the tier's workers leave it room),
-# then the end-to-end tier on two workers, a file each, the longest first (tests/e2e/conftest.py):
+# then the end-to-end tier on two workers, a file each, the longest first (tests/conftest.py):
 # each worker starts its own shared backend, and the tier waits on services more than it computes.
 test: install
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-unit
-	$(BIN)/pytest -q -m e2e -n 2 --dist loadfile --no-loadscope-reorder
+	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE)
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
 # per worker. The OpenAPI contract runs alone: schemathesis gives its operations one node id,
 # which xdist runs once.
 OPENAPI_TESTS := tests/backend/ingress/test_openapi.py
-UNIT_TESTS = $(BIN)/pytest -q -m "not e2e" -n auto --dist loadfile --ignore $(OPENAPI_TESTS)
+# A file per worker, in the suite's order (the longest files first: tests/conftest.py).
+BY_FILE := --dist loadfile --no-loadscope-reorder
+UNIT_TESTS = $(BIN)/pytest -q -m "not e2e" -n auto $(BY_FILE) --ignore $(OPENAPI_TESTS)
 test-unit: install
 	$(UNIT_TESTS)
 	$(BIN)/pytest -q $(OPENAPI_TESTS)

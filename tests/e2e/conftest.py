@@ -1,5 +1,5 @@
 """One real backend for the whole session, or for each xdist worker (Ray Serve + the embedded model
-on the CPU); the order the end-to-end files run in."""
+on the CPU)."""
 
 from __future__ import annotations
 
@@ -9,27 +9,6 @@ import pytest
 
 from harness.services import BackendProcess, backend_service, free_port
 from tests.e2e import CONTEXT
-
-# The files that take longest (a minute or half of one on 2 cores), in the order xdist's workers
-# should take them up (`make test` turns xdist's own order, by number of tests, off): a long file
-# started last would leave the other worker idle meanwhile. The rest follow in their own order.
-LONGEST_FIRST = (
-    "test_open_webui_replay.py",
-    "test_chat_ui.py",
-    "test_nxdi_stand_in.py",
-    "test_prefix_routing.py",
-    "test_cluster_settings.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest files first (a stable sort: each file's tests keep their order)."""
-
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")
