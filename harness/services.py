@@ -121,6 +121,10 @@ class BackendProcess(ServiceProcess):
         super().__init__("backend", "backend", env, "/healthz", port)
         self.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
 
+    def health(self) -> int:
+        """The status `/healthz` answers now."""
+        return httpx.get(self.url + "/healthz", timeout=10).status_code
+
     def metric(self, name: str, **labels: str) -> float | None:
         """The sum of a sample's values over the series with `labels`; None if none exported."""
         text = httpx.get(self.metrics_url, timeout=5).text

@@ -7,7 +7,6 @@ import json
 import time
 from collections.abc import Iterator
 
-import httpx
 import jsonschema
 import pytest
 from gradio_client import Client
@@ -327,16 +326,12 @@ def test_a_killed_model_replica_shows_until_a_new_one_serves(
     ask(page, "What is the capital of France?")  # the ingress has seen the model serve
     kill_model_replica(backend)
     status = page.locator("#status")
-    wait_until(lambda: health(backend) != 200, timeout_s=60, what="/healthz leaves 200")
+    wait_until(lambda: backend.health() != 200, timeout_s=60, what="/healthz leaves 200")
     status.get_by_text("Backend not ready").wait_for(timeout=60_000)
-    wait_until(lambda: health(backend) == 200, timeout_s=240, what="a new replica serves")
+    wait_until(lambda: backend.health() == 200, timeout_s=240, what="a new replica serves")
     status.get_by_text("Backend ready").wait_for(timeout=60_000)
     answer = ask(page, "What is the capital of Italy?")
     assert "unreachable" not in answer.lower() and tap.last().completed
-
-
-def health(backend: BackendProcess) -> int:
-    return httpx.get(backend.url + "/healthz", timeout=10).status_code
 
 
 def test_gradio_client_two_turn_chat(ui: ServiceProcess, tap: Tap) -> None:

@@ -14,7 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from harness.services import REPO, BackendProcess, backend_service, free_port
+from harness.services import (
+    REPO,
+    BackendProcess,
+    backend_service,
+    free_port,
+    kill_model_replica,
+    wait_until,
+)
 from tests.e2e.slot_engines import check_batching_changes_no_token
 from tests.mistral_checkpoint import build_checkpoint
 from tests.sse import sse_payloads
@@ -29,8 +36,9 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_checkpoint(tmp_path_factory.mktemp("mistral"))
 
 
-def nxdi_service(checkpoint: Path) -> BackendProcess:
-    return backend_service(
+@pytest.fixture(scope="module")
+def nxdi_backend(checkpoint: Path) -> Iterator[BackendProcess]:
+    service = backend_service(
         free_port(),
         LLM_ENGINE="nxdi",
         LLM_MODEL=str(checkpoint),
@@ -39,11 +47,6 @@ def nxdi_service(checkpoint: Path) -> BackendProcess:
         LLM_NEURON_ARTIFACTS_DIR=str(checkpoint / "artifacts"),
         PYTHONPATH=str(REPO / "tests" / "neuronx"),
     )
-
-
-@pytest.fixture(scope="module")
-def nxdi_backend(checkpoint: Path) -> Iterator[BackendProcess]:
-    service = nxdi_service(checkpoint)
     service.start()
     yield service
     service.kill()
@@ -106,16 +109,14 @@ def test_a_json_schema_reply_follows_it(nxdi_backend: BackendProcess) -> None:
 def test_a_second_start_loads_the_published_compile(
     nxdi_backend: BackendProcess, checkpoint: Path
 ) -> None:
-    """Publishing renames a new directory into place, so a second compile would change it."""
+    """The model replica killed, Ray starts another: it loads what the first one compiled.
+    Publishing renames a new directory into place, so a second compile would change it."""
     before = published(checkpoint)
     stamp = (before.stat().st_ino, (before / "model.pt").stat().st_mtime_ns)
-    nxdi_backend.kill()
-    second = nxdi_service(checkpoint)
-    second.start()
-    try:
-        request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
-        assert httpx.post(second.url + CHAT, json=request, timeout=120).status_code == 200
-    finally:
-        second.kill()
+    kill_model_replica(nxdi_backend)
+    wait_until(lambda: nxdi_backend.health() != 200, timeout_s=60, what="/healthz leaves 200")
+    wait_until(lambda: nxdi_backend.health() == 200, timeout_s=240, what="a new replica serves")
+    request = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+    assert httpx.post(nxdi_backend.url + CHAT, json=request, timeout=120).status_code == 200
     after = published(checkpoint)
     assert (after.stat().st_ino, (after / "model.pt").stat().st_mtime_ns) == stamp
