@@ -106,12 +106,19 @@ class ServiceProcess:
         process groups of it): for teardowns, where no orderly shutdown is under test."""
         if self._process is None or self._process.poll() is not None:
             return
-        session = os.getsid(self._process.pid)
-        for process in psutil.process_iter():
-            if _session_of(process.pid) == session:
-                with contextlib.suppress(psutil.Error):
-                    process.kill()
+        for process in self.processes():
+            with contextlib.suppress(psutil.Error):
+                process.kill()
         self._process.wait()
+
+    def processes(self) -> list[psutil.Process]:
+        """Every process of the service's session (Ray's own among them), `cmdline` read."""
+        session = os.getsid(self.pid)
+        return [
+            process
+            for process in psutil.process_iter(["cmdline"])
+            if _session_of(process.pid) == session
+        ]
 
 
 class BackendProcess(ServiceProcess):
@@ -139,10 +146,7 @@ class BackendProcess(ServiceProcess):
     def session_dir(self) -> Path:
         """The Ray session directory of this backend's cluster (its `logs/` hold Serve's logs):
         named on the command line of Ray's own processes, which share the backend's session."""
-        session = os.getsid(self.pid)
-        for process in psutil.process_iter(["pid", "cmdline"]):
-            if _session_of(process.info["pid"]) != session:
-                continue
+        for process in self.processes():
             for arg in process.info["cmdline"] or ():
                 if arg.startswith("--session-dir="):
                     return Path(arg.removeprefix("--session-dir="))
@@ -151,13 +155,11 @@ class BackendProcess(ServiceProcess):
 
 def kill_model_replica(backend: ServiceProcess) -> None:
     """SIGKILL the backend's model replica (as the kernel's OOM killer would); Ray replaces it."""
-    session = os.getsid(backend.pid)
     replicas = [
         process
-        for process in psutil.process_iter(["cmdline"])
+        for process in backend.processes()
         if "ServeReplica:" in " ".join(process.info["cmdline"] or ())
         and ":model" in " ".join(process.info["cmdline"] or ())
-        and _session_of(process.pid) == session
     ]
     assert replicas, "the backend runs no model replica"
     for process in replicas:

@@ -11,9 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _HONOURED = {"LLM_DTYPE"}
-# The files that take longest (15 s to a minute or more each on 2 cores), in the order xdist's
-# workers should take them up (the Makefile turns xdist's own order, by number of tests, off): a
-# long file started last would leave the other worker idle meanwhile. The rest keep their order.
+# The files that take longest, in the order xdist's workers should take them up (the Makefile
+# turns xdist's own order, by number of tests, off): a long file started last would leave the
+# other worker idle meanwhile. The rest keep their order.
 LONGEST_FIRST = (
     "e2e/test_open_webui_replay.py",
     "e2e/test_chat_ui.py",

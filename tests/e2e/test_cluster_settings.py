@@ -1,7 +1,8 @@
 """The real backend with the cluster's settings: LLM_API_KEY set, Serve autoscaling on, and
 admission limits (small here, to overflow them). The key check over HTTP, every metric the
 Grafana dashboard queries in its real /metrics, and more streams than the model replica can run
-or queue: refusals are clean, health stays fast. One backend for all three (a start is ~15 s)."""
+or queue: refusals are clean, health stays fast. One backend for all three, as each backend
+starts a Ray cluster of its own."""
 
 from __future__ import annotations
 
