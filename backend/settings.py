@@ -98,6 +98,16 @@ class BackendSettings(BaseSettings):
         description="A stream's first text is sent at once, later text at most every this many "
         "ms, merged (fewer, larger SSE chunks: less CPU per token); 0 = every decode step.",
     )
+    # Each item costs about the same CPU whatever its length, so it is the items per second of
+    # all streams together that take the model's cores: with many streams, each stream's text
+    # goes out less often (coarser text at high load) and the tokens/s stay.
+    stream_updates_per_s: float = Field(
+        40,
+        ge=0,
+        description="Most stream items a replica sends per second, all streams together: with "
+        "more streams than `LLM_STREAM_INTERVAL_MS` allows within it, each stream's interval "
+        "grows (8 streams: 200 ms); 0 = no bound.",
+    )
     max_tokens_cap: int = Field(
         2048, ge=1, description="Largest `max_tokens` a request may ask for."
     )

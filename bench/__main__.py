@@ -538,9 +538,13 @@ def matched_backend(
     """Our backend as llama-server runs beside it: the same threads and batch (slots), and by
     default every decode step streamed as it comes (`LLM_STREAM_INTERVAL_MS=0`: a chunk is a
     token, as llama-server sends them, so chunk gaps are inter-token gaps); None keeps our
-    default interval (text merged every 50 ms after the first)."""
+    defaults (text merged every 50 ms after the first, less often with many streams)."""
     settings = BackendSettings()
-    interval = {} if stream_interval_ms is None else {"LLM_STREAM_INTERVAL_MS": stream_interval_ms}
+    interval = (
+        {}
+        if stream_interval_ms is None
+        else {"LLM_STREAM_INTERVAL_MS": stream_interval_ms, "LLM_STREAM_UPDATES_PER_S": "0"}
+    )
     return backend_service(
         free_port(),
         LLM_ENGINE=engine,
@@ -601,7 +605,8 @@ def mixed_section() -> Section:
         f"{MIXED_RUNNING} streams decoding, alone for a few seconds, then while {MIXED_ARRIVALS} "
         f"prompts of ~{LONG_PROMPT_WORDS} words (each its own) arrive at once: the running "
         "streams' gaps between tokens alone, and from the first arrival sent to the last one's "
-        "reply (every decode step streamed, `LLM_STREAM_INTERVAL_MS=0`), and the arrivals' time "
+        "reply (every decode step streamed: `LLM_STREAM_INTERVAL_MS=0`, "
+        "`LLM_STREAM_UPDATES_PER_S=0`), and the arrivals' time "
         "to first token. Target: the running streams' longest gap / their median gap over "
         f"their whole run {SPREAD_TARGET}; the stricter longest gap while they arrive / median "
         "alone is shown beside it.",
@@ -710,9 +715,11 @@ def llama_server_section() -> Section:
         f"(built from llama-cpp-python {VERSION}'s sources, CPU, Release), same GGUF, "
         f"{threads} threads and {slots} slots (`--parallel`, `--cont-batching`, otherwise its "
         "defaults), over `/v1/chat/completions` streamed. Ours runs rates and multi-turn at its "
-        "defaults (the first text at once, then text merged every 50 ms: llama-server sends "
-        "every token as an event of its own) and the mixed load with every decode step streamed "
-        "(`LLM_STREAM_INTERVAL_MS=0`), so its gaps are inter-token gaps. Both split threads as "
+        "defaults (the first text at once, then text merged every 50 ms, or less often where "
+        "the streams would pass 40 items/s together: llama-server sends every token as an "
+        "event of its own) and the mixed load with every decode step streamed "
+        "(`LLM_STREAM_INTERVAL_MS=0`, `LLM_STREAM_UPDATES_PER_S=0`), so its gaps are "
+        "inter-token gaps. Both split threads as "
         "our engine does: a batch of one token on one thread fewer. "
         f"Rates: {MAX_TOKENS} tokens a stream; multi-turn as in "
         f"the multi-turn section but at {threads} threads; mixed load as in its own section. "

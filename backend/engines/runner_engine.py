@@ -84,6 +84,7 @@ class RunnerEngine(Engine):
             observer=BatchGauges(self.model_id),
             stream_interval_s=self.settings.stream_interval_ms / 1000,
             idle_token_budget=self.idle_token_budget(),
+            stream_updates_per_s=self.settings.stream_updates_per_s,
         )
         self._batcher.start()
         logger.info("engine %s serving %s", self.name, self.model_id)

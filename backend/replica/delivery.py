@@ -2,23 +2,34 @@
 
 A stream's first text goes out as soon as it is sampled; after that its text goes out at most
 every `interval_s`, merged: each item crosses Ray, the ingress and the proxy, and costs them CPU
-the model needs.
+the model needs. The interval can grow with the load (`paced_interval`), so that the items of all
+streams together stay within what those processes can pass without slowing the model.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 
 from backend.generation import Delta
 
 
+def paced_interval(interval_s: float, updates_per_s: float, streams: int) -> float:
+    """The interval between one stream's items while `streams` run: `interval_s`, or longer
+    where the streams' items together would pass `updates_per_s` (0: no bound)."""
+    if updates_per_s <= 0:
+        return interval_s
+    return max(interval_s, streams / updates_per_s)
+
+
 async def delivered(
-    deltas: asyncio.Queue[Delta | BaseException], choices: int, interval_s: float
+    deltas: asyncio.Queue[Delta | BaseException],
+    choices: int,
+    interval_s: Callable[[], float],
 ) -> AsyncGenerator[Delta, None]:
     """The deltas of `choices` streams until each has finished: the first text at once, then at
-    most one item per choice every `interval_s`, merging what arrived meanwhile. An error ends
-    the request, after what came before it."""
+    most one item per choice every `interval_s()` (asked after each item: the load changes),
+    merging what arrived meanwhile. An error ends the request, after what came before it."""
     loop = asyncio.get_running_loop()
     next_send = 0.0  # the first text goes out at once
     unfinished = choices
@@ -34,7 +45,7 @@ async def delivered(
             if delta.finish_reason is not None:
                 unfinished -= 1
             yield delta
-        next_send = loop.time() + interval_s
+        next_send = loop.time() + interval_s()
         if failed is not None:
             error = items[failed]
             assert isinstance(error, BaseException)

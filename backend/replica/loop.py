@@ -32,7 +32,7 @@ from typing import Protocol
 
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
-from backend.replica.delivery import delivered
+from backend.replica.delivery import delivered, paced_interval
 from backend.replica.detokenizer import Decoder
 from backend.replica.executor import BatcherStats, StepExecutor
 from backend.replica.runner import BatchRunner
@@ -124,11 +124,13 @@ class ContinuousBatcher:
         observer: BatchObserver | None = None,
         stream_interval_s: float = 0.0,
         idle_token_budget: int | None = None,
+        stream_updates_per_s: float = 0.0,
     ) -> None:
         self._runner = runner
         self._token_budget = token_budget  # at least the capacity (settings): all decode each step
         self._idle_token_budget = idle_token_budget  # steps with nothing decoding (`Limits`)
         self._stream_interval_s = stream_interval_s
+        self._stream_updates_per_s = stream_updates_per_s  # all streams together; 0: no bound
         self._observer = observer
         self._occupancy = (0, 0)
         self._kv_usage = 0.0
@@ -185,8 +187,7 @@ class ContinuousBatcher:
             seq.parent = seqs[0] if seq is not seqs[0] else None
         try:
             self._inbox.put(seqs)  # raises if the loop has stopped meanwhile
-            interval = self._stream_interval_s
-            async with aclosing(delivered(deltas, len(seqs), interval)) as items:
+            async with aclosing(delivered(deltas, len(seqs), self._stream_interval)) as items:
                 async for delta in items:
                     yield delta
         finally:
@@ -207,6 +208,11 @@ class ContinuousBatcher:
         except Exception as exc:
             raise EngineError(f"Generation failed before prefill: {exc}") from exc
         return [first, *(first.copy() for _ in range(params.n - 1))]
+
+    def _stream_interval(self) -> float:
+        """A stream's interval between items at the load last observed."""
+        running = self._occupancy[0]
+        return paced_interval(self._stream_interval_s, self._stream_updates_per_s, running)
 
     def occupancy(self) -> tuple[int, int]:
         """Requests running and requests waiting, as last observed (`_requests`)."""

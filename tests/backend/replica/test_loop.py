@@ -150,6 +150,7 @@ def make_batcher(
     max_batch_size: int = 8,
     token_budget: int = 512,
     stream_interval_s: float = 0.0,
+    stream_updates_per_s: float = 0.0,
 ) -> ContinuousBatcher:
     runner.capacity = max_batch_size
     batcher = ContinuousBatcher(
@@ -158,6 +159,7 @@ def make_batcher(
         frozenset({EOS}),
         token_budget=token_budget,
         stream_interval_s=stream_interval_s,
+        stream_updates_per_s=stream_updates_per_s,
     )
     batcher.start()
     return batcher
@@ -357,6 +359,26 @@ async def test_after_the_first_text_a_stream_sends_at_most_once_per_interval() -
     assert items[0].tokens == 1  # the first token is not held back
     gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
     assert len(items) < 41 and min(gaps[:-1]) >= 0.045  # the last may end an interval early
+    batcher.shutdown()
+
+
+async def test_with_many_streams_each_sends_less_often() -> None:
+    """4 streams within 20 items/s together: each sends at most every 0.2 s."""
+    runner = CountingRunner(length=40)
+    runner.step_delay_s = 0.01  # 40 tokens take >= 0.4 s: 2 intervals or more
+    batcher = make_batcher(runner, stream_interval_s=0.0, stream_updates_per_s=20)
+    loop = asyncio.get_running_loop()
+
+    async def timed() -> list[tuple[float, int]]:
+        """When each item came, and how many streams ran then (what its interval followed)."""
+        return [(loop.time(), batcher.occupancy()[0]) async for _ in batcher.stream([1], GREEDY)]
+
+    streams = await asyncio.gather(*(timed() for _ in range(4)))
+    for items in streams:
+        assert len(items) < 10
+        # While all 4 run; the last item, the end, goes at once.
+        gaps = [b[0] - a[0] for a, b in itertools.pairwise(items[:-1]) if a[1] == 4]
+        assert gaps and min(gaps) >= 0.19
     batcher.shutdown()
 
 
