@@ -43,7 +43,7 @@ IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-nx
 # `make overlay ENGINE=nxdi`: the NxD Inference variant (k8s/overlays/nxdi, the -nxdi image).
 ENGINE ?= neuron
 
-.PHONY: test-unit install run serve ui test bench compat lint format clean images push overlay
+.PHONY: test-unit unit-workers unit-openapi install run serve ui test bench compat lint format clean images push overlay
 
 install: $(STAMP)
 
@@ -83,17 +83,23 @@ format: install
 # each worker starts its own shared backend, and the tier waits on services more than it computes.
 test: install
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-unit
-	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE)
+	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE) $(E2E_TESTS)
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
-# per worker. The OpenAPI contract runs alone: schemathesis gives its operations one node id,
-# which xdist runs once.
+# per worker. The OpenAPI contract runs in a pytest of its own beside them (schemathesis gives
+# its operations one node id, which xdist runs once), not after them.
 OPENAPI_TESTS := tests/backend/ingress/test_openapi.py
+# Each tier collects only its own files (every worker imports every module it collects).
+E2E_TESTS := tests/e2e
 # A file per worker, in the suite's order (the longest files first: tests/conftest.py).
 BY_FILE := --dist loadfile --no-loadscope-reorder
-UNIT_TESTS = $(BIN)/pytest -q -m "not e2e" -n auto $(BY_FILE) --ignore $(OPENAPI_TESTS)
 test-unit: install
-	$(UNIT_TESTS)
+	$(MAKE) --no-print-directory -j2 --output-sync=target unit-workers unit-openapi
+
+unit-workers: install
+	$(BIN)/pytest -q -m "not e2e" -n auto $(BY_FILE) --ignore $(E2E_TESTS) --ignore $(OPENAPI_TESTS)
+
+unit-openapi: install
 	$(BIN)/pytest -q $(OPENAPI_TESTS)
 
 # xgrammar, which the bench compares with llguidance, is installed here only (not in CI), and

@@ -32,11 +32,28 @@ os.environ["LLM_CACHE_DIR"] = str(REPO / ".cache" / "models")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest files first (a stable sort: each file's tests keep their order)."""
+    """Every test in one tier; the longest files first (a stable sort: each file's tests keep
+    their order)."""
     tests = Path(__file__).parent
+    check_tiers(items, tests / "e2e")
 
     def rank(item: pytest.Item) -> int:
         name = Path(os.path.relpath(item.path, tests)).as_posix()
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)
+
+
+def check_tiers(items: list[pytest.Item], e2e_dir: Path) -> None:
+    """The `e2e` marker and `tests/e2e/` go together: the quick tier does not even collect that
+    directory (its clients take seconds to import) and the e2e tier collects only it, so a test
+    on one side of the line and marked for the other would run in neither."""
+    misplaced = [
+        item.nodeid
+        for item in items
+        if (item.get_closest_marker("e2e") is not None) != item.path.is_relative_to(e2e_dir)
+    ]
+    if misplaced:
+        raise pytest.UsageError(
+            f"Tests marked e2e live in {e2e_dir}, and every test there is marked e2e: {misplaced}"
+        )
