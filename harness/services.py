@@ -197,12 +197,16 @@ def backend_service(port: int, **overrides: str) -> BackendProcess:
     return BackendProcess(port, metrics_port, env)
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = 90, what: str = "") -> None:
-    """Poll `condition` until it holds; fail after `timeout_s`."""
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float = 90, what: str | Callable[[], str] = ""
+) -> None:
+    """Poll `condition` until it holds; fail after `timeout_s`, saying `what` (or what it
+    returns then: the state the wait ended in)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"not met within {timeout_s} s: {what or condition}")
+            said = what() if callable(what) else what
+            raise AssertionError(f"not met within {timeout_s} s: {said or condition}")
         time.sleep(0.05)
 
 

@@ -28,11 +28,16 @@ def two_replicas() -> Iterator[BackendProcess]:
         LLM_MAX_BATCH_SIZE="2",
         LLM_MAX_CONTEXT_LEN="2048",
     )
-    service.start()  # ready when one replica answers: wait for the other as well
-    healthy = "ray_serve_deployment_replica_healthy"
-    wait_until(lambda: service.metric(healthy, deployment="model") == 2, 120, "two replicas")
-    yield service
-    service.kill()
+
+    def healthy() -> float | None:
+        return service.metric("ray_serve_deployment_replica_healthy", deployment="model")
+
+    try:
+        service.start()  # ready when one replica answers: wait for the other as well
+        wait_until(lambda: healthy() == 2, 120, lambda: f"2 healthy replicas (gauge: {healthy()})")
+        yield service
+    finally:  # a cluster left running would take the cores from the tests after it
+        service.kill()
 
 
 def test_turns_stay_with_their_replica_and_conversations_spread(
