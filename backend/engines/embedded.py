@@ -10,17 +10,15 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from backend.engines.cache_dir import write_atomically
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +47,11 @@ def load_embedded_model(
     cache_dir: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the embedded model, converting it into `cache_dir` on first use."""
+    # transformers' model classes bring torch's compiler stack (~1.5 s and ~100 MB a process):
+    # imported here, where `hf` loads, so that llama.cpp's replica, which needs only the GGUF's
+    # path, starts without them.
+    from transformers import AutoModelForCausalLM
+
     target = converted_model_dir(cache_dir)
     if not (target / "config.json").exists():
         _convert(embedded_gguf_path(), target)
@@ -58,6 +61,8 @@ def load_embedded_model(
 
 
 def _convert(gguf: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, GgufConfig
+
     logger.info("converting %s into %s (first start only)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent,
