@@ -82,7 +82,7 @@ format: install
 # then the end-to-end tier on two workers, a file each, the longest first (tests/conftest.py):
 # each worker starts its own shared backend, and the tier waits on services more than it computes.
 test: install
-	$(MAKE) --no-print-directory -j2 --output-sync=target lint test-unit
+	$(MAKE) --no-print-directory -j3 --output-sync=target lint unit-workers unit-openapi
 	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE) $(E2E_TESTS)
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file

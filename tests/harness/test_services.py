@@ -17,11 +17,11 @@ def test_waiting_ends_when_the_condition_holds() -> None:
 
 def test_a_wait_that_times_out_says_the_state_it_ended_in() -> None:
     states = itertools.count()
-    with pytest.raises(AssertionError, match=r"not met within 0.2 s: state [1-9]\d*"):
+    with pytest.raises(AssertionError, match=r"not met within 0\.2 s: state [1-9]\d*"):
         wait_until(lambda: False, 0.2, lambda: f"state {next(states) + 1}")
     assert next(states) == 1  # asked once, at the end
 
 
 def test_a_plain_description_is_said_as_it_is() -> None:
-    with pytest.raises(AssertionError, match="not met within 0.1 s: two replicas"):
+    with pytest.raises(AssertionError, match=r"not met within 0\.1 s: two replicas"):
         wait_until(lambda: False, 0.1, "two replicas")
