@@ -43,7 +43,7 @@ IMAGES := $(REGISTRY)/$(SERVE_IMAGE):$(TAG) $(REGISTRY)/$(SERVE_IMAGE):$(TAG)-nx
 # `make overlay ENGINE=nxdi`: the NxD Inference variant (k8s/overlays/nxdi, the -nxdi image).
 ENGINE ?= neuron
 
-.PHONY: test-unit unit-workers unit-openapi install run serve ui test bench compat lint format clean images push overlay
+.PHONY: test-unit unit-workers unit-openapi test-e2e install run serve ui test bench compat lint format clean images push overlay
 
 install: $(STAMP)
 
@@ -78,11 +78,15 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Everything: lint beside the quick tier (mypy is one process; the tier's workers leave it room),
+# Everything: lint beside the quick tier's workers (mypy is one process; they leave it room),
 # then the end-to-end tier on two workers, a file each, the longest first (tests/conftest.py):
-# each worker starts its own shared backend, and the tier waits on services more than it computes.
+# each worker starts its own shared backend, and the tier waits on services more than it
+# computes, so the OpenAPI contract runs beside it.
 test: install
-	$(MAKE) --no-print-directory -j3 --output-sync=target lint unit-workers unit-openapi
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint unit-workers
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-e2e unit-openapi
+
+test-e2e: install
 	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE) $(E2E_TESTS)
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
