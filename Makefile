@@ -87,13 +87,14 @@ test: install
 	$(MAKE) --no-print-directory -j2 --output-sync=target test-e2e unit-openapi
 
 test-e2e: install
-	$(BIN)/pytest -q -m e2e -n 2 $(BY_FILE) $(E2E_TESTS)
+	$(BIN)/pytest -q -n 2 $(BY_FILE) $(E2E_TESTS)
 
 # The quick tier for the edit-test loop: everything that starts no server and no browser, a file
 # per worker. The OpenAPI contract runs in a pytest of its own beside them (schemathesis gives
 # its operations one node id, which xdist runs once), not after them.
 OPENAPI_TESTS := tests/backend/ingress/test_openapi.py
-# Each tier collects only its own files (every worker imports every module it collects).
+# Each tier collects only its own files (every worker imports every module it collects);
+# tests/conftest.py keeps the `e2e` marker and this directory together.
 E2E_TESTS := tests/e2e
 # A file per worker, in the suite's order (the longest files first: tests/conftest.py).
 BY_FILE := --dist loadfile --no-loadscope-reorder
@@ -101,7 +102,7 @@ test-unit: install
 	$(MAKE) --no-print-directory -j2 --output-sync=target unit-workers unit-openapi
 
 unit-workers: install
-	$(BIN)/pytest -q -m "not e2e" -n auto $(BY_FILE) --ignore $(E2E_TESTS) --ignore $(OPENAPI_TESTS)
+	$(BIN)/pytest -q -n auto $(BY_FILE) --ignore $(E2E_TESTS) --ignore $(OPENAPI_TESTS)
 
 unit-openapi: install
 	$(BIN)/pytest -q $(OPENAPI_TESTS)

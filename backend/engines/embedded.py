@@ -47,7 +47,7 @@ def load_embedded_model(
     cache_dir: Path, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the embedded model, converting it into `cache_dir` on first use."""
-    # transformers' model classes bring torch's compiler stack (~1.5 s and ~100 MB a process):
+    # transformers' model classes bring torch's compiler stack (seconds and memory a process):
     # imported here, where `hf` loads, so that llama.cpp's replica, which needs only the GGUF's
     # path, starts without them.
     from transformers import AutoModelForCausalLM

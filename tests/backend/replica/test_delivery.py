@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 
 import pytest
 
@@ -39,20 +40,15 @@ async def test_the_interval_is_asked_again_after_every_item() -> None:
     deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
     intervals = iter([0.0, 0.3, 0.0])
     loop = asyncio.get_running_loop()
-
-    async def feed() -> None:
-        for text in "abc":
-            deltas.put_nowait(Delta(text, 1))
-            await asyncio.sleep(0.02)
+    items = aclosing(delivered(deltas, 1, lambda: next(intervals)))
+    async with items as stream:
+        deltas.put_nowait(Delta("a", 1))
+        assert (await anext(stream)).text == "a"
+        deltas.put_nowait(Delta("b", 1))
+        assert (await anext(stream)).text == "b"  # no interval after the first: as it comes
+        sent = loop.time()
+        deltas.put_nowait(Delta("c", 1))
         deltas.put_nowait(Delta("", 0, "stop"))
-
-    feeding = asyncio.ensure_future(feed())
-    times, texts = [], []
-    async for delta in delivered(deltas, 1, lambda: next(intervals)):
-        times.append(loop.time())
-        texts.append(delta.text)
-    await feeding
-    assert "".join(texts) == "abc"
-    assert texts[:2] == ["a", "b"]  # no interval after the first: "b" goes as it comes
-    assert times[2] - times[1] >= 0.29  # then 0.3 s: "c" and the end wait, merged
-    assert texts[2] == "c"
+        last = await anext(stream)  # then 0.3 s: "c" and the end wait, merged
+        assert loop.time() - sent >= 0.29
+        assert (last.text, last.finish_reason) == ("c", "stop")
