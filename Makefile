@@ -79,12 +79,12 @@ format: install
 	$(BIN)/ruff format .
 
 # Everything: lint beside the quick tier's workers (mypy is one process; they leave it room),
-# then the end-to-end tier on two workers, a file each, the longest first (tests/conftest.py):
-# each worker starts its own shared backend, and the tier waits on services more than it
-# computes, so the OpenAPI contract runs beside it.
+# the OpenAPI contract, then the end-to-end tier on two workers, a file each, the longest first
+# (tests/conftest.py): each worker starts its own shared backend. Nothing runs beside that tier:
+# its browser tests wait on the UI, which other work on the two cores slows.
 test: install
 	$(MAKE) --no-print-directory -j2 --output-sync=target lint unit-workers
-	$(MAKE) --no-print-directory -j2 --output-sync=target test-e2e unit-openapi
+	$(MAKE) --no-print-directory unit-openapi test-e2e
 
 test-e2e: install
 	$(BIN)/pytest -q -n 2 $(BY_FILE) $(E2E_TESTS)
