@@ -32,7 +32,7 @@ from typing import Protocol
 
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams
-from backend.replica.delivery import delivered, paced_interval
+from backend.replica.delivery import Item, Outbox, delivered, paced_interval
 from backend.replica.detokenizer import Decoder
 from backend.replica.executor import BatcherStats, StepExecutor
 from backend.replica.runner import BatchRunner
@@ -171,14 +171,17 @@ class ContinuousBatcher:
         if params.n < 1:
             raise EngineError("A request needs at least one choice.")
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        posts: asyncio.Queue[list[Item]] = asyncio.Queue()
 
-        def deliver(item: Delta | BaseException) -> None:
+        def post(items: list[Item]) -> None:
             with contextlib.suppress(RuntimeError):  # the event loop has closed: nobody listens
-                loop.call_soon_threadsafe(deltas.put_nowait, item)
+                loop.call_soon_threadsafe(posts.put_nowait, items)
 
+        outbox = Outbox(post, self._stream_interval)
         seqs = [
-            Sequence(next(self._ids), prompt_ids, params.for_choice(i), self._tokenizer, deliver, i)
+            Sequence(
+                next(self._ids), prompt_ids, params.for_choice(i), self._tokenizer, outbox.put, i
+            )
             for i in range(params.n)
         ]
         constraints = await self._constraints(params)
@@ -187,7 +190,7 @@ class ContinuousBatcher:
             seq.parent = seqs[0] if seq is not seqs[0] else None
         try:
             self._inbox.put(seqs)  # raises if the loop has stopped meanwhile
-            async with aclosing(delivered(deltas, len(seqs), self._stream_interval)) as items:
+            async with aclosing(delivered(posts, len(seqs))) as items:
                 async for delta in items:
                     yield delta
         finally:
@@ -210,8 +213,9 @@ class ContinuousBatcher:
         return [first, *(first.copy() for _ in range(params.n - 1))]
 
     def _stream_interval(self) -> float:
-        """A stream's interval between items at the load last observed."""
-        running = self._occupancy[0]
+        """A stream's interval between items at the load now (asked on the loop thread, after a
+        post: the step's starts are in)."""
+        running = len(self._running())
         return paced_interval(self._stream_interval_s, self._stream_updates_per_s, running)
 
     def occupancy(self) -> tuple[int, int]:
@@ -333,7 +337,10 @@ class ContinuousBatcher:
         """Requests running (one of their choices holds a slot: prefilling or decoding) and
         waiting (queued, preempted, or not started yet), each once whatever its `n`: vLLM's
         `num_requests_running` and `num_requests_waiting`."""
-        seqs = self._seqs.values()
-        running = {s.arrival for s in seqs if s.phase in _HOLDING}
-        held = {s.arrival for s in seqs} - running
+        running = self._running()
+        held = {s.arrival for s in self._seqs.values()} - running
         return len(running), len(held) + self._inbox.waiting()
+
+    def _running(self) -> set[int]:
+        """The requests one of whose choices holds a slot (by their first choice's id)."""
+        return {s.arrival for s in self._seqs.values() if s.phase in _HOLDING}

@@ -349,15 +349,13 @@ async def test_after_the_first_text_a_stream_sends_at_most_once_per_interval() -
     runner = CountingRunner(length=40)
     runner.step_delay_s = 0.005  # 40 tokens take >= 0.2 s: about 4 intervals
     batcher = make_batcher(runner, stream_interval_s=0.05)
-    loop = asyncio.get_running_loop()
-    items, times = [], []
-    async for delta in batcher.stream([1], GREEDY):
-        items.append(delta)
-        times.append(loop.time())
+    items = [delta async for delta in batcher.stream([1], GREEDY)]
     assert "".join(d.text for d in items) == "".join(chr(64 + t) for t in range(2, 42))
     assert sum(d.tokens for d in items) == 41
     assert items[0].tokens == 1  # the first token is not held back
-    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # An item goes as its last token is sampled (on the loop thread, whatever the reader's delay).
+    sent = [d.token_times[-1] for d in items]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sent)]
     assert len(items) < 41 and min(gaps[:-1]) >= 0.045  # the last may end an interval early
     batcher.shutdown()
 
@@ -367,11 +365,11 @@ async def test_with_many_streams_each_sends_less_often() -> None:
     runner = CountingRunner(length=40)
     runner.step_delay_s = 0.015  # 40 tokens take >= 0.6 s: 3 intervals or more
     batcher = make_batcher(runner, stream_interval_s=0.0, stream_updates_per_s=20)
-    loop = asyncio.get_running_loop()
 
     async def timed() -> list[tuple[float, int]]:
-        """When each item came, and how many streams ran then (what its interval followed)."""
-        return [(loop.time(), batcher.occupancy()[0]) async for _ in batcher.stream([1], GREEDY)]
+        """When each item went (its last token), and how many streams ran when it came."""
+        stream = batcher.stream([1], GREEDY)
+        return [(d.token_times[-1], batcher.occupancy()[0]) async for d in stream]
 
     streams = await asyncio.gather(*(timed() for _ in range(4)))
     for items in streams:
