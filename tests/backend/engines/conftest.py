@@ -13,10 +13,11 @@ import pytest
 
 from backend.engines.hf import HFEngine
 from backend.settings import BackendSettings
+from tests.backend.engines.tiny_gguf import write_tiny_llama
 
 if TYPE_CHECKING:
     from backend.engines.llamacpp import LlamaCppEngine
-    from backend.engines.llamacpp_runner import LlamaCppRunner
+    from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel
 
 STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
 
@@ -63,7 +64,7 @@ def nxdi() -> ModuleType:
 
 @pytest.fixture
 def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., LlamaCppRunner]]:
-    """Fresh runners (own llama.cpp contexts) on the engine's loaded model."""
+    """Fresh runners (own llama.cpp contexts) on the engine's loaded model, or on `model`."""
     from backend.engines.llamacpp_runner import LlamaCppRunner
 
     runners: list[LlamaCppRunner] = []
@@ -74,10 +75,11 @@ def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., Llama
         prefix_caching: bool = False,
         host_bytes: int = 0,
         n_threads: int = 1,
+        model: LlamaModel | None = None,
     ) -> LlamaCppRunner:
         assert llamacpp_engine._llama is not None
         runner = LlamaCppRunner(
-            llamacpp_engine._llama,
+            model or llamacpp_engine._llama,
             n_seq_max,
             n_ctx_seq,
             n_threads=n_threads,
@@ -90,3 +92,15 @@ def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., Llama
     yield make
     for runner in runners:
         runner.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
+    """A llama.cpp model of two tiny layers with the embedded model's vocabulary (`tiny_gguf`)."""
+    from backend.engines.embedded import embedded_gguf_path
+    from backend.engines.llamacpp_runner import LlamaModel
+
+    path = write_tiny_llama(embedded_gguf_path(), tmp_path_factory.mktemp("tiny") / "tiny.gguf")
+    model = LlamaModel(path)
+    yield model
+    model.close()
