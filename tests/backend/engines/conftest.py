@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel
 
 STAND_IN = Path(__file__).resolve().parents[2] / "neuronx"
+TINY = "tiny.gguf"
 
 
 @pytest.fixture(scope="session")
@@ -95,12 +96,17 @@ def make_runner(llamacpp_engine: LlamaCppEngine) -> Iterator[Callable[..., Llama
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaModel]:
-    """A llama.cpp model of two tiny layers with the embedded model's vocabulary (`tiny_gguf`)."""
+def tiny_llama() -> Iterator[LlamaModel]:
+    """A llama.cpp model of two tiny layers with the embedded model's vocabulary (`tiny_gguf`),
+    written once into the suite's model cache (reading the vocabulary takes seconds)."""
+    from backend.engines.cache_dir import write_atomically
     from backend.engines.embedded import embedded_gguf_path
     from backend.engines.llamacpp_runner import LlamaModel
 
-    path = write_tiny_llama(embedded_gguf_path(), tmp_path_factory.mktemp("tiny") / "tiny.gguf")
-    model = LlamaModel(path)
+    source = embedded_gguf_path()
+    target = BackendSettings().cache_dir / f"tiny-llama-{source.stat().st_size}"
+    if not (target / TINY).exists():
+        write_atomically(target, lambda staging: write_tiny_llama(source, staging / TINY), TINY)
+    model = LlamaModel(target / TINY)
     yield model
     model.close()
