@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import tokenizer_cache_dir
+from backend.engines.gguf_tokenizer import tokenizer_cache_dir
 from backend.settings import BackendSettings
 from bench import load, multiturn
 from bench.load import Reply

@@ -16,9 +16,9 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from backend.engines.base import register_engine
-from backend.engines.cache_dir import write_atomically
 from backend.engines.cpus import granted_cpus
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.engines.kv_budget import GIB, check_fits, kv_budget_bytes, machine_memory_bytes
 from backend.engines.llamacpp_runner import (
     N_BATCH,
@@ -179,29 +179,3 @@ def check_vocab(model: LlamaModel, tokenizer: PreTrainedTokenizerBase) -> frozen
     if differ:
         logger.warning("%d of %d tokens are spelled differently by llama.cpp", differ, len(spelled))
     return frozenset(eos_ids)
-
-
-def tokenizer_cache_dir(gguf: Path, cache_dir: Path) -> Path:
-    """Where the tokenizer converted from `gguf` is kept (a new file gets a new directory)."""
-    real = gguf.resolve()  # a link to a file shares the file's tokenizer
-    stat = real.stat()
-    return cache_dir / "tokenizers" / f"{real.stem}-{stat.st_size}-{stat.st_mtime_ns}"
-
-
-def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
-    """The GGUF's Hugging Face tokenizer and chat template, converted once into `cache_dir`."""
-    target = tokenizer_cache_dir(gguf, cache_dir)
-    if not (target / "tokenizer_config.json").exists():
-        logger.info("reading the tokenizer of %s (first start only)", gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if not tokenizer.chat_template:
-            raise EngineError(
-                f"{gguf.name} has no chat template: set LLM_TOKENIZER to the model's Hugging "
-                "Face tokenizer (a directory or hub id)."
-            )
-
-        def save(staging: Path) -> None:
-            tokenizer.save_pretrained(staging)
-
-        write_atomically(target, save, "tokenizer_config.json")
-    return AutoTokenizer.from_pretrained(target)

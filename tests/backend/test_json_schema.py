@@ -9,7 +9,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.json_schema import rebased, strict
 from backend.settings import BackendSettings
 from backend.structured import json_grammar

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.errors import InvalidRequestError
 from backend.settings import BackendSettings
 from backend.structured import Constraint, GrammarTokenizer, json_grammar

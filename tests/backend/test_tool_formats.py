@@ -13,7 +13,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import LlamaCppEngine, load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
+from backend.engines.llamacpp import LlamaCppEngine
 from backend.ingress.serving import ChatService, start_generation
 from backend.protocol import ChatCompletionRequest, ChatCompletionResponse
 from backend.replica.model_server import ModelServer

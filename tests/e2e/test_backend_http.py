@@ -11,7 +11,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.settings import BackendSettings
 from harness.services import BackendProcess, ServiceProcess, wait_until
 from tests.sse import fewest_chunks, sse_payloads

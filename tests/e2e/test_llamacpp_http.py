@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.settings import BackendSettings
 from harness.services import BackendProcess, wait_until
 from tests.e2e import CONTEXT

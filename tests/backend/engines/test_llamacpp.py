@@ -15,13 +15,9 @@ import torch
 
 from backend.engines import llamacpp_runner
 from backend.engines.embedded import EMBEDDED_MODEL_ID, embedded_gguf_path
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir
 from backend.engines.hf import HFEngine
-from backend.engines.llamacpp import (
-    LlamaCppEngine,
-    check_vocab,
-    load_gguf_tokenizer,
-    tokenizer_cache_dir,
-)
+from backend.engines.llamacpp import LlamaCppEngine, check_vocab
 from backend.engines.llamacpp_runner import LlamaCppRunner, LlamaModel, llama, model_params
 from backend.errors import EngineError
 from backend.generation import Delta, SamplingParams

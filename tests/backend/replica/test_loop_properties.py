@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
 from backend.engines.embedded import embedded_gguf_path
-from backend.engines.llamacpp import load_gguf_tokenizer
+from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 from backend.engines.prefix_store import common_prefix
 from backend.settings import BackendSettings
 from tests.backend.replica.loop_properties import (
