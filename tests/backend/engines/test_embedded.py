@@ -4,12 +4,10 @@ and the same predictions as llama.cpp reading the GGUF itself."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
-from backend.engines.embedded import _convert, _unpermuted, embedded_gguf_path
+from backend.engines.embedded import _unpermuted, load_embedded_model
 from backend.engines.hf import HFEngine
 from backend.engines.llamacpp_runner import LlamaCppRunner
 from tests.backend.engines.test_llamacpp import teacher_forced_alone
@@ -25,12 +23,12 @@ def test_unpermuting_undoes_llama_cpps_permute() -> None:
 
 
 def test_the_converted_model_predicts_as_llama_cpp_reading_the_gguf(
-    hf_engine: HFEngine, make_runner: Callable[..., LlamaCppRunner], tmp_path: Path
+    hf_engine: HFEngine, make_runner: Callable[..., LlamaCppRunner]
 ) -> None:
-    """Teacher-forced on llama.cpp's greedy reply: the two agree within what quantization
+    """The checkpoint `hf` serves (converted by `_convert` into the suite's cache on a fresh
+    clone), teacher-forced on llama.cpp's greedy reply: the two agree within what quantization
     explains (llama.cpp computes with the 4-bit blocks, transformers with their values)."""
-    _convert(embedded_gguf_path(), hf_engine._model().tokenizer, tmp_path)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    model = load_embedded_model(hf_engine.settings.cache_dir, torch.float32)[0].eval()
     prompt = hf_engine.encode_chat([{"role": "user", "content": "Name three colors and a fruit."}])
     reply, llama_logits = teacher_forced_alone(make_runner(n_seq_max=1), prompt, 12)
     with torch.inference_mode():
