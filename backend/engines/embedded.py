@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import gguf as gguf_py
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
@@ -20,6 +19,7 @@ from backend.engines.cache_dir import write_atomically
 from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 
 if TYPE_CHECKING:
+    from gguf import GGUFReader, ReaderTensor
     from transformers import LlamaConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
@@ -68,14 +68,15 @@ def load_embedded_model(
 def _convert(gguf: Path, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
     """The GGUF's llama weights, dequantized, as a transformers checkpoint in `target`.
 
-    The file is read once, with gguf-py (transformers' GGUF loading reads it three times, and
-    took three times as long). Queries' and keys' rows go back to Hugging Face's order:
-    llama.cpp's converter interleaves each head's halves for its rope (`LlamaModel.permute` in
-    llama.cpp's convert_hf_to_gguf.py), which transformers' GGUF loader also undoes.
+    The file is read once, with gguf-py (transformers' GGUF loading reads it three times).
+    Queries' and keys' rows go back to Hugging Face's order: llama.cpp's converter interleaves
+    each head's halves for its rope (`LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py),
+    which transformers' GGUF loader also undoes.
     """
+    from gguf import GGUFReader  # here, as transformers' model classes: `hf` converts, alone
     from transformers import LlamaForCausalLM
 
-    reader = gguf_py.GGUFReader(gguf)
+    reader = GGUFReader(gguf)
     config = _llama_config(reader)
     weights = {
         _HF_NAMES[_generic(t.name)].format(_layer(t.name)): _dequantized(t, config).bfloat16()
@@ -90,7 +91,7 @@ def _convert(gguf: Path, tokenizer: PreTrainedTokenizerBase, target: Path) -> No
     tokenizer.save_pretrained(target)
 
 
-def _llama_config(reader: gguf_py.GGUFReader) -> LlamaConfig:
+def _llama_config(reader: GGUFReader) -> LlamaConfig:
     from transformers import LlamaConfig
 
     def field(name: str) -> Any:
@@ -148,9 +149,11 @@ def _layer(name: str) -> str:
     return name.split(".")[1] if name.startswith("blk.") else ""
 
 
-def _dequantized(tensor: gguf_py.ReaderTensor, config: LlamaConfig) -> torch.Tensor:
+def _dequantized(tensor: ReaderTensor, config: LlamaConfig) -> torch.Tensor:
     """The tensor as float32 in transformers' shape and row order."""
-    rows = torch.from_numpy(gguf_py.dequantize(tensor.data, tensor.tensor_type).copy()).reshape(
+    from gguf import dequantize
+
+    rows = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(
         *reversed([int(n) for n in tensor.shape])
     )  # GGUF lists dimensions innermost first
     if ".attn_q." in tensor.name:

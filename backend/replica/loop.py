@@ -133,6 +133,7 @@ class ContinuousBatcher:
         self._stream_updates_per_s = stream_updates_per_s  # all streams together; 0: no bound
         self._observer = observer
         self._occupancy = (0, 0)
+        self._step_requests = 0  # requests the step in progress runs (`_execute`)
         self._kv_usage = 0.0
         self._observed_at = 0.0
         self._tokenizer = tokenizer
@@ -213,10 +214,10 @@ class ContinuousBatcher:
         return [first, *(first.copy() for _ in range(params.n - 1))]
 
     def _stream_interval(self) -> float:
-        """A stream's interval between items at the load now (asked on the loop thread, after a
-        post: the step's starts are in)."""
-        running = len(self._running())
-        return paced_interval(self._stream_interval_s, self._stream_updates_per_s, running)
+        """A stream's interval between items while this step's requests run (asked on the loop
+        thread, after a post)."""
+        streams = self._step_requests
+        return paced_interval(self._stream_interval_s, self._stream_updates_per_s, streams)
 
     def occupancy(self) -> tuple[int, int]:
         """Requests running and requests waiting, as last observed (`_requests`)."""
@@ -245,6 +246,9 @@ class ContinuousBatcher:
             self._observe()
 
     def _execute(self, plan: StepPlan) -> None:
+        # The requests this step runs, its starts included: what the items it posts are paced at.
+        ids = [*plan.decode, *plan.start, *(chunk.seq_id for chunk in plan.prefill)]
+        self._step_requests = len({self._seqs[i].arrival for i in ids})
         preemptions = self.stats.preemptions
         for seq in self._executor.run(plan, self._seqs):
             self._seqs.pop(seq.id, None)
@@ -337,10 +341,7 @@ class ContinuousBatcher:
         """Requests running (one of their choices holds a slot: prefilling or decoding) and
         waiting (queued, preempted, or not started yet), each once whatever its `n`: vLLM's
         `num_requests_running` and `num_requests_waiting`."""
-        running = self._running()
-        held = {s.arrival for s in self._seqs.values()} - running
+        seqs = self._seqs.values()
+        running = {s.arrival for s in seqs if s.phase in _HOLDING}
+        held = {s.arrival for s in seqs} - running
         return len(running), len(held) + self._inbox.waiting()
-
-    def _running(self) -> set[int]:
-        """The requests one of whose choices holds a slot (by their first choice's id)."""
-        return {s.arrival for s in self._seqs.values() if s.phase in _HOLDING}

@@ -35,7 +35,7 @@ def locked_backend() -> Iterator[BackendProcess]:
         free_port(),
         # One engine thread, as the shared backend (tests/e2e/conftest.py): two llama.cpp
         # threads spin-wait for each other, and beside the other worker's services a step
-        # then takes many times as long (the flood below: 3 s alone, 39 s in the tier).
+        # then takes many times as long.
         LLM_CPU_THREADS="1",
         LLM_API_KEY=",".join(KEYS),
         LLM_MAX_REPLICAS="1",
