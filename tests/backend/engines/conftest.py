@@ -25,8 +25,10 @@ TINY = "tiny.gguf"
 
 @pytest.fixture(scope="session")
 def hf_engine() -> Iterator[HFEngine]:
-    """In the dtype the suite runs in (`LLM_DTYPE`; `auto` picks by the CPU)."""
-    engine = HFEngine(BackendSettings(max_context_len=1024, max_batch_size=4))
+    """In the dtype the suite runs in (`LLM_DTYPE`; `auto` picks by the CPU), on one torch
+    thread: the quick tier runs a pytest worker per core, and torch's threads (one per core in
+    each worker) would wait for each other across the workers."""
+    engine = HFEngine(BackendSettings(max_context_len=1024, max_batch_size=4, cpu_threads=1))
     engine.start()
     yield engine
     engine.shutdown()
