@@ -19,8 +19,10 @@ from backend.engines.cache_dir import write_atomically
 from backend.engines.gguf_tokenizer import load_gguf_tokenizer
 
 if TYPE_CHECKING:
-    from gguf import GGUFReader, ReaderTensor
+    from gguf import ReaderTensor
     from transformers import LlamaConfig, PreTrainedModel
+
+    from backend.engines.gguf_file import GGUFFile
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +75,11 @@ def _convert(gguf: Path, tokenizer: PreTrainedTokenizerBase, target: Path) -> No
     each head's halves for its rope (`LlamaModel.permute` in llama.cpp's convert_hf_to_gguf.py),
     which transformers' GGUF loader also undoes.
     """
-    from gguf import GGUFReader  # here, as transformers' model classes: `hf` converts, alone
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # here, as above: `hf` converts, alone
 
-    reader = GGUFReader(gguf)
+    from backend.engines.gguf_file import GGUFFile
+
+    reader = GGUFFile(gguf)
     config = _llama_config(reader)
     weights = {
         _HF_NAMES[_generic(t.name)].format(_layer(t.name)): _dequantized(t, config).bfloat16()
@@ -91,7 +94,7 @@ def _convert(gguf: Path, tokenizer: PreTrainedTokenizerBase, target: Path) -> No
     tokenizer.save_pretrained(target)
 
 
-def _llama_config(reader: GGUFReader) -> LlamaConfig:
+def _llama_config(reader: GGUFFile) -> LlamaConfig:
     from transformers import LlamaConfig
 
     def field(name: str) -> Any:

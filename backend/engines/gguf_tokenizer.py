@@ -28,8 +28,11 @@ def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
     """The GGUF's Hugging Face tokenizer and chat template, converted once into `cache_dir`."""
     target = tokenizer_cache_dir(gguf, cache_dir)
     if not (target / "tokenizer_config.json").exists():
+        from backend.engines.gguf_file import gguf_read_as_array  # gguf-py: first starts only
+
         logger.info("reading the tokenizer of %s (first start only)", gguf.name)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        with gguf_read_as_array():  # transformers reads the file with gguf-py
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if not tokenizer.chat_template:
             raise EngineError(
                 f"{gguf.name} has no chat template: set LLM_TOKENIZER to the model's Hugging "

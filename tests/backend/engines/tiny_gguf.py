@@ -9,6 +9,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from backend.engines.gguf_file import GGUFFile
+
 EMBEDDING = 64
 HEADS, KV_HEADS = 4, 2
 FEED_FORWARD = 128
@@ -17,7 +19,7 @@ LAYERS = 2
 
 def write_tiny_llama(source: Path, dest: Path) -> Path:
     """A GGUF at `dest` with `source`'s tokenizer fields (the same token ids) and tiny layers."""
-    reader = gguf.GGUFReader(source)
+    reader = GGUFFile(source)
     vocab = len(reader.fields["tokenizer.ggml.tokens"].contents())
     writer = gguf.GGUFWriter(dest, "llama")
     writer.add_context_length(4096)
