@@ -148,7 +148,7 @@ class PeakMemory:
 
 def serve(engine: str, extra: Callable[[str], object] | None = None) -> tuple[Served, object]:
     """Start the backend on `engine`, measure it, run `extra(url)` on it, stop it."""
-    service = backend_service(free_port(), LLM_ENGINE=engine)
+    service = backend_service(free_port(), observed=False, LLM_ENGINE=engine)
     started = time.perf_counter()
     service.start()
     start_s = time.perf_counter() - started
@@ -272,6 +272,7 @@ def multi_turn(engine: str) -> tuple[MultiTurn, MultiTurn]:
     for caching in ("true", "false"):
         service = backend_service(
             free_port(),
+            observed=False,
             LLM_ENGINE=engine,
             LLM_PREFIX_CACHING=caching,
             LLM_CPU_THREADS=str(MULTI_TURN_THREADS),
@@ -290,6 +291,7 @@ def round_robin() -> MultiTurn:
     """More llamacpp conversations than sequences: the host-memory copies must serve them."""
     service = backend_service(
         free_port(),
+        observed=False,
         LLM_ENGINE="llamacpp",
         LLM_MAX_BATCH_SIZE=str(ROUND_ROBIN_SEQUENCES),
         LLM_CPU_THREADS=str(MULTI_TURN_THREADS),
@@ -552,6 +554,7 @@ def matched_backend(
     )
     return backend_service(
         free_port(),
+        observed=False,
         LLM_ENGINE=engine,
         LLM_CPU_THREADS=str(threads or defaults.cpu_threads or len(os.sched_getaffinity(0))),
         LLM_MAX_BATCH_SIZE=str(defaults.max_batch_size),

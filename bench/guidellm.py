@@ -251,7 +251,7 @@ def measure(url: str, workdir: Path) -> tuple[str, list[Row]]:
 
 def section() -> Section:
     """Start a llamacpp backend, measure it with both clients, stop it."""
-    service = backend_service(free_port(), LLM_ENGINE="llamacpp")
+    service = backend_service(free_port(), observed=False, LLM_ENGINE="llamacpp")
     service.start()
     try:
         with tempfile.TemporaryDirectory() as tmp:

@@ -198,8 +198,20 @@ def _session_of(pid: int) -> int | None:
         return None
 
 
-def backend_service(port: int, **overrides: str) -> BackendProcess:
-    """The real backend, like `make serve`: the embedded model unless `overrides` (env) say."""
+# What tests read sooner than Ray's defaults write it. Each costs the backend's processes CPU
+# beside the model's, so the bench, which reads neither, runs without (as deployed).
+OBSERVED = {
+    # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
+    "RAY_metrics_report_interval_ms": "500",
+    # Throughput-optimised Serve buffers 1000 request-path log records before writing them;
+    # tests read the replicas' logs as they happen.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+}
+
+
+def backend_service(port: int, observed: bool = True, **overrides: str) -> BackendProcess:
+    """The real backend, like `make serve`: the embedded model unless `overrides` (env) say;
+    `observed`, its metrics and request logs written as they happen (`OBSERVED`)."""
     metrics_port = free_port()
     env = {
         "LLM_PORT": str(port),
@@ -212,11 +224,7 @@ def backend_service(port: int, **overrides: str) -> BackendProcess:
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",  # as `make serve` runs it (see the Makefile)
         "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
         "HF_HUB_OFFLINE": "1",
-        # Ray pushes metrics to its exporter every 10 s by default; tests read them sooner.
-        "RAY_metrics_report_interval_ms": "500",
-        # Throughput-optimised Serve buffers 1000 request-path log records before writing them;
-        # tests read the replicas' logs as they happen.
-        "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+        **(OBSERVED if observed else {}),
         **overrides,
     }
     return BackendProcess(port, metrics_port, env)

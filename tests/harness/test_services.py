@@ -1,5 +1,6 @@
 """The harness: its waiting returns once a condition holds and says why when it never does; a
-service whose start fails in a known passing way is started once more, and only once."""
+service whose start fails in a known passing way is started once more, and only once; a backend
+writes its metrics and logs as they happen for tests, as deployed for the bench."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.services import ServiceProcess, free_port, wait_until
+from harness.services import OBSERVED, ServiceProcess, backend_service, free_port, wait_until
 
 # A service that fails its first `FAILURES` starts saying `TRANSIENT`, then answers 200.
 FLAKY = """
@@ -83,3 +84,9 @@ def test_a_wait_that_times_out_says_the_state_it_ended_in() -> None:
 def test_a_plain_description_is_said_as_it_is() -> None:
     with pytest.raises(AssertionError, match=r"not met within 0\.1 s: two replicas"):
         wait_until(lambda: False, 0.1, "two replicas")
+
+
+def test_a_backend_is_observed_unless_asked_to_run_as_deployed() -> None:
+    assert OBSERVED.items() <= backend_service(free_port())._env.items()
+    deployed = backend_service(free_port(), observed=False, LLM_ENGINE="llamacpp")._env
+    assert not OBSERVED.keys() & deployed.keys() and deployed["LLM_ENGINE"] == "llamacpp"
