@@ -209,7 +209,7 @@ OBSERVED = {
 }
 
 
-def backend_service(port: int, observed: bool = True, **overrides: str) -> BackendProcess:
+def backend_service(port: int, *, observed: bool = True, **overrides: str) -> BackendProcess:
     """The real backend, like `make serve`: the embedded model unless `overrides` (env) say;
     `observed`, its metrics and request logs written as they happen (`OBSERVED`)."""
     metrics_port = free_port()

@@ -18,6 +18,11 @@ def sse_payloads(body: str) -> list[Any]:
     return payloads
 
 
+def stream_interval_s() -> float:
+    """The backend's default stream interval: it posts a stream's text at most this often."""
+    return BackendSettings().stream_interval_ms / 1000
+
+
 def fewest_chunks(seconds: float, tokens: int) -> float:
     """The fewest content chunks a stream of `tokens` tokens lasting `seconds` may send.
 
@@ -25,6 +30,6 @@ def fewest_chunks(seconds: float, tokens: int) -> float:
     interval is 0), so the count follows the machine's speed; a third of it leaves room for a
     busy machine.
     """
-    interval_s = BackendSettings().stream_interval_ms / 1000
+    interval_s = stream_interval_s()
     intervals = seconds / interval_s if interval_s else tokens
     return min(tokens, intervals) / 3

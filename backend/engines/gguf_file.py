@@ -1,4 +1,4 @@
-"""Reading a GGUF file's metadata and tensors with gguf-py, in a quarter of its own time.
+"""Reading a GGUF file's metadata and tensors with gguf-py, without numpy's memmap overhead.
 
 gguf-py's `GGUFReader` slices its `np.memmap` for every part of every metadata item (a
 49152-token vocabulary and its merges: a million slices), and each slice of a memmap runs

@@ -31,7 +31,7 @@ def load_gguf_tokenizer(gguf: Path, cache_dir: Path) -> PreTrainedTokenizerBase:
         from backend.engines.gguf_file import gguf_read_as_array  # gguf-py: first starts only
 
         logger.info("reading the tokenizer of %s (first start only)", gguf.name)
-        with gguf_read_as_array():  # transformers reads the file with gguf-py
+        with gguf_read_as_array():  # transformers reads the GGUF's config with gguf-py
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if not tokenizer.chat_template:
             raise EngineError(

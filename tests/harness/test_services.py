@@ -86,7 +86,11 @@ def test_a_plain_description_is_said_as_it_is() -> None:
         wait_until(lambda: False, 0.1, "two replicas")
 
 
-def test_a_backend_is_observed_unless_asked_to_run_as_deployed() -> None:
+def test_a_backend_is_observed_unless_asked_to_run_as_deployed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in OBSERVED:  # a service's environment starts from this process's
+        monkeypatch.delenv(name, raising=False)
     assert OBSERVED.items() <= backend_service(free_port())._env.items()
     deployed = backend_service(free_port(), observed=False, LLM_ENGINE="llamacpp")._env
     assert not OBSERVED.keys() & deployed.keys() and deployed["LLM_ENGINE"] == "llamacpp"

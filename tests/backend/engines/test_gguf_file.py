@@ -1,6 +1,9 @@
+"""gguf-py's reader over a plain array: what it reads, and transformers reading with it."""
+
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -42,6 +45,26 @@ def test_reads_what_gguf_py_reads(small_gguf: Path) -> None:
     for mine, tensor in zip(ours.tensors, theirs.tensors, strict=True):
         assert (mine.tensor_type, list(mine.shape)) == (tensor.tensor_type, list(tensor.shape))
         assert np.array_equal(mine.data, tensor.data)
+
+
+def test_transformers_reads_the_config_with_it(
+    small_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    opened: list[Path] = []
+    monkeypatch.setattr(GGUFFile, "__init__", spy(GGUFFile.__init__, opened))
+    with gguf_read_as_array():
+        config = load_gguf_checkpoint(small_gguf, return_tensors=False)["config"]
+    assert opened == [small_gguf] and config["model_type"] == "llama"
+
+
+def spy(init: Any, opened: list[Path]) -> Any:
+    def recorded(self: GGUFFile, path: Path, *args: Any, **kwargs: Any) -> None:
+        opened.append(Path(path))
+        init(self, path, *args, **kwargs)
+
+    return recorded
 
 
 def test_gguf_py_reads_as_array_inside_only(small_gguf: Path) -> None:
