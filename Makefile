@@ -78,13 +78,13 @@ format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-# Everything: lint, then the OpenAPI contract, beside the quick tier's workers (mypy is one
-# process; they leave it room), then the end-to-end tier on two workers, a file each, the longest
-# first (tests/conftest.py): each worker starts its own shared backend. Nothing runs beside that
-# tier: its browser tests wait on the UI, which other work on the two cores slows.
+# Everything: lint beside the quick tier's workers (mypy is one process; they leave it room),
+# the OpenAPI contract, then the end-to-end tier on two workers, a file each, the longest first
+# (tests/conftest.py): each worker starts its own shared backend. Nothing runs beside that tier:
+# its browser tests wait on the UI, which other work on the two cores slows.
 test: install
-	$(MAKE) --no-print-directory -j2 --output-sync=target lint unit-workers unit-openapi
-	$(MAKE) --no-print-directory test-e2e
+	$(MAKE) --no-print-directory -j2 --output-sync=target lint unit-workers
+	$(MAKE) --no-print-directory unit-openapi test-e2e
 
 test-e2e: install
 	$(BIN)/pytest -q -n 2 $(BY_FILE) $(E2E_TESTS)
