@@ -54,6 +54,7 @@ class ServiceProcess:
         self._module = module
         self._env = {**os.environ, **env}
         self._ready_path = ready_path
+        self._log = ARTIFACTS / f"{name}.log"
         self._process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,12 +70,11 @@ class ServiceProcess:
         """Start the process and wait until `ready_path` answers 200; a start that failed with
         `transient_start_failure` is made once more, after its leftovers are killed."""
         ARTIFACTS.mkdir(exist_ok=True)
-        log = ARTIFACTS / f"{self.name}.log"
-        logged = log.stat().st_size if log.exists() else 0
+        logged = self._log.stat().st_size if self._log.exists() else 0
         try:
             self._start(timeout_s)
         except RuntimeError:
-            with log.open("rb") as lines:
+            with self._log.open("rb") as lines:
                 lines.seek(logged)
                 said = lines.read().decode(errors="replace")
             if not self.transient_start_failure or self.transient_start_failure not in said:
@@ -83,7 +83,7 @@ class ServiceProcess:
             self._start(timeout_s)
 
     def _start(self, timeout_s: float) -> None:
-        log = (ARTIFACTS / f"{self.name}.log").open("ab")
+        log = self._log.open("ab")
         self._process = subprocess.Popen(
             [sys.executable, "-m", self._module],
             cwd=REPO,
@@ -95,7 +95,7 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited early; see artifacts/{self.name}.log")
+                raise RuntimeError(f"{self.name} exited early; see {self._log}")
             try:
                 if httpx.get(self.url + self._ready_path, timeout=2).status_code == 200:
                     return
